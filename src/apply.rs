@@ -1,0 +1,203 @@
+//! `apply`: rewrite a GGUF so that no residual-stream writer can write
+//! along the refusal direction. Tensors are streamed one at a time:
+//! dequantize → orthogonalize → requantize to the same type.
+
+use crate::edit::{self, EditKind, EditPlan, PlannedEdit};
+use crate::gguf::{self, shards, GgufFile, TensorInfo, Value};
+use crate::output::PendingFile;
+use crate::quant;
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// Metadata keys we write; any already in the input are replaced.
+pub const PROVENANCE_PREFIX: &str = "abliterate.";
+
+#[derive(Clone, Debug)]
+pub struct ApplyOptions {
+    /// Share of the component to remove: 1.0 removes it entirely.
+    pub scale: f32,
+    pub skip_embeddings: bool,
+    pub force: bool,
+    /// Extra provenance (layer, model, …) stored as `abliterate.*` keys.
+    pub provenance: Vec<(String, Value)>,
+    pub progress: bool,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        ApplyOptions { scale: 1.0, skip_embeddings: false, force: false, provenance: Vec::new(), progress: true }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TensorReport {
+    pub name: String,
+    pub ggml_type: String,
+    /// Largest component along the direction it could write, before and after.
+    pub max_before: f64,
+    pub max_after: f64,
+    pub post_norm: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ApplyReport {
+    pub outputs: Vec<PathBuf>,
+    pub tensors: Vec<TensorReport>,
+    pub tied_embeddings: bool,
+    pub embeddings_edited: bool,
+}
+
+/// Rewrites `input` (and its other shards) to `output`.
+pub fn apply(input: &Path, output: &Path, direction: &[f32], opts: &ApplyOptions) -> Result<ApplyReport> {
+    if !(opts.scale > 0.0 && opts.scale <= 1.0) {
+        bail!("--scale must be in (0, 1], got {}", opts.scale);
+    }
+    let shards = gguf::open_model(input)?;
+    let plan = edit::plan_edits(&shards, direction, opts.skip_embeddings)
+        .with_context(|| format!("planning the edit of {}", input.display()))?;
+    check_rewritable(&shards, &plan)?;
+
+    let out_paths = if shards.len() == 1 {
+        vec![output.to_path_buf()]
+    } else {
+        shards::output_paths(output, shards.len() as u32)
+    };
+    let inputs: Vec<&Path> = shards.iter().map(|s| s.path.as_path()).collect();
+    let mut pending = Vec::new();
+    for path in &out_paths {
+        pending.push(PendingFile::create(path, &inputs, opts.force)?);
+    }
+
+    let total_bytes: u64 = plan.edits.iter().map(|e| tensor_of(&shards, e).size).sum();
+    let bar = progress_bar(total_bytes, opts.progress);
+    let mut reports = Vec::with_capacity(plan.edits.len());
+    let provenance = provenance_kvs(&plan, direction, opts);
+    let n_edits = plan.edits.len();
+
+    for (index, (shard, (_, file))) in shards.iter().zip(pending.iter_mut()).enumerate() {
+        let edits: Vec<&PlannedEdit> = plan.edits.iter().filter(|e| e.shard == index).collect();
+        let infos: Vec<&TensorInfo> = edits.iter().map(|e| tensor_of(&shards, e)).collect();
+        let kvs: &[(String, Value)] = if index == 0 { &provenance } else { &[] };
+        gguf::write_patched(shard, PROVENANCE_PREFIX, kvs, &infos, file, |t| {
+            let e = edits.iter().find(|e| e.name == t.name).expect("edited tensor is planned");
+            let (bytes, report) = edit_tensor(shard, t, e, opts.scale)?;
+            let line = format!(
+                "[{:>4}/{n_edits}] {:<32} {:>7} {:>18}  max|rᵀW| {:.4} -> {:.4}{}",
+                reports.len() + 1,
+                t.name,
+                report.ggml_type,
+                t.shape_string(),
+                report.max_before,
+                report.max_after,
+                report.post_norm.as_deref().map(|n| format!("  (via {n})")).unwrap_or_default()
+            );
+            if bar.is_hidden() {
+                eprintln!("{line}");
+            } else {
+                bar.println(line);
+            }
+            bar.inc(t.size);
+            reports.push(report);
+            shard.release(t);
+            Ok(bytes)
+        })
+        .with_context(|| format!("writing {}", out_paths[index].display()))?;
+    }
+    bar.finish_and_clear();
+    for (pending, file) in pending {
+        pending.commit(file)?;
+    }
+    Ok(ApplyReport {
+        outputs: out_paths,
+        tensors: reports,
+        tied_embeddings: plan.tied_embeddings,
+        embeddings_edited: !opts.skip_embeddings,
+    })
+}
+
+fn tensor_of<'a>(shards: &'a [GgufFile], e: &PlannedEdit) -> &'a TensorInfo {
+    shards[e.shard].tensor(&e.name).expect("planned tensor exists")
+}
+
+/// Fails before writing anything if a planned tensor cannot be requantized.
+fn check_rewritable(shards: &[GgufFile], plan: &EditPlan) -> Result<()> {
+    for e in &plan.edits {
+        let t = tensor_of(shards, e);
+        if t.ty.requires_imatrix() {
+            bail!(
+                "{} is {}, which ggml cannot requantize without an importance matrix (--imatrix is not supported yet)",
+                t.name,
+                t.ty
+            );
+        }
+        if !t.ty.is_rewritable() {
+            bail!("{} is {}, which ggml cannot requantize", t.name, t.ty);
+        }
+    }
+    Ok(())
+}
+
+/// Dequantizes, edits and requantizes one tensor.
+fn edit_tensor(shard: &GgufFile, t: &TensorInfo, e: &PlannedEdit, scale: f32) -> Result<(Vec<u8>, TensorReport)> {
+    let row_len = t.row_len() as usize;
+    let u = e.direction.as_slice();
+    let mut values = quant::dequantize(t.ty, shard.tensor_data(t), row_len).with_context(|| t.name.clone())?;
+    let max_before = edit::max_component(e.kind, &values, row_len, u);
+    match e.kind {
+        EditKind::EmbeddingRows | EditKind::Bias => edit::orthogonalize_rows(&mut values, u, scale),
+        EditKind::OutputProjection => edit::orthogonalize_output(&mut values, row_len, u, scale),
+    }
+    let bytes = quant::quantize(t.ty, &values, row_len).with_context(|| format!("requantizing {}", t.name))?;
+    let achieved = quant::dequantize(t.ty, &bytes, row_len)?;
+    let max_after = edit::max_component(e.kind, &achieved, row_len, u);
+    let report = TensorReport {
+        name: t.name.clone(),
+        ggml_type: t.ty.name(),
+        max_before,
+        max_after,
+        post_norm: e.post_norm.clone(),
+    };
+    Ok((bytes, report))
+}
+
+fn provenance_kvs(plan: &EditPlan, direction: &[f32], opts: &ApplyOptions) -> Vec<(String, Value)> {
+    let key = |k: &str| format!("{PROVENANCE_PREFIX}{k}");
+    let mut kvs = vec![
+        (key("tool"), Value::String(format!("gguf-abliterate {}", env!("CARGO_PKG_VERSION")))),
+        (key("scale"), Value::F32(opts.scale)),
+        (key("embeddings_edited"), Value::Bool(!opts.skip_embeddings)),
+        (
+            key("edited_tensors"),
+            Value::Array(
+                gguf::value_type::STRING,
+                plan.edits.iter().map(|e| Value::String(e.name.clone())).collect(),
+            ),
+        ),
+        (
+            key("direction"),
+            Value::Array(gguf::value_type::F32, direction.iter().map(|&x| Value::F32(x)).collect()),
+        ),
+    ];
+    for (k, v) in &opts.provenance {
+        let k = key(k);
+        if !kvs.iter().any(|(existing, _)| *existing == k) {
+            kvs.push((k, v.clone()));
+        }
+    }
+    kvs
+}
+
+fn progress_bar(total: u64, show: bool) -> ProgressBar {
+    if !show || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} rewriting [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}

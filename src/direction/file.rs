@@ -1,0 +1,84 @@
+//! The direction file: `{"direction": [n_embd floats], …provenance}`.
+
+use crate::gguf::Value;
+use anyhow::{bail, Context, Result};
+use serde_json::{Map, Value as Json};
+use std::path::Path;
+
+pub struct DirectionFile {
+    pub direction: Vec<f32>,
+    /// Every other key, kept as provenance.
+    pub provenance: Map<String, Json>,
+}
+
+impl DirectionFile {
+    pub fn read(path: &Path) -> Result<DirectionFile> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("{} is not a valid direction file", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<DirectionFile> {
+        let json: Json = serde_json::from_str(text).context("invalid JSON")?;
+        let Json::Object(mut map) = json else { bail!("expected a JSON object") };
+        let Some(Json::Array(values)) = map.remove("direction") else {
+            bail!("missing \"direction\": [numbers]");
+        };
+        let direction = values
+            .iter()
+            .map(|v| v.as_f64().map(|x| x as f32))
+            .collect::<Option<Vec<f32>>>()
+            .context("\"direction\" must contain only numbers")?;
+        if direction.is_empty() {
+            bail!("\"direction\" is empty");
+        }
+        if direction.iter().any(|x| !x.is_finite()) {
+            bail!("\"direction\" contains a non-finite value");
+        }
+        if direction.iter().all(|&x| x == 0.0) {
+            bail!("\"direction\" is all zeros");
+        }
+        Ok(DirectionFile { direction, provenance: map })
+    }
+
+    pub fn to_json(&self) -> String {
+        let mut map = self.provenance.clone();
+        map.insert("direction".into(), Json::from(self.direction.iter().map(|&x| x as f64).collect::<Vec<_>>()));
+        serde_json::to_string_pretty(&Json::Object(map)).expect("serializable")
+    }
+
+    /// Scalar provenance as GGUF metadata (`abliterate.<key>`); nested
+    /// values (candidate tables, prompt lists) stay in the JSON only.
+    pub fn provenance_kvs(&self) -> Vec<(String, Value)> {
+        let mut kvs = Vec::new();
+        for (k, v) in &self.provenance {
+            let value = match v {
+                Json::String(s) => Value::String(s.clone()),
+                Json::Bool(b) => Value::Bool(*b),
+                Json::Number(n) if n.is_i64() => Value::I64(n.as_i64().expect("i64")),
+                Json::Number(n) => Value::F64(n.as_f64().unwrap_or(f64::NAN)),
+                _ => continue,
+            };
+            kvs.push((k.clone(), value));
+        }
+        kvs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_provenance_and_rejects_bad_vectors() {
+        let f = DirectionFile::parse(r#"{"direction":[1,0.5],"layer":12,"model":"x"}"#).unwrap();
+        assert_eq!(f.direction, vec![1.0, 0.5]);
+        let kvs = f.provenance_kvs();
+        assert!(kvs.contains(&("layer".into(), Value::I64(12))));
+        assert!(kvs.contains(&("model".into(), Value::String("x".into()))));
+        let round = DirectionFile::parse(&f.to_json()).unwrap();
+        assert_eq!(round.direction, f.direction);
+        for bad in [r#"[1,2]"#, r#"{"direction":[]}"#, r#"{"direction":[0,0]}"#, r#"{"direction":["a"]}"#, r#"{"dir":[1]}"#, "{"] {
+            assert!(DirectionFile::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Which tensors write into the residual stream, and along which direction
+//! each must be edited.
+
+use super::normalized;
+use crate::gguf::GgufFile;
+use anyhow::{bail, Context, Result};
+use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EditKind {
+    /// Rows are residual-stream vectors (`token_embd`): `e ← e − (e·u) u`.
+    EmbeddingRows,
+    /// Stored rows are output features (`attn_output`, `ffn_down*`).
+    OutputProjection,
+    /// Bias vectors added to the residual, one row of `n_embd` each.
+    Bias,
+}
+
+/// Architectures whose `post_attention_norm` / `post_ffw_norm` scale the
+/// projection's output just before it is added to the residual. Elsewhere
+/// (qwen3next, gpt-oss, …) a tensor of that name is a pre-FFN norm.
+pub const POST_NORM_ARCHS: &[&str] = &["gemma2", "gemma3", "olmo2", "exaone4", "glm4"];
+
+#[derive(Clone, Debug)]
+pub struct PlannedEdit {
+    /// Index of the shard holding the tensor.
+    pub shard: usize,
+    pub name: String,
+    pub kind: EditKind,
+    /// Unit direction to remove from this tensor's output.
+    pub direction: Arc<Vec<f32>>,
+    /// The post-norm weight the direction was scaled by, if any.
+    pub post_norm: Option<String>,
+}
+
+pub struct EditPlan {
+    pub edits: Vec<PlannedEdit>,
+    pub n_embd: usize,
+    /// No `output.weight`: the unembedding is `token_embd`.
+    pub tied_embeddings: bool,
+}
+
+/// Classifies a tensor by name. Returns its edit kind and the post-norm
+/// weight (if any) standing between it and the residual stream.
+pub fn classify(arch: &str, name: &str) -> Option<(EditKind, Option<String>)> {
+    if name == "token_embd.weight" {
+        return Some((EditKind::EmbeddingRows, None));
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    layer.parse::<u32>().ok()?;
+    let (proj, suffix) = rest.rsplit_once('.')?;
+    let kind = match suffix {
+        "weight" => EditKind::OutputProjection,
+        "bias" => EditKind::Bias,
+        _ => return None,
+    };
+    let norm = match proj {
+        "attn_output" => "post_attention_norm",
+        "ffn_down" | "ffn_down_exps" | "ffn_down_shexp" => "post_ffw_norm",
+        _ => return None,
+    };
+    let post_norm = POST_NORM_ARCHS.contains(&arch).then(|| format!("blk.{layer}.{norm}.weight"));
+    Some((kind, post_norm))
+}
+
+/// Plans the edit of every residual-writing tensor across `shards`
+/// (the first shard carries the model metadata).
+pub fn plan_edits(shards: &[GgufFile], direction: &[f32], skip_embeddings: bool) -> Result<EditPlan> {
+    let meta = &shards[0];
+    let arch = meta.architecture().context("no general.architecture key")?;
+    let n_embd = meta
+        .arch_u64("embedding_length")
+        .with_context(|| format!("no {arch}.embedding_length key"))? as usize;
+    if direction.len() != n_embd {
+        bail!("direction has {} values but the model's n_embd is {n_embd}", direction.len());
+    }
+    if direction.iter().any(|x| !x.is_finite()) {
+        bail!("direction contains NaN or infinite values");
+    }
+    let r = Arc::new(normalized(direction).context("direction is zero")?);
+    let tied_embeddings = !shards.iter().any(|s| s.tensor("output.weight").is_some());
+
+    let find = |name: &str| shards.iter().find_map(|s| s.tensor(name).map(|t| (s, t)));
+    let mut edits = Vec::new();
+    for (shard, file) in shards.iter().enumerate() {
+        for t in &file.tensors {
+            let Some((kind, post_norm)) = classify(arch, &t.name) else { continue };
+            if kind == EditKind::EmbeddingRows && skip_embeddings {
+                continue;
+            }
+            let out_axis = match kind {
+                EditKind::OutputProjection => t.dims.get(1).copied(),
+                _ => Some(t.dims[0]),
+            };
+            if out_axis != Some(n_embd as u64) {
+                bail!(
+                    "{} has shape {} but its residual axis should be n_embd = {n_embd}",
+                    t.name,
+                    t.shape_string()
+                );
+            }
+            // A post-norm multiplies the projection's output by g before the
+            // residual add, so the residual sees g ⊙ (W x): removing g ⊙ r
+            // (normalised) from W's output is what zeroes rᵀ·(that write).
+            // GGUF stores g as the effective multiplier (the Gemma converter
+            // already folds in the +1).
+            let (direction, post_norm) = match post_norm.and_then(|n| find(&n).map(|(s, t)| (n, s, t))) {
+                None => (r.clone(), None),
+                Some((norm_name, s, norm)) => {
+                    let g = s.read_f32(norm)?;
+                    if g.len() != n_embd {
+                        bail!("{norm_name} has {} values, expected n_embd = {n_embd}", g.len());
+                    }
+                    let scaled: Vec<f32> = g.iter().zip(r.iter()).map(|(g, r)| g * r).collect();
+                    let u = normalized(&scaled).with_context(|| format!("{norm_name} ⊙ r is zero"))?;
+                    (Arc::new(u), Some(norm_name))
+                }
+            };
+            edits.push(PlannedEdit { shard, name: t.name.clone(), kind, direction, post_norm });
+        }
+    }
+    if edits.is_empty() {
+        bail!("no tensor that writes into the residual stream was found (architecture {arch})");
+    }
+    Ok(EditPlan { edits, n_embd, tied_embeddings })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_to_edit_kinds() {
+        use EditKind::*;
+        assert_eq!(classify("llama", "token_embd.weight"), Some((EmbeddingRows, None)));
+        assert_eq!(classify("llama", "blk.3.attn_output.weight"), Some((OutputProjection, None)));
+        assert_eq!(classify("qwen2", "blk.0.ffn_down.bias"), Some((Bias, None)));
+        assert_eq!(classify("qwen2moe", "blk.7.ffn_down_exps.weight"), Some((OutputProjection, None)));
+        assert_eq!(classify("qwen2moe", "blk.7.ffn_down_shexp.weight"), Some((OutputProjection, None)));
+        assert_eq!(
+            classify("gemma3", "blk.2.attn_output.weight"),
+            Some((OutputProjection, Some("blk.2.post_attention_norm.weight".into())))
+        );
+        assert_eq!(
+            classify("gemma2", "blk.2.ffn_down.weight"),
+            Some((OutputProjection, Some("blk.2.post_ffw_norm.weight".into())))
+        );
+        // qwen3next's post_attention_norm is a pre-FFN norm, not a post-norm.
+        assert_eq!(classify("qwen3next", "blk.2.attn_output.weight"), Some((OutputProjection, None)));
+        for untouched in ["output.weight", "blk.1.attn_q.weight", "blk.1.ffn_up.weight", "blk.x.ffn_down.weight"] {
+            assert_eq!(classify("llama", untouched), None, "{untouched}");
+        }
+    }
+}

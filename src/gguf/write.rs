@@ -1,0 +1,113 @@
+//! Writes a GGUF that is the input with some tensors' bytes replaced.
+
+use super::parse::{GgufFile, TensorInfo};
+use super::value::{encode_str, Value};
+use anyhow::{bail, Context, Result};
+use std::fs::File;
+use std::io::Write;
+
+/// One encoded metadata entry.
+pub fn encode_kv(key: &str, value: &Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_str(key, &mut out);
+    out.extend(value.type_id().to_le_bytes());
+    value.encode(&mut out);
+    out
+}
+
+/// Writes `input` to `out` with:
+/// - every metadata entry whose key does not start with `replace_prefix`
+///   copied byte for byte, in order, then `extra_kvs` appended;
+/// - tensor infos copied byte for byte (offsets are relative to the data
+///   section, so a longer header does not move them);
+/// - the tensors in `edited` replaced by what `produce` returns for them,
+///   which must be exactly as long as the original;
+/// - every other byte of the data section copied from the input.
+pub fn write_patched(
+    input: &GgufFile,
+    replace_prefix: &str,
+    extra_kvs: &[(String, Value)],
+    edited: &[&TensorInfo],
+    out: &mut File,
+    mut produce: impl FnMut(&TensorInfo) -> Result<Vec<u8>>,
+) -> Result<()> {
+    let src = &input.mmap[..];
+    let kept: Vec<_> = input.kvs.iter().filter(|kv| !kv.key.starts_with(replace_prefix)).collect();
+    let mut header = Vec::with_capacity(input.data_start as usize + 4096);
+    header.extend(&src[..16]); // magic, version, tensor count
+    header.extend(((kept.len() + extra_kvs.len()) as u64).to_le_bytes());
+    for kv in kept {
+        header.extend(&src[kv.raw.clone()]);
+    }
+    for (key, value) in extra_kvs {
+        header.extend(encode_kv(key, value));
+    }
+    header.extend(&src[input.tensor_info_range.clone()]);
+    header.resize((header.len() as u64).next_multiple_of(input.alignment) as usize, 0);
+    out.write_all(&header).context("writing header")?;
+
+    let mut order: Vec<&TensorInfo> = edited.to_vec();
+    order.sort_by_key(|t| t.offset);
+    let mut pos = input.data_start; // next input byte to copy
+    for t in order {
+        let start = input.data_start + t.offset;
+        copy_range(input, pos, start, out)?;
+        let bytes = produce(t)?;
+        if bytes.len() as u64 != t.size {
+            bail!("{}: new data is {} bytes, expected {}", t.name, bytes.len(), t.size);
+        }
+        out.write_all(&bytes).with_context(|| format!("writing {}", t.name))?;
+        pos = start + t.size;
+    }
+    copy_range(input, pos, input.mmap.len() as u64, out)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Copies input bytes `[from, to)` to the current end of `out`, in the
+/// kernel where it can (no page-cache copy through user space, reflinks on
+/// filesystems that share extents).
+fn copy_range(input: &GgufFile, from: u64, to: u64, out: &mut File) -> Result<()> {
+    if to <= from {
+        return Ok(());
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let mut off_in = from as libc::loff_t;
+        let mut left = (to - from) as usize;
+        while left > 0 {
+            // SAFETY: valid fds; the kernel advances off_in and out's position.
+            let n = unsafe {
+                libc::copy_file_range(input.file.as_raw_fd(), &mut off_in, out.as_raw_fd(), std::ptr::null_mut(), left, 0)
+            };
+            if n < 0 {
+                let err = std::io::Error::last_os_error();
+                match err.raw_os_error() {
+                    // Not supported across these filesystems: fall back below.
+                    Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) => break,
+                    _ => return Err(err).context("copying tensor data"),
+                }
+            }
+            if n == 0 {
+                bail!("input file shrank while copying");
+            }
+            left -= n as usize;
+        }
+        if left == 0 {
+            return Ok(());
+        }
+        let done = off_in as u64;
+        return copy_mapped(input, done, to, out);
+    }
+    #[allow(unreachable_code)]
+    copy_mapped(input, from, to, out)
+}
+
+fn copy_mapped(input: &GgufFile, from: u64, to: u64, out: &mut File) -> Result<()> {
+    const CHUNK: usize = 8 << 20;
+    for chunk in input.mmap[from as usize..to as usize].chunks(CHUNK) {
+        out.write_all(chunk).context("copying tensor data")?;
+    }
+    Ok(())
+}

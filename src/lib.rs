@@ -1,0 +1,16 @@
+//! gguf-abliterate: find a chat model's refusal direction by running the
+//! quantized GGUF through llama.cpp, then project it out of every tensor
+//! that writes into the residual stream, writing a GGUF of the same types.
+//!
+//! The data flows one way, and the modules follow it:
+//! `ffi` (llama.cpp) → `prompts` → `activations` → `direction` →
+//! `edit` (math) + `quant` → `gguf` (container) via `apply` → `verify`.
+
+pub mod apply;
+pub mod ffi;
+pub mod gguf;
+pub mod inspect;
+pub mod output;
+pub mod quant;
+pub mod edit;
+pub mod direction;
