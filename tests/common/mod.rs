@@ -1,0 +1,185 @@
+//! Test helpers: a small GGUF writer of its own (independent of the crate's
+//! container code), synthetic models, the real test models, and the CLI.
+#![allow(dead_code)]
+
+use gguf_abliterate::ffi::GgmlType;
+use gguf_abliterate::quant;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_gguf-abliterate"))
+}
+
+/// A model fetched by `scripts/fetch-models.sh`; fails loudly when missing.
+pub fn real_model(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(name);
+    assert!(path.exists(), "{} is missing: run scripts/fetch-models.sh", path.display());
+    path
+}
+
+/// The refusal fixture shipped in shared/.
+pub fn fixture() -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/smollm2-135m-refusal-q8_0.gguf");
+    assert!(path.exists(), "{} is missing", path.display());
+    path
+}
+
+/// Deterministic pseudo-random values in [-0.5, 0.5).
+pub fn noise(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+pub fn unit(v: &[f32]) -> Vec<f32> {
+    let n = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    v.iter().map(|x| (*x as f64 / n) as f32).collect()
+}
+
+/// One tensor of a synthetic model: its f32 source values and stored type.
+pub struct SynthTensor {
+    pub name: String,
+    pub dims: Vec<u64>,
+    pub ty: GgmlType,
+    pub source: Vec<f32>,
+}
+
+pub struct SynthModel {
+    pub arch: String,
+    pub n_embd: usize,
+    pub tensors: Vec<SynthTensor>,
+    pub extra_kv: Vec<Kv>,
+}
+
+impl SynthModel {
+    /// A two-layer model whose residual writers all carry a strong
+    /// component along `r`, so that removing it is measurable.
+    pub fn new(arch: &str, n_embd: usize, ty: GgmlType, r: &[f32]) -> SynthModel {
+        let mut tensors = Vec::new();
+        let mut seed = 10;
+        let mut add = |name: &str, dims: Vec<u64>, ty: GgmlType, planted: Option<&[f32]>| {
+            seed += 1;
+            let n: u64 = dims.iter().product();
+            let mut source = noise(n as usize, seed);
+            if let Some(r) = planted {
+                // Rows of n_embd (embeddings, biases): add 2 r to each row.
+                // Output projections (rows are outputs): add 2 r_i to row i.
+                let row_len = dims[0] as usize;
+                for (i, row) in source.chunks_mut(row_len).enumerate() {
+                    if row_len == r.len() {
+                        row.iter_mut().zip(r).for_each(|(x, ri)| *x += 2.0 * ri);
+                    } else {
+                        let ri = r[i % r.len()];
+                        row.iter_mut().for_each(|x| *x += 2.0 * ri);
+                    }
+                }
+            }
+            tensors.push(SynthTensor { name: name.into(), dims, ty, source });
+        };
+        let e = n_embd as u64;
+        add("token_embd.weight", vec![e, 64], ty, Some(r));
+        for l in 0..2 {
+            add(&format!("blk.{l}.attn_norm.weight"), vec![e], GgmlType::F32, None);
+            add(&format!("blk.{l}.attn_q.weight"), vec![e, e], ty, None);
+            add(&format!("blk.{l}.attn_output.weight"), vec![2 * e, e], ty, Some(r));
+            add(&format!("blk.{l}.ffn_down.weight"), vec![2 * e, e], ty, Some(r));
+        }
+        add("blk.0.ffn_down.bias", vec![e], GgmlType::F32, Some(r));
+        add("output_norm.weight", vec![e], GgmlType::F32, None);
+        SynthModel { arch: arch.into(), n_embd, tensors, extra_kv: Vec::new() }
+    }
+
+    pub fn tensor(&self, name: &str) -> &SynthTensor {
+        self.tensors.iter().find(|t| t.name == name).unwrap()
+    }
+
+    pub fn write(&self, path: &Path) {
+        let arch = self.arch.as_str();
+        let mut kv = vec![
+            Kv::str("general.architecture", arch),
+            Kv::str("general.name", "synthetic"),
+            Kv::u32(&format!("{arch}.block_count"), 2),
+            Kv::u32(&format!("{arch}.embedding_length"), self.n_embd as u32),
+            Kv { key: "test.flag".into(), ty: 7, value: vec![1] },
+            Kv { key: "test.f64".into(), ty: 12, value: 0.25f64.to_le_bytes().to_vec() },
+            // A long array: some readers skip these; it must be copied exactly.
+            Kv::str_array("tokenizer.ggml.tokens", &(0..3000).map(|i| format!("tok{i}")).collect::<Vec<_>>()),
+        ];
+        kv.extend(self.extra_kv.iter().cloned());
+        write_gguf(path, &kv, &self.tensors);
+    }
+}
+
+/// A metadata entry: key, GGUF type id, encoded value.
+#[derive(Clone)]
+pub struct Kv {
+    pub key: String,
+    pub ty: u32,
+    pub value: Vec<u8>,
+}
+
+impl Kv {
+    pub fn u32(key: &str, v: u32) -> Kv {
+        Kv { key: key.into(), ty: 4, value: v.to_le_bytes().to_vec() }
+    }
+    pub fn u16(key: &str, v: u16) -> Kv {
+        Kv { key: key.into(), ty: 2, value: v.to_le_bytes().to_vec() }
+    }
+    pub fn str(key: &str, v: &str) -> Kv {
+        Kv { key: key.into(), ty: 8, value: gguf_str(v) }
+    }
+    pub fn str_array(key: &str, items: &[String]) -> Kv {
+        let mut value = 8u32.to_le_bytes().to_vec();
+        value.extend((items.len() as u64).to_le_bytes());
+        items.iter().for_each(|s| value.extend(gguf_str(s)));
+        Kv { key: key.into(), ty: 9, value }
+    }
+}
+
+fn gguf_str(s: &str) -> Vec<u8> {
+    let mut out = (s.len() as u64).to_le_bytes().to_vec();
+    out.extend(s.as_bytes());
+    out
+}
+
+/// Writes a GGUF v3 with 32-byte alignment.
+pub fn write_gguf(path: &Path, kv: &[Kv], tensors: &[SynthTensor]) {
+    let data: Vec<Vec<u8>> = tensors.iter().map(|t| quant::quantize(t.ty, &t.source, t.dims[0] as usize).unwrap()).collect();
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((kv.len() as u64).to_le_bytes());
+    for k in kv {
+        out.extend(gguf_str(&k.key));
+        out.extend(k.ty.to_le_bytes());
+        out.extend(&k.value);
+    }
+    let mut offset = 0u64;
+    for (t, d) in tensors.iter().zip(&data) {
+        out.extend(gguf_str(&t.name));
+        out.extend((t.dims.len() as u32).to_le_bytes());
+        t.dims.iter().for_each(|d| out.extend(d.to_le_bytes()));
+        out.extend(t.ty.0.to_le_bytes());
+        out.extend(offset.to_le_bytes());
+        offset = (offset + d.len() as u64).next_multiple_of(32);
+    }
+    out.resize(out.len().next_multiple_of(32), 0);
+    for d in &data {
+        out.extend(d);
+        out.resize(out.len().next_multiple_of(32), 0);
+    }
+    std::fs::File::create(path).unwrap().write_all(&out).unwrap();
+}
+
+pub fn write_direction(path: &Path, r: &[f32]) {
+    let json = serde_json::json!({ "direction": r, "layer": 1, "note": "test" });
+    std::fs::write(path, json.to_string()).unwrap();
+}
