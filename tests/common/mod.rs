@@ -152,7 +152,18 @@ fn gguf_str(s: &str) -> Vec<u8> {
 
 /// Writes a GGUF v3 with 32-byte alignment.
 pub fn write_gguf(path: &Path, kv: &[Kv], tensors: &[SynthTensor]) {
-    let data: Vec<Vec<u8>> = tensors.iter().map(|t| quant::quantize(t.ty, &t.source, t.dims[0] as usize).unwrap()).collect();
+    let data: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|t| {
+            if t.ty.requires_imatrix() {
+                // ggml cannot quantize these without an imatrix; zeros are valid blocks.
+                let n_rows: u64 = t.dims[1..].iter().product();
+                vec![0u8; (t.ty.row_bytes(t.dims[0]).unwrap() * n_rows) as usize]
+            } else {
+                quant::quantize(t.ty, &t.source, t.dims[0] as usize).unwrap()
+            }
+        })
+        .collect();
     let mut out = b"GGUF".to_vec();
     out.extend(3u32.to_le_bytes());
     out.extend((tensors.len() as u64).to_le_bytes());
@@ -182,4 +193,47 @@ pub fn write_gguf(path: &Path, kv: &[Kv], tensors: &[SynthTensor]) {
 pub fn write_direction(path: &Path, r: &[f32]) {
     let json = serde_json::json!({ "direction": r, "layer": 1, "note": "test" });
     std::fs::write(path, json.to_string()).unwrap();
+}
+
+/// Loads `path` with the llama-cpp-2 crate (not our own FFI layer) and
+/// greedily generates up to `n` tokens after `prompt`.
+pub fn generate_with_llama_cpp_2(path: &Path, prompt: &str, n: usize) -> String {
+    use llama_cpp_2::context::params::LlamaContextParams;
+    use llama_cpp_2::llama_backend::LlamaBackend;
+    use llama_cpp_2::llama_batch::LlamaBatch;
+    use llama_cpp_2::model::params::LlamaModelParams;
+    use llama_cpp_2::model::LlamaModel;
+    use llama_cpp_2::sampling::LlamaSampler;
+    use std::sync::OnceLock;
+    static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
+    let backend = BACKEND.get_or_init(|| {
+        let mut b = LlamaBackend::init().expect("llama backend");
+        b.void_logs();
+        b
+    });
+    let model = LlamaModel::load_from_file(backend, path, &LlamaModelParams::default()).expect("llama.cpp loads the model");
+    let params = LlamaContextParams::default().with_n_ctx(std::num::NonZeroU32::new(512));
+    let mut ctx = model.new_context(backend, params).expect("context");
+    let vocab = model.vocab();
+    let tokens = vocab.tokenize(prompt.as_bytes(), true, true);
+    let mut batch = LlamaBatch::new(512, 1);
+    for (i, t) in tokens.iter().enumerate() {
+        batch.add(*t, i as i32, &[0], i + 1 == tokens.len()).unwrap();
+    }
+    ctx.decode(&mut batch).expect("decode");
+    let mut sampler = LlamaSampler::greedy();
+    let mut text = Vec::new();
+    let mut pos = tokens.len() as i32;
+    for _ in 0..n {
+        let tok = sampler.sample(&ctx, batch.n_tokens() - 1);
+        if vocab.is_eog(tok) {
+            break;
+        }
+        text.extend(vocab.token_to_piece(tok, false, None));
+        batch.clear();
+        batch.add(tok, pos, &[0], true).unwrap();
+        pos += 1;
+        ctx.decode(&mut batch).expect("decode");
+    }
+    String::from_utf8_lossy(&text).into_owned()
 }

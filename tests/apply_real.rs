@@ -1,0 +1,76 @@
+//! `apply` on real third-party GGUFs (fetched by scripts/fetch-models.sh).
+
+mod common;
+
+use common::*;
+use gguf_abliterate::apply::{apply, ApplyOptions};
+use gguf_abliterate::edit::{self, classify, EditKind};
+use gguf_abliterate::gguf::GgufFile;
+use gguf_abliterate::quant;
+use std::path::Path;
+
+/// Applies a random direction and checks the output end to end.
+fn check_real_model(input: &Path, prompt: &str) {
+    let original = GgufFile::open(input).unwrap();
+    let arch = original.architecture().unwrap().to_string();
+    let n_embd = original.arch_u64("embedding_length").unwrap() as usize;
+    let r = unit(&noise(n_embd, 2024));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.gguf");
+    let report = apply(input, &out, &r, &ApplyOptions { progress: false, ..Default::default() }).unwrap();
+    let edited = GgufFile::open(&out).unwrap();
+
+    // Metadata: byte-identical and in order, then our provenance keys.
+    for (a, b) in original.kvs.iter().zip(&edited.kvs) {
+        assert_eq!(original.mmap[a.raw.clone()], edited.mmap[b.raw.clone()], "{}", a.key);
+    }
+    assert_eq!(edited.kvs.len(), original.kvs.len() + 5);
+    // An independent reader agrees on the layout.
+    let mut container = gguf_rs::get_gguf_container(out.to_str().unwrap()).unwrap();
+    let decoded = container.decode().unwrap();
+    assert_eq!(decoded.num_tensor() as usize, original.tensors.len());
+    assert_eq!(decoded.data_offset(), edited.data_start);
+
+    let mut n_edited = 0;
+    for t in &original.tensors {
+        let te = edited.tensor(&t.name).unwrap();
+        assert_eq!((te.ty, &te.dims, te.offset), (t.ty, &t.dims, t.offset));
+        let Some((kind, post_norm)) = classify(&arch, &t.name) else {
+            assert_eq!(original.tensor_data(t), edited.tensor_data(te), "{} must be byte-identical", t.name);
+            continue;
+        };
+        n_edited += 1;
+        let u = match post_norm.and_then(|n| original.tensor(&n)) {
+            Some(norm) => {
+                let g = original.read_f32(norm).unwrap();
+                unit(&g.iter().zip(&r).map(|(g, r)| g * r).collect::<Vec<_>>())
+            }
+            None => r.clone(),
+        };
+        let row_len = t.row_len() as usize;
+        let before = quant::dequantize(t.ty, original.tensor_data(t), row_len).unwrap();
+        let after = quant::dequantize(te.ty, edited.tensor_data(te), row_len).unwrap();
+        let (b, a) = (
+            edit::max_component(kind, &before, row_len, &u),
+            edit::max_component(kind, &after, row_len, &u),
+        );
+        // Within the requantization noise of these 4–8-bit types.
+        let tolerance = if kind == EditKind::EmbeddingRows { 0.05 } else { 0.6 };
+        assert!(a <= tolerance * b, "{} ({}): max|uᵀW| {b:.4} -> {a:.4}", t.name, t.ty);
+    }
+    assert_eq!(n_edited, report.tensors.len());
+
+    // The output loads in llama.cpp (through the llama-cpp-2 crate) and writes text.
+    let text = generate_with_llama_cpp_2(&out, prompt, 12);
+    assert!(text.trim().len() >= 3, "generated {text:?}");
+}
+
+#[test]
+fn smollm2_q4_1() {
+    check_real_model(&real_model("SmolLM2-135M-Instruct.Q4_1.gguf"), "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n");
+}
+
+#[test]
+fn gemma3_270m_mixed_k_quants_with_post_norms() {
+    check_real_model(&real_model("gemma-3-270m-Q4_K_M.gguf"), "The capital of France is");
+}
