@@ -2,10 +2,10 @@
 //! along the refusal direction. Tensors are streamed one at a time:
 //! dequantize → orthogonalize → requantize to the same type.
 
-use crate::edit::{self, EditKind, EditPlan, PlannedEdit};
+use crate::edit::{self, EditPlan, PlannedEdit};
 use crate::gguf::{self, shards, GgufFile, TensorInfo, Value};
 use crate::output::PendingFile;
-use crate::quant;
+use crate::rewrite;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -141,25 +141,16 @@ fn check_rewritable(shards: &[GgufFile], plan: &EditPlan) -> Result<()> {
 
 /// Dequantizes, edits and requantizes one tensor.
 fn edit_tensor(shard: &GgufFile, t: &TensorInfo, e: &PlannedEdit, scale: f32) -> Result<(Vec<u8>, TensorReport)> {
-    let row_len = t.row_len() as usize;
-    let u = e.direction.as_slice();
-    let mut values = quant::dequantize(t.ty, shard.tensor_data(t), row_len).with_context(|| t.name.clone())?;
-    let max_before = edit::max_component(e.kind, &values, row_len, u);
-    match e.kind {
-        EditKind::EmbeddingRows | EditKind::Bias => edit::orthogonalize_rows(&mut values, u, scale),
-        EditKind::OutputProjection => edit::orthogonalize_output(&mut values, row_len, u, scale),
-    }
-    let bytes = quant::quantize(t.ty, &values, row_len).with_context(|| format!("requantizing {}", t.name))?;
-    let achieved = quant::dequantize(t.ty, &bytes, row_len)?;
-    let max_after = edit::max_component(e.kind, &achieved, row_len, u);
+    let out = rewrite::rewrite(t.ty, shard.tensor_data(t), t.row_len() as usize, e.kind, &e.direction, scale)
+        .with_context(|| format!("rewriting {}", t.name))?;
     let report = TensorReport {
         name: t.name.clone(),
         ggml_type: t.ty.name(),
-        max_before,
-        max_after,
+        max_before: out.max_before,
+        max_after: out.max_after,
         post_norm: e.post_norm.clone(),
     };
-    Ok((bytes, report))
+    Ok((out.bytes, report))
 }
 
 fn provenance_kvs(plan: &EditPlan, direction: &[f32], opts: &ApplyOptions) -> Vec<(String, Value)> {

@@ -12,5 +12,6 @@ pub mod gguf;
 pub mod inspect;
 pub mod output;
 pub mod quant;
+pub mod rewrite;
 pub mod edit;
 pub mod direction;

@@ -17,15 +17,37 @@ const TASK_ROWS: usize = 64;
 
 /// `e ← e − s (e·u) u` for each row (embedding rows, biases).
 pub fn orthogonalize_rows(rows: &mut [f32], u: &[f32], scale: f32) {
-    let n = u.len();
-    rows.par_chunks_mut(n * TASK_ROWS).for_each(|chunk| {
-        for row in chunk.chunks_exact_mut(n) {
-            let dot = dot(row, u) as f32 * scale;
-            for (x, &ui) in row.iter_mut().zip(u) {
-                *x -= dot * ui;
-            }
+    rows.par_chunks_mut(u.len() * TASK_ROWS).for_each(|chunk| orthogonalize_rows_seq(chunk, u, scale));
+}
+
+/// `orthogonalize_rows` on the calling thread.
+pub fn orthogonalize_rows_seq(rows: &mut [f32], u: &[f32], scale: f32) {
+    for row in rows.chunks_exact_mut(u.len()) {
+        let dot = dot(row, u) as f32 * scale;
+        for (x, &ui) in row.iter_mut().zip(u) {
+            *x -= dot * ui;
         }
-    });
+    }
+}
+
+/// `acc += Σ_i u_i row_i` over consecutive rows of `n_in`, starting at `u[0]`.
+pub fn accumulate_projection(rows: &[f32], n_in: usize, u: &[f32], acc: &mut [f64]) {
+    for (row, &ui) in rows.chunks_exact(n_in).zip(u) {
+        let ui = ui as f64;
+        for (a, &x) in acc.iter_mut().zip(row) {
+            *a += ui * x as f64;
+        }
+    }
+}
+
+/// `row_i -= s u_i v` over consecutive rows of `v.len()`, starting at `u[0]`.
+pub fn subtract_projection(rows: &mut [f32], n_in: usize, u: &[f32], v: &[f32], scale: f32) {
+    for (row, &ui) in rows.chunks_exact_mut(n_in).zip(u) {
+        let coef = scale * ui;
+        for (x, &vj) in row.iter_mut().zip(v) {
+            *x -= coef * vj;
+        }
+    }
 }
 
 /// `W ← W − s u (uᵀW)` on the output axis of each `[n_out rows × n_in]`
