@@ -106,8 +106,21 @@ pub fn max_component(kind: EditKind, values: &[f32], row_len: usize, u: &[f32]) 
     }
 }
 
+/// f64-accumulated dot product. Eight independent partial sums let the
+/// compiler vectorize what a single running sum would serialize.
 pub fn dot(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut lanes = [0f64; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            lanes[k] += x[k] as f64 * y[k] as f64;
+        }
+    }
+    let tail: f64 = ra.iter().zip(rb).map(|(&x, &y)| x as f64 * y as f64).sum();
+    lanes.iter().sum::<f64>() + tail
 }
 
 /// `v / |v|`, or `None` for a zero or non-finite vector.
