@@ -15,3 +15,7 @@ pub mod quant;
 pub mod rewrite;
 pub mod edit;
 pub mod direction;
+pub mod activations;
+pub mod chat;
+pub mod eval;
+pub mod prompts;

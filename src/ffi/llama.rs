@@ -177,6 +177,13 @@ impl Model {
         }
     }
 
+    /// The beginning-of-sequence token, if the vocabulary has one.
+    pub fn bos(&self) -> Option<i32> {
+        // SAFETY: valid vocab.
+        let t = unsafe { sys::llama_vocab_bos(self.vocab) };
+        (t >= 0).then_some(t)
+    }
+
     pub fn is_eog(&self, token: i32) -> bool {
         // SAFETY: valid vocab.
         unsafe { sys::llama_vocab_is_eog(self.vocab, token) }

@@ -1,0 +1,94 @@
+//! Residual-stream capture: the mean activation at each layer's output and
+//! each post-instruction position, over a prompt set, accumulated in f64 as
+//! batches go by (no activation is stored).
+
+use crate::eval::{BatchHook, Entry, Runner};
+use crate::ffi::{Node, ResidualHook};
+use anyhow::Result;
+use indicatif::ProgressBar;
+
+/// Mean activations `[layer][position][n_embd]`.
+#[derive(Clone, Debug)]
+pub struct Means {
+    pub n_layers: usize,
+    pub n_pos: usize,
+    pub n_embd: usize,
+    pub values: Vec<f64>,
+    pub count: usize,
+}
+
+impl Means {
+    pub fn at(&self, layer: usize, pos: usize) -> &[f64] {
+        let i = (layer * self.n_pos + pos) * self.n_embd;
+        &self.values[i..i + self.n_embd]
+    }
+}
+
+struct CaptureHook {
+    n_layers: usize,
+    n_pos: usize,
+    n_embd: usize,
+    /// Batch rows of post-instruction position p, for the current batch.
+    rows: Vec<(usize, usize)>,
+    n_tokens: usize,
+    sums: Vec<f64>,
+}
+
+impl ResidualHook for CaptureHook {
+    fn wants(&mut self, node: Node) -> bool {
+        matches!(node, Node::LayerOut(l) if l < self.n_layers)
+    }
+    fn visit(&mut self, node: Node, rows: &mut [f32], n_embd: usize) -> bool {
+        let Node::LayerOut(layer) = node else { return false };
+        // The last layer may hold only output rows; we never ask for it,
+        // and a node without every token is not ours to map.
+        if n_embd != self.n_embd || rows.len() != self.n_tokens * n_embd {
+            return false;
+        }
+        for &(row, pos) in &self.rows {
+            let src = &rows[row * n_embd..(row + 1) * n_embd];
+            let at = (layer * self.n_pos + pos) * n_embd;
+            self.sums[at..at + n_embd].iter_mut().zip(src).for_each(|(s, &x)| *s += x as f64);
+        }
+        false
+    }
+}
+
+impl BatchHook for CaptureHook {
+    fn begin(&mut self, entries: &[Entry]) {
+        self.rows.clear();
+        for e in entries {
+            for p in 0..self.n_pos {
+                self.rows.push((e.start + e.len - self.n_pos + p, p));
+            }
+        }
+        self.n_tokens = entries.last().map_or(0, |e| e.start + e.len);
+    }
+}
+
+/// Means over `prompts` at layers `0..n_layers` and the last `n_pos`
+/// tokens of each prompt (the template's post-instruction tokens).
+pub fn capture_means(
+    runner: &mut Runner,
+    prompts: &[Vec<i32>],
+    n_layers: usize,
+    n_pos: usize,
+    progress: &ProgressBar,
+) -> Result<Means> {
+    let n_embd = runner.ctx.model().n_embd();
+    let mut hook = CaptureHook {
+        n_layers,
+        n_pos,
+        n_embd,
+        rows: Vec::new(),
+        n_tokens: 0,
+        sums: vec![0.0; n_layers * n_pos * n_embd],
+    };
+    runner.run(prompts, &mut hook, |_, entries| {
+        progress.inc(entries.iter().map(|e| e.len as u64).sum());
+        Ok(())
+    })?;
+    let count = prompts.len();
+    let values = hook.sums.iter().map(|s| s / count as f64).collect();
+    Ok(Means { n_layers, n_pos, n_embd, values, count })
+}

@@ -1,0 +1,191 @@
+//! Running token sequences through llama.cpp in packed batches, with
+//! optional residual-stream interventions: the measuring instrument that
+//! capture, direction selection and verification share.
+
+use crate::edit;
+use crate::ffi::{Batch, Context, ContextOptions, Model, Node, ResidualHook};
+use anyhow::{bail, Result};
+
+/// One prompt's place in the current batch.
+#[derive(Clone, Copy, Debug)]
+pub struct Entry {
+    /// Index into the caller's prompt list.
+    pub prompt: usize,
+    /// Batch row of its first token.
+    pub start: usize,
+    pub len: usize,
+}
+
+impl Entry {
+    /// Batch row of its last token, whose logits are kept.
+    pub fn last(&self) -> usize {
+        self.start + self.len - 1
+    }
+}
+
+/// A residual hook that also learns each batch's layout before it runs.
+pub trait BatchHook: ResidualHook {
+    fn begin(&mut self, _entries: &[Entry]) {}
+}
+
+/// Observes nothing.
+pub struct NoHook;
+
+impl ResidualHook for NoHook {
+    fn wants(&mut self, _: Node) -> bool {
+        false
+    }
+    fn visit(&mut self, _: Node, _: &mut [f32], _: usize) -> bool {
+        false
+    }
+}
+impl BatchHook for NoHook {}
+
+/// Projects a unit direction out of every residual-stream node at every
+/// position: the run-time equivalent of the weight edit.
+pub struct AblateHook {
+    pub direction: Vec<f32>,
+}
+
+impl AblateHook {
+    pub fn new(direction: &[f32]) -> Option<AblateHook> {
+        edit::normalized(direction).map(|direction| AblateHook { direction })
+    }
+}
+
+impl ResidualHook for AblateHook {
+    fn wants(&mut self, _: Node) -> bool {
+        true
+    }
+    fn visit(&mut self, _: Node, rows: &mut [f32], n_embd: usize) -> bool {
+        if n_embd != self.direction.len() {
+            return false;
+        }
+        edit::orthogonalize_rows_seq(rows, &self.direction, 1.0);
+        true
+    }
+}
+impl BatchHook for AblateHook {}
+
+/// Adds a vector to the output of one layer at every position.
+pub struct AddHook {
+    pub layer: usize,
+    pub vector: Vec<f32>,
+}
+
+impl ResidualHook for AddHook {
+    fn wants(&mut self, node: Node) -> bool {
+        node == Node::LayerOut(self.layer)
+    }
+    fn visit(&mut self, _: Node, rows: &mut [f32], n_embd: usize) -> bool {
+        if n_embd != self.vector.len() {
+            return false;
+        }
+        for row in rows.chunks_exact_mut(n_embd) {
+            row.iter_mut().zip(&self.vector).for_each(|(x, v)| *x += v);
+        }
+        true
+    }
+}
+impl BatchHook for AddHook {}
+
+/// A context sized for packed prompt batches.
+pub struct Runner<'m> {
+    pub ctx: Context<'m>,
+    batch: Batch,
+}
+
+impl<'m> Runner<'m> {
+    /// `n_batch` tokens per decode (also the longest prompt accepted).
+    pub fn new(model: &'m Model, n_batch: usize, threads: i32) -> Result<Runner<'m>> {
+        let n_batch = n_batch.min(model.n_ctx_train().max(512));
+        // llama.cpp sizes its output buffer for at least n_seq outputs, which must fit in n_batch.
+        let n_seq = n_batch.min(64) as u32;
+        let opts = ContextOptions { n_ctx: n_batch as u32, n_batch: n_batch as u32, n_seq, threads };
+        Ok(Runner { ctx: Context::new(model, opts)?, batch: Batch::new(n_batch) })
+    }
+
+    pub fn max_tokens(&self) -> usize {
+        self.ctx.options().n_batch as usize
+    }
+
+    /// Decodes `prompts` packed into as few batches as the context allows,
+    /// each prompt in its own sequence, and hands each batch's layout to
+    /// `hook.begin` before and to `read` after its decode.
+    pub fn run(
+        &mut self,
+        prompts: &[Vec<i32>],
+        hook: &mut dyn BatchHook,
+        mut read: impl FnMut(&Context, &[Entry]) -> Result<()>,
+    ) -> Result<()> {
+        let max = self.max_tokens();
+        let n_seq = self.ctx.options().n_seq as usize;
+        if let Some((i, p)) = prompts.iter().enumerate().find(|(_, p)| p.len() > max || p.is_empty()) {
+            bail!("prompt {i} has {} tokens; the context holds {max} (use a shorter prompt)", p.len());
+        }
+        let mut next = 0;
+        let mut entries = Vec::new();
+        while next < prompts.len() {
+            self.batch.clear();
+            entries.clear();
+            while next < prompts.len() && entries.len() < n_seq && prompts[next].len() <= self.batch.free_space() {
+                let start = self.batch.len();
+                let p = &prompts[next];
+                for (pos, &tok) in p.iter().enumerate() {
+                    self.batch.push(tok, pos, entries.len() as i32, pos + 1 == p.len());
+                }
+                entries.push(Entry { prompt: next, start, len: p.len() });
+                next += 1;
+            }
+            self.ctx.clear();
+            hook.begin(&entries);
+            self.ctx.decode_with(&self.batch, hook)?;
+            read(&self.ctx, &entries)?;
+        }
+        self.ctx.clear();
+        Ok(())
+    }
+
+    /// Log-probabilities of the first generated token for each prompt.
+    pub fn first_token_logprobs(&mut self, prompts: &[Vec<i32>], hook: &mut dyn BatchHook) -> Result<Vec<Vec<f32>>> {
+        let mut out = vec![Vec::new(); prompts.len()];
+        self.run(prompts, hook, |ctx, entries| {
+            for e in entries {
+                out[e.prompt] = log_softmax(ctx.logits(e.last())?);
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+}
+
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let log_z = max as f64 + sum.ln();
+    logits.iter().map(|&x| (x as f64 - log_z) as f32).collect()
+}
+
+/// KL(p ‖ q) for log-probability vectors.
+pub fn kl_divergence(log_p: &[f32], log_q: &[f32]) -> f64 {
+    log_p
+        .iter()
+        .zip(log_q)
+        .map(|(&lp, &lq)| {
+            let p = (lp as f64).exp();
+            if p > 0.0 {
+                p * (lp as f64 - lq as f64)
+            } else {
+                0.0
+            }
+        })
+        .sum::<f64>()
+        .max(0.0)
+}
+
+/// Refusal log-odds: log P(refusal token) − log P(anything else).
+pub fn refusal_score(log_probs: &[f32], refusal_tokens: &[i32]) -> f64 {
+    let p: f64 = refusal_tokens.iter().map(|&t| (log_probs[t as usize] as f64).exp()).sum();
+    let p = p.clamp(1e-12, 1.0 - 1e-12);
+    p.ln() - (1.0 - p).ln()
+}
