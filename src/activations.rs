@@ -2,7 +2,7 @@
 //! each post-instruction position, over a prompt set, accumulated in f64 as
 //! batches go by (no activation is stored).
 
-use crate::eval::{BatchHook, Entry, Runner};
+use crate::eval::{log_softmax, BatchHook, Entry, Runner};
 use crate::ffi::{Node, ResidualHook};
 use anyhow::Result;
 use indicatif::ProgressBar;
@@ -39,7 +39,9 @@ impl ResidualHook for CaptureHook {
         matches!(node, Node::LayerOut(l) if l < self.n_layers)
     }
     fn visit(&mut self, node: Node, rows: &mut [f32], n_embd: usize) -> bool {
-        let Node::LayerOut(layer) = node else { return false };
+        let Node::LayerOut(layer) = node else {
+            return false;
+        };
         // The last layer may hold only output rows; we never ask for it,
         // and a node without every token is not ours to map.
         if n_embd != self.n_embd || rows.len() != self.n_tokens * n_embd {
@@ -48,7 +50,10 @@ impl ResidualHook for CaptureHook {
         for &(row, pos) in &self.rows {
             let src = &rows[row * n_embd..(row + 1) * n_embd];
             let at = (layer * self.n_pos + pos) * n_embd;
-            self.sums[at..at + n_embd].iter_mut().zip(src).for_each(|(s, &x)| *s += x as f64);
+            self.sums[at..at + n_embd]
+                .iter_mut()
+                .zip(src)
+                .for_each(|(s, &x)| *s += x as f64);
         }
         false
     }
@@ -75,6 +80,18 @@ pub fn capture_means(
     n_pos: usize,
     progress: &ProgressBar,
 ) -> Result<Means> {
+    Ok(capture(runner, prompts, n_layers, n_pos, progress)?.0)
+}
+
+/// `capture_means`, plus each prompt's first-token log-probabilities from
+/// the same decode.
+pub fn capture(
+    runner: &mut Runner,
+    prompts: &[Vec<i32>],
+    n_layers: usize,
+    n_pos: usize,
+    progress: &ProgressBar,
+) -> Result<(Means, Vec<Vec<f32>>)> {
     let n_embd = runner.ctx.model().n_embd();
     let mut hook = CaptureHook {
         n_layers,
@@ -84,11 +101,24 @@ pub fn capture_means(
         n_tokens: 0,
         sums: vec![0.0; n_layers * n_pos * n_embd],
     };
-    runner.run(prompts, &mut hook, |_, entries| {
+    let mut log_probs = vec![Vec::new(); prompts.len()];
+    runner.run(prompts, &mut hook, |ctx, entries| {
+        for e in entries {
+            log_probs[e.prompt] = log_softmax(ctx.logits(e.last())?);
+        }
         progress.inc(entries.iter().map(|e| e.len as u64).sum());
         Ok(())
     })?;
     let count = prompts.len();
     let values = hook.sums.iter().map(|s| s / count as f64).collect();
-    Ok(Means { n_layers, n_pos, n_embd, values, count })
+    Ok((
+        Means {
+            n_layers,
+            n_pos,
+            n_embd,
+            values,
+            count,
+        },
+        log_probs,
+    ))
 }

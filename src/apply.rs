@@ -27,7 +27,13 @@ pub struct ApplyOptions {
 
 impl Default for ApplyOptions {
     fn default() -> Self {
-        ApplyOptions { scale: 1.0, skip_embeddings: false, force: false, provenance: Vec::new(), progress: true }
+        ApplyOptions {
+            scale: 1.0,
+            skip_embeddings: false,
+            force: false,
+            provenance: Vec::new(),
+            progress: true,
+        }
     }
 }
 
@@ -50,7 +56,12 @@ pub struct ApplyReport {
 }
 
 /// Rewrites `input` (and its other shards) to `output`.
-pub fn apply(input: &Path, output: &Path, direction: &[f32], opts: &ApplyOptions) -> Result<ApplyReport> {
+pub fn apply(
+    input: &Path,
+    output: &Path,
+    direction: &[f32],
+    opts: &ApplyOptions,
+) -> Result<ApplyReport> {
     if !(opts.scale > 0.0 && opts.scale <= 1.0) {
         bail!("--scale must be in (0, 1], got {}", opts.scale);
     }
@@ -81,7 +92,10 @@ pub fn apply(input: &Path, output: &Path, direction: &[f32], opts: &ApplyOptions
         let infos: Vec<&TensorInfo> = edits.iter().map(|e| tensor_of(&shards, e)).collect();
         let kvs: &[(String, Value)] = if index == 0 { &provenance } else { &[] };
         gguf::write_patched(shard, PROVENANCE_PREFIX, kvs, &infos, file, |t| {
-            let e = edits.iter().find(|e| e.name == t.name).expect("edited tensor is planned");
+            let e = edits
+                .iter()
+                .find(|e| e.name == t.name)
+                .expect("edited tensor is planned");
             let (bytes, report) = edit_tensor(shard, t, e, opts.scale)?;
             let line = format!(
                 "[{:>4}/{n_edits}] {:<32} {:>7} {:>18}  max|rᵀW| {:.4} -> {:.4}{}",
@@ -91,7 +105,11 @@ pub fn apply(input: &Path, output: &Path, direction: &[f32], opts: &ApplyOptions
                 t.shape_string(),
                 report.max_before,
                 report.max_after,
-                report.post_norm.as_deref().map(|n| format!("  (via {n})")).unwrap_or_default()
+                report
+                    .post_norm
+                    .as_deref()
+                    .map(|n| format!("  (via {n})"))
+                    .unwrap_or_default()
             );
             if bar.is_hidden() {
                 eprintln!("{line}");
@@ -118,7 +136,9 @@ pub fn apply(input: &Path, output: &Path, direction: &[f32], opts: &ApplyOptions
 }
 
 fn tensor_of<'a>(shards: &'a [GgufFile], e: &PlannedEdit) -> &'a TensorInfo {
-    shards[e.shard].tensor(&e.name).expect("planned tensor exists")
+    shards[e.shard]
+        .tensor(&e.name)
+        .expect("planned tensor exists")
 }
 
 /// Fails before writing anything if a planned tensor cannot be requantized.
@@ -140,9 +160,21 @@ fn check_rewritable(shards: &[GgufFile], plan: &EditPlan) -> Result<()> {
 }
 
 /// Dequantizes, edits and requantizes one tensor.
-fn edit_tensor(shard: &GgufFile, t: &TensorInfo, e: &PlannedEdit, scale: f32) -> Result<(Vec<u8>, TensorReport)> {
-    let out = rewrite::rewrite(t.ty, shard.tensor_data(t), t.row_len() as usize, e.kind, &e.direction, scale)
-        .with_context(|| format!("rewriting {}", t.name))?;
+fn edit_tensor(
+    shard: &GgufFile,
+    t: &TensorInfo,
+    e: &PlannedEdit,
+    scale: f32,
+) -> Result<(Vec<u8>, TensorReport)> {
+    let out = rewrite::rewrite(
+        t.ty,
+        shard.tensor_data(t),
+        t.row_len() as usize,
+        e.kind,
+        &e.direction,
+        scale,
+    )
+    .with_context(|| format!("rewriting {}", t.name))?;
     let report = TensorReport {
         name: t.name.clone(),
         ggml_type: t.ty.name(),
@@ -156,19 +188,28 @@ fn edit_tensor(shard: &GgufFile, t: &TensorInfo, e: &PlannedEdit, scale: f32) ->
 fn provenance_kvs(plan: &EditPlan, direction: &[f32], opts: &ApplyOptions) -> Vec<(String, Value)> {
     let key = |k: &str| format!("{PROVENANCE_PREFIX}{k}");
     let mut kvs = vec![
-        (key("tool"), Value::String(format!("gguf-abliterate {}", env!("CARGO_PKG_VERSION")))),
+        (
+            key("tool"),
+            Value::String(format!("gguf-abliterate {}", env!("CARGO_PKG_VERSION"))),
+        ),
         (key("scale"), Value::F32(opts.scale)),
         (key("embeddings_edited"), Value::Bool(!opts.skip_embeddings)),
         (
             key("edited_tensors"),
             Value::Array(
                 gguf::value_type::STRING,
-                plan.edits.iter().map(|e| Value::String(e.name.clone())).collect(),
+                plan.edits
+                    .iter()
+                    .map(|e| Value::String(e.name.clone()))
+                    .collect(),
             ),
         ),
         (
             key("direction"),
-            Value::Array(gguf::value_type::F32, direction.iter().map(|&x| Value::F32(x)).collect()),
+            Value::Array(
+                gguf::value_type::F32,
+                direction.iter().map(|&x| Value::F32(x)).collect(),
+            ),
         ),
     ];
     for (k, v) in &opts.provenance {
@@ -186,9 +227,11 @@ fn progress_bar(total: u64, show: bool) -> ProgressBar {
     }
     let bar = ProgressBar::new(total);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} rewriting [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} rewriting [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     bar
 }

@@ -24,29 +24,55 @@ impl ChatFormat {
     /// template) or else the model's own `tokenizer.chat_template`.
     pub fn resolve(model: &Model, choice: Option<&str>) -> Result<ChatFormat> {
         let builtins = ffi::builtin_chat_templates();
-        let hint = || format!("pass --chat-template NAME|FILE (built-in names: {})", builtins.join(", "));
+        let hint = || {
+            format!(
+                "pass --chat-template NAME|FILE (built-in names: {})",
+                builtins.join(", ")
+            )
+        };
         let (template, origin) = match choice {
             Some(c) if Path::new(c).is_file() => {
-                let text = std::fs::read_to_string(c).with_context(|| format!("cannot read {c}"))?;
+                let text =
+                    std::fs::read_to_string(c).with_context(|| format!("cannot read {c}"))?;
                 (text, format!("file {c}"))
             }
             Some(c) if builtins.iter().any(|b| b == c) => (c.to_string(), format!("built-in {c}")),
-            Some(c) => bail!("--chat-template {c:?} is neither a file nor a built-in template ({})", builtins.join(", ")),
+            Some(c) => bail!(
+                "--chat-template {c:?} is neither a file nor a built-in template ({})",
+                builtins.join(", ")
+            ),
             None => match model.chat_template() {
                 Some(t) => (t, "the model's tokenizer.chat_template".to_string()),
                 None => bail!("the model has no chat template; {}", hint()),
             },
         };
-        let probe = ffi::apply_chat_template(&template, &[("user", SENTINEL)], true)
-            .with_context(|| format!("llama.cpp cannot use the chat template from {origin}; {}", hint()))?;
+        let probe = ffi::apply_chat_template(&template, &[("user", SENTINEL)], true).with_context(
+            || {
+                format!(
+                    "llama.cpp cannot use the chat template from {origin}; {}",
+                    hint()
+                )
+            },
+        )?;
         let Some((_, suffix)) = probe.split_once(SENTINEL) else {
-            bail!("the chat template from {origin} drops the user's message; {}", hint());
+            bail!(
+                "the chat template from {origin} drops the user's message; {}",
+                hint()
+            );
         };
         if suffix.is_empty() {
-            bail!("the chat template from {origin} adds nothing after the user's message; {}", hint());
+            bail!(
+                "the chat template from {origin} adds nothing after the user's message; {}",
+                hint()
+            );
         }
         let suffix_tokens = model.tokenize(suffix, false, true)?;
-        Ok(ChatFormat { template, origin, suffix: suffix.to_string(), suffix_tokens })
+        Ok(ChatFormat {
+            template,
+            origin,
+            suffix: suffix.to_string(),
+            suffix_tokens,
+        })
     }
 
     /// Number of post-instruction positions.

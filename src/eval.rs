@@ -45,11 +45,16 @@ impl BatchHook for NoHook {}
 /// position: the run-time equivalent of the weight edit.
 pub struct AblateHook {
     pub direction: Vec<f32>,
+    /// Share of the component removed, as `apply --scale`.
+    pub scale: f32,
 }
 
 impl AblateHook {
     pub fn new(direction: &[f32]) -> Option<AblateHook> {
-        edit::normalized(direction).map(|direction| AblateHook { direction })
+        edit::normalized(direction).map(|direction| AblateHook {
+            direction,
+            scale: 1.0,
+        })
     }
 }
 
@@ -61,7 +66,7 @@ impl ResidualHook for AblateHook {
         if n_embd != self.direction.len() {
             return false;
         }
-        edit::orthogonalize_rows_seq(rows, &self.direction, 1.0);
+        edit::orthogonalize_rows_seq(rows, &self.direction, self.scale);
         true
     }
 }
@@ -101,8 +106,16 @@ impl<'m> Runner<'m> {
         let n_batch = n_batch.min(model.n_ctx_train().max(512));
         // llama.cpp sizes its output buffer for at least n_seq outputs, which must fit in n_batch.
         let n_seq = n_batch.min(64) as u32;
-        let opts = ContextOptions { n_ctx: n_batch as u32, n_batch: n_batch as u32, n_seq, threads };
-        Ok(Runner { ctx: Context::new(model, opts)?, batch: Batch::new(n_batch) })
+        let opts = ContextOptions {
+            n_ctx: n_batch as u32,
+            n_batch: n_batch as u32,
+            n_seq,
+            threads,
+        };
+        Ok(Runner {
+            ctx: Context::new(model, opts)?,
+            batch: Batch::new(n_batch),
+        })
     }
 
     pub fn max_tokens(&self) -> usize {
@@ -120,21 +133,36 @@ impl<'m> Runner<'m> {
     ) -> Result<()> {
         let max = self.max_tokens();
         let n_seq = self.ctx.options().n_seq as usize;
-        if let Some((i, p)) = prompts.iter().enumerate().find(|(_, p)| p.len() > max || p.is_empty()) {
-            bail!("prompt {i} has {} tokens; the context holds {max} (use a shorter prompt)", p.len());
+        if let Some((i, p)) = prompts
+            .iter()
+            .enumerate()
+            .find(|(_, p)| p.len() > max || p.is_empty())
+        {
+            bail!(
+                "prompt {i} has {} tokens; the context holds {max} (use a shorter prompt)",
+                p.len()
+            );
         }
         let mut next = 0;
         let mut entries = Vec::new();
         while next < prompts.len() {
             self.batch.clear();
             entries.clear();
-            while next < prompts.len() && entries.len() < n_seq && prompts[next].len() <= self.batch.free_space() {
+            while next < prompts.len()
+                && entries.len() < n_seq
+                && prompts[next].len() <= self.batch.free_space()
+            {
                 let start = self.batch.len();
                 let p = &prompts[next];
                 for (pos, &tok) in p.iter().enumerate() {
-                    self.batch.push(tok, pos, entries.len() as i32, pos + 1 == p.len());
+                    self.batch
+                        .push(tok, pos, entries.len() as i32, pos + 1 == p.len());
                 }
-                entries.push(Entry { prompt: next, start, len: p.len() });
+                entries.push(Entry {
+                    prompt: next,
+                    start,
+                    len: p.len(),
+                });
                 next += 1;
             }
             self.ctx.clear();
@@ -147,7 +175,11 @@ impl<'m> Runner<'m> {
     }
 
     /// Log-probabilities of the first generated token for each prompt.
-    pub fn first_token_logprobs(&mut self, prompts: &[Vec<i32>], hook: &mut dyn BatchHook) -> Result<Vec<Vec<f32>>> {
+    pub fn first_token_logprobs(
+        &mut self,
+        prompts: &[Vec<i32>],
+        hook: &mut dyn BatchHook,
+    ) -> Result<Vec<Vec<f32>>> {
         let mut out = vec![Vec::new(); prompts.len()];
         self.run(prompts, hook, |ctx, entries| {
             for e in entries {
@@ -185,7 +217,128 @@ pub fn kl_divergence(log_p: &[f32], log_q: &[f32]) -> f64 {
 
 /// Refusal log-odds: log P(refusal token) − log P(anything else).
 pub fn refusal_score(log_probs: &[f32], refusal_tokens: &[i32]) -> f64 {
-    let p: f64 = refusal_tokens.iter().map(|&t| (log_probs[t as usize] as f64).exp()).sum();
+    let p: f64 = refusal_tokens
+        .iter()
+        .map(|&t| (log_probs[t as usize] as f64).exp())
+        .sum();
     let p = p.clamp(1e-12, 1.0 - 1e-12);
     p.ln() - (1.0 - p).ln()
+}
+
+/// What greedy generation produced for one prompt.
+#[derive(Clone, Debug, Default)]
+pub struct Generation {
+    pub tokens: Vec<i32>,
+    /// Log-probabilities of the first generated token.
+    pub first_log_probs: Vec<f32>,
+}
+
+impl<'m> Runner<'m> {
+    /// Greedy generation of up to `n_gen` tokens per prompt (stopping at an
+    /// end-of-generation token), many prompts at once, one sequence each.
+    pub fn generate(
+        &mut self,
+        prompts: &[Vec<i32>],
+        n_gen: usize,
+        hook: &mut dyn BatchHook,
+    ) -> Result<Vec<Generation>> {
+        let model = self.ctx.model();
+        let budget = self.max_tokens();
+        let n_seq = self.ctx.options().n_seq as usize;
+        let mut out = vec![Generation::default(); prompts.len()];
+        let mut next = 0;
+        while next < prompts.len() {
+            // A group whose prompts and generations all fit in the KV cache.
+            let (mut group, mut used) = (Vec::new(), 0);
+            while next < prompts.len()
+                && group.len() < n_seq
+                && used + prompts[next].len() + n_gen <= budget
+            {
+                used += prompts[next].len() + n_gen;
+                group.push(next);
+                next += 1;
+            }
+            if group.is_empty() {
+                bail!("prompt {next} has {} tokens; with {n_gen} to generate it does not fit the context ({budget})", prompts[next].len());
+            }
+            // Prefill: the group's prompts fit one batch, since their
+            // prompts and generations together fit the context.
+            self.ctx.clear();
+            self.batch.clear();
+            let mut entries = Vec::new();
+            let mut last_row = Vec::new();
+            for (seq, &p) in group.iter().enumerate() {
+                let start = self.batch.len();
+                for (pos, &tok) in prompts[p].iter().enumerate() {
+                    self.batch
+                        .push(tok, pos, seq as i32, pos + 1 == prompts[p].len());
+                }
+                entries.push(Entry {
+                    prompt: p,
+                    start,
+                    len: prompts[p].len(),
+                });
+                last_row.push(self.batch.len() - 1);
+            }
+            hook.begin(&entries);
+            self.ctx.decode_with(&self.batch, hook)?;
+            let mut logits: Vec<Vec<f32>> = last_row
+                .iter()
+                .map(|&row| self.ctx.logits(row).map(<[f32]>::to_vec))
+                .collect::<Result<_>>()?;
+            let mut active: Vec<usize> = (0..group.len()).collect();
+            for step in 0..n_gen {
+                self.batch.clear();
+                let mut still = Vec::new();
+                let mut step_entries = Vec::new();
+                for &seq in &active {
+                    let p = group[seq];
+                    if step == 0 {
+                        out[p].first_log_probs = log_softmax(&logits[seq]);
+                    }
+                    let tok = argmax(&logits[seq]);
+                    if model.is_eog(tok) {
+                        continue;
+                    }
+                    out[p].tokens.push(tok);
+                    if step + 1 == n_gen {
+                        continue;
+                    }
+                    let row = self
+                        .batch
+                        .push(tok, prompts[p].len() + step, seq as i32, true);
+                    step_entries.push(Entry {
+                        prompt: p,
+                        start: row,
+                        len: 1,
+                    });
+                    still.push((seq, row));
+                }
+                if still.is_empty() {
+                    break;
+                }
+                hook.begin(&step_entries);
+                self.ctx.decode_with(&self.batch, hook)?;
+                for &(seq, row) in &still {
+                    logits[seq] = self.ctx.logits(row)?.to_vec();
+                }
+                active = still.into_iter().map(|(seq, _)| seq).collect();
+            }
+        }
+        self.ctx.clear();
+        Ok(out)
+    }
+}
+
+fn argmax(xs: &[f32]) -> i32 {
+    xs.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &x)| {
+            if x > best.1 {
+                (i, x)
+            } else {
+                best
+            }
+        })
+        .0 as i32
 }

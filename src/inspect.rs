@@ -10,7 +10,10 @@ use std::path::Path;
 pub fn inspect(path: &Path) -> Result<String> {
     let shards = gguf::open_model(path)?;
     let meta = &shards[0];
-    let arch = meta.architecture().context("no general.architecture key")?.to_string();
+    let arch = meta
+        .architecture()
+        .context("no general.architecture key")?
+        .to_string();
     let mut out = String::new();
     let w = &mut out;
     writeln!(w, "file:          {}", path.display())?;
@@ -26,11 +29,30 @@ pub fn inspect(path: &Path) -> Result<String> {
     writeln!(w, "layers:        {}", num("block_count"))?;
     writeln!(w, "n_embd:        {}", num("embedding_length"))?;
     let tied = !shards.iter().any(|s| s.tensor("output.weight").is_some());
-    writeln!(w, "embeddings:    {}", if tied { "tied (token_embd is also the unembedding)" } else { "untied" })?;
+    writeln!(
+        w,
+        "embeddings:    {}",
+        if tied {
+            "tied (token_embd is also the unembedding)"
+        } else {
+            "untied"
+        }
+    )?;
     let template = meta.get_str("tokenizer.chat_template").is_some();
-    writeln!(w, "chat template: {}", if template { "yes" } else { "none (use --chat-template)" })?;
+    writeln!(
+        w,
+        "chat template: {}",
+        if template {
+            "yes"
+        } else {
+            "none (use --chat-template)"
+        }
+    )?;
     writeln!(w, "metadata keys: {}", meta.kvs.len())?;
-    let abliterated = meta.kvs.iter().any(|kv| kv.key.starts_with(crate::apply::PROVENANCE_PREFIX));
+    let abliterated = meta
+        .kvs
+        .iter()
+        .any(|kv| kv.key.starts_with(crate::apply::PROVENANCE_PREFIX));
     if abliterated {
         writeln!(w, "provenance:    already edited by gguf-abliterate")?;
     }
@@ -57,18 +79,36 @@ pub fn inspect(path: &Path) -> Result<String> {
                     format!("{what}{via}{}", rewrite_note(t.ty))
                 }
             };
-            let entry = types.entry(t.ty.name()).or_insert((0, 0, t.ty.is_rewritable() && !t.ty.requires_imatrix()));
+            let entry = types.entry(t.ty.name()).or_insert((
+                0,
+                0,
+                t.ty.is_rewritable() && !t.ty.requires_imatrix(),
+            ));
             entry.0 += 1;
             if action != "-" {
                 entry.1 += 1;
             }
-            writeln!(w, "{:<36} {:>8} {:>22}  {action}", t.name, t.ty.name(), t.shape_string())?;
+            writeln!(
+                w,
+                "{:<36} {:>8} {:>22}  {action}",
+                t.name,
+                t.ty.name(),
+                t.shape_string()
+            )?;
         }
     }
     writeln!(w, "\n{n_edit} tensors would be edited.")?;
-    writeln!(w, "\n{:<10} {:>8} {:>8}  rewritable", "type", "tensors", "edited")?;
+    writeln!(
+        w,
+        "\n{:<10} {:>8} {:>8}  rewritable",
+        "type", "tensors", "edited"
+    )?;
     for (name, (count, edited, ok)) in types {
-        writeln!(w, "{name:<10} {count:>8} {edited:>8}  {}", if ok { "yes" } else { "no" })?;
+        writeln!(
+            w,
+            "{name:<10} {count:>8} {edited:>8}  {}",
+            if ok { "yes" } else { "no" }
+        )?;
     }
     Ok(out)
 }

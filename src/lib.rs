@@ -6,16 +6,17 @@
 //! `ffi` (llama.cpp) → `prompts` → `activations` → `direction` →
 //! `edit` (math) + `quant` → `gguf` (container) via `apply` → `verify`.
 
+pub mod activations;
 pub mod apply;
+pub mod chat;
+pub mod direction;
+pub mod edit;
+pub mod eval;
 pub mod ffi;
 pub mod gguf;
 pub mod inspect;
 pub mod output;
+pub mod prompts;
 pub mod quant;
 pub mod rewrite;
-pub mod edit;
-pub mod direction;
-pub mod activations;
-pub mod chat;
-pub mod eval;
-pub mod prompts;
+pub mod verify;

@@ -38,11 +38,17 @@ impl PendingFile {
     pub fn create(path: &Path, inputs: &[&Path], force: bool) -> Result<(PendingFile, File)> {
         for input in inputs {
             if same_file(path, input) {
-                bail!("output {} is the input file; choose another name", path.display());
+                bail!(
+                    "output {} is the input file; choose another name",
+                    path.display()
+                );
             }
         }
         if path.exists() && !force {
-            bail!("{} already exists (use --force to overwrite)", path.display());
+            bail!(
+                "{} already exists (use --force to overwrite)",
+                path.display()
+            );
         }
         if path.is_dir() {
             bail!("{} is a directory", path.display());
@@ -57,16 +63,26 @@ impl PendingFile {
             .truncate(true)
             .open(&tmp)
             .with_context(|| format!("cannot create {}", tmp.display()));
-        let pending = PendingFile { path: path.to_path_buf(), tmp, committed: false };
+        let pending = PendingFile {
+            path: path.to_path_buf(),
+            tmp,
+            committed: false,
+        };
         Ok((pending, file?))
     }
 
     /// Flushes to disk and renames the temporary file into place.
     pub fn commit(mut self, file: File) -> Result<()> {
-        file.sync_all().with_context(|| format!("writing {}", self.tmp.display()))?;
+        file.sync_all()
+            .with_context(|| format!("writing {}", self.tmp.display()))?;
         drop(file);
-        std::fs::rename(&self.tmp, &self.path)
-            .with_context(|| format!("cannot rename {} to {}", self.tmp.display(), self.path.display()))?;
+        std::fs::rename(&self.tmp, &self.path).with_context(|| {
+            format!(
+                "cannot rename {} to {}",
+                self.tmp.display(),
+                self.path.display()
+            )
+        })?;
         self.committed = true;
         forget(&self.tmp);
         Ok(())
@@ -107,7 +123,8 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
 pub fn write_atomic(path: &Path, contents: &[u8], force: bool) -> Result<()> {
     use std::io::Write;
     let (pending, mut file) = PendingFile::create(path, &[], force)?;
-    file.write_all(contents).with_context(|| format!("writing {}", pending.tmp.display()))?;
+    file.write_all(contents)
+        .with_context(|| format!("writing {}", pending.tmp.display()))?;
     pending.commit(file)
 }
 

@@ -14,7 +14,9 @@ fn rows_per_task(row_len: usize) -> usize {
 
 /// Dequantizes a tensor's bytes (whole rows of `row_len`) to f32.
 pub fn dequantize(ty: GgmlType, bytes: &[u8], row_len: usize) -> Result<Vec<f32>> {
-    let row_bytes = ty.row_bytes(row_len as u64).context("row is not whole blocks")? as usize;
+    let row_bytes = ty
+        .row_bytes(row_len as u64)
+        .context("row is not whole blocks")? as usize;
     if row_bytes == 0 || bytes.len() % row_bytes != 0 {
         bail!("{ty}: {} bytes are not whole rows", bytes.len());
     }
@@ -29,9 +31,14 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], row_len: usize) -> Result<Vec<f32>
 
 /// Quantizes f32 rows of `row_len` to `ty`, validating every row.
 pub fn quantize(ty: GgmlType, values: &[f32], row_len: usize) -> Result<Vec<u8>> {
-    let row_bytes = ty.row_bytes(row_len as u64).context("row is not whole blocks")? as usize;
+    let row_bytes = ty
+        .row_bytes(row_len as u64)
+        .context("row is not whole blocks")? as usize;
     if values.len() % row_len != 0 {
-        bail!("{ty}: {} values are not whole rows of {row_len}", values.len());
+        bail!(
+            "{ty}: {} values are not whole rows of {row_len}",
+            values.len()
+        );
     }
     let n_rows = values.len() / row_len;
     let mut out = vec![0u8; n_rows * row_bytes];
@@ -50,7 +57,9 @@ mod tests {
     fn parallel_quantization_matches_a_single_call() {
         let row_len = 256;
         let n_rows = 700; // several tasks, last one partial
-        let values: Vec<f32> = (0..row_len * n_rows).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+        let values: Vec<f32> = (0..row_len * n_rows)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
         for ty in [GgmlType::Q4_K, GgmlType::Q8_0, GgmlType::F16] {
             let parallel = quantize(ty, &values, row_len).unwrap();
             let mut single = vec![0u8; parallel.len()];

@@ -22,11 +22,22 @@ pub struct Rewritten {
 
 /// Rewrites one tensor's data. `row_len` is its contiguous axis; `u` the
 /// unit direction on its residual axis.
-pub fn rewrite(ty: GgmlType, data: &[u8], row_len: usize, kind: EditKind, u: &[f32], scale: f32) -> Result<Rewritten> {
-    let row_bytes = ty.row_bytes(row_len as u64).context("row is not whole blocks")? as usize;
+pub fn rewrite(
+    ty: GgmlType,
+    data: &[u8],
+    row_len: usize,
+    kind: EditKind,
+    u: &[f32],
+    scale: f32,
+) -> Result<Rewritten> {
+    let row_bytes = ty
+        .row_bytes(row_len as u64)
+        .context("row is not whole blocks")? as usize;
     let mut out = vec![0u8; data.len()];
     let (max_before, max_after) = match kind {
-        EditKind::EmbeddingRows | EditKind::Bias => rewrite_rows(ty, data, &mut out, row_len, row_bytes, u, scale)?,
+        EditKind::EmbeddingRows | EditKind::Bias => {
+            rewrite_rows(ty, data, &mut out, row_len, row_bytes, u, scale)?
+        }
         EditKind::OutputProjection => {
             // One slab per expert (a single slab for dense tensors).
             let slab = row_bytes * u.len();
@@ -38,7 +49,11 @@ pub fn rewrite(ty: GgmlType, data: &[u8], row_len: usize, kind: EditKind, u: &[f
             maxima
         }
     };
-    Ok(Rewritten { bytes: out, max_before, max_after })
+    Ok(Rewritten {
+        bytes: out,
+        max_before,
+        max_after,
+    })
 }
 
 /// Row-local edit: each row is a residual vector.
@@ -52,7 +67,12 @@ fn rewrite_rows(
     scale: f32,
 ) -> Result<(f64, f64)> {
     let rows = task_rows(row_len);
-    let max_dot = |values: &[f32]| values.chunks(row_len).map(|r| edit::dot(r, u).abs()).fold(0.0, f64::max);
+    let max_dot = |values: &[f32]| {
+        values
+            .chunks(row_len)
+            .map(|r| edit::dot(r, u).abs())
+            .fold(0.0, f64::max)
+    };
     dst.par_chunks_mut(rows * row_bytes)
         .zip(src.par_chunks(rows * row_bytes))
         .map(|(dst, src)| -> Result<(f64, f64)> {
@@ -124,8 +144,15 @@ mod tests {
     #[test]
     fn streaming_rewrite_matches_the_whole_tensor_edit() {
         let (n_out, n_in, n_exp) = (96, 512, 2);
-        let values: Vec<f32> = (0..n_out * n_in * n_exp).map(|i| ((i * 2654435761usize) % 1000) as f32 / 1000.0 - 0.5).collect();
-        let u = edit::normalized(&(0..n_out).map(|i| (i as f32 * 0.3).cos()).collect::<Vec<_>>()).unwrap();
+        let values: Vec<f32> = (0..n_out * n_in * n_exp)
+            .map(|i| ((i * 2654435761usize) % 1000) as f32 / 1000.0 - 0.5)
+            .collect();
+        let u = edit::normalized(
+            &(0..n_out)
+                .map(|i| (i as f32 * 0.3).cos())
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
         for ty in [GgmlType::F32, GgmlType::Q8_0] {
             let data = quant::quantize(ty, &values, n_in).unwrap();
             let mut ideal = quant::dequantize(ty, &data, n_in).unwrap();
@@ -133,10 +160,23 @@ mod tests {
             let got = rewrite(ty, &data, n_in, EditKind::OutputProjection, &u, 1.0).unwrap();
             // Equal up to f64 summation order (a rounding flip at most).
             let back = quant::dequantize(ty, &got.bytes, n_in).unwrap();
-            let expect = quant::dequantize(ty, &quant::quantize(ty, &ideal, n_in).unwrap(), n_in).unwrap();
-            let diff = back.iter().zip(&expect).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(diff < if ty == GgmlType::F32 { 1e-6 } else { 0.01 }, "{ty}: {diff}");
-            assert!(got.max_before > 0.1 && got.max_after < got.max_before * 0.05, "{ty}: {} -> {}", got.max_before, got.max_after);
+            let expect =
+                quant::dequantize(ty, &quant::quantize(ty, &ideal, n_in).unwrap(), n_in).unwrap();
+            let diff = back
+                .iter()
+                .zip(&expect)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                diff < if ty == GgmlType::F32 { 1e-6 } else { 0.01 },
+                "{ty}: {diff}"
+            );
+            assert!(
+                got.max_before > 0.1 && got.max_after < got.max_before * 0.05,
+                "{ty}: {} -> {}",
+                got.max_before,
+                got.max_after
+            );
         }
     }
 }

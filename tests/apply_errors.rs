@@ -20,7 +20,15 @@ fn setup() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
 }
 
 fn apply(direction: &Path, input: &Path, output: &Path, extra: &[&str]) -> Output {
-    bin().arg("apply").arg("--direction").arg(direction).arg(input).arg(output).args(extra).output().unwrap()
+    bin()
+        .arg("apply")
+        .arg("--direction")
+        .arg(direction)
+        .arg(input)
+        .arg(output)
+        .args(extra)
+        .output()
+        .unwrap()
 }
 
 /// Fails cleanly, with one line on stderr that mentions `needle`.
@@ -32,14 +40,27 @@ fn assert_clean_failure(out: &Output, needle: &str) {
     // Per-tensor log lines may precede it; the error is one final line.
     let errors: Vec<_> = stderr.lines().filter(|l| l.starts_with("error")).collect();
     assert_eq!(errors.len(), 1, "expected one error line, got: {stderr}");
-    assert!(stderr.trim_end().lines().last().unwrap().starts_with("error: "), "{stderr}");
+    assert!(
+        stderr
+            .trim_end()
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("error: "),
+        "{stderr}"
+    );
     assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
 }
 
 fn assert_no_output(dir: &Path) {
-    let names: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert!(
-        names.iter().all(|n| !n.to_string_lossy().starts_with("out")),
+        names
+            .iter()
+            .all(|n| !n.to_string_lossy().starts_with("out")),
         "left behind: {names:?}"
     );
 }
@@ -52,32 +73,56 @@ fn not_a_gguf_truncated_or_corrupt() {
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("text", b"hello, not a model at all".to_vec(), "bad magic"),
         ("empty", vec![], "too short"),
-        ("truncated", bytes[..bytes.len() - 1000].to_vec(), "runs past the end"),
-        ("header-only", bytes[..200].to_vec(), "more than the file can hold"),
-        ("cut-in-metadata", {
-            let mut b = bytes[..5000].to_vec();
-            b[8..16].copy_from_slice(&0u64.to_le_bytes()); // no tensors
-            b
-        }, "metadata key tokenizer.ggml.tokens"),
-        ("absurd-counts", {
-            let mut b = bytes.clone();
-            b[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
-            b
-        }, "more than the file can hold"),
-        ("bad-version", {
-            let mut b = bytes.clone();
-            b[4..8].copy_from_slice(&7u32.to_le_bytes());
-            b
-        }, "version 7"),
-        ("offset-out-of-range", {
-            // Point the first tensor's offset far beyond the file.
-            let mut b = bytes.clone();
-            let name = b"token_embd.weight";
-            let at = b.windows(name.len()).position(|w| w == name).unwrap() + name.len();
-            let off = at + 4 + 2 * 8 + 4; // n_dims, 2 dims, type
-            b[off..off + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
-            b
-        }, "runs past the end"),
+        (
+            "truncated",
+            bytes[..bytes.len() - 1000].to_vec(),
+            "runs past the end",
+        ),
+        (
+            "header-only",
+            bytes[..200].to_vec(),
+            "more than the file can hold",
+        ),
+        (
+            "cut-in-metadata",
+            {
+                let mut b = bytes[..5000].to_vec();
+                b[8..16].copy_from_slice(&0u64.to_le_bytes()); // no tensors
+                b
+            },
+            "metadata key tokenizer.ggml.tokens",
+        ),
+        (
+            "absurd-counts",
+            {
+                let mut b = bytes.clone();
+                b[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+                b
+            },
+            "more than the file can hold",
+        ),
+        (
+            "bad-version",
+            {
+                let mut b = bytes.clone();
+                b[4..8].copy_from_slice(&7u32.to_le_bytes());
+                b
+            },
+            "version 7",
+        ),
+        (
+            "offset-out-of-range",
+            {
+                // Point the first tensor's offset far beyond the file.
+                let mut b = bytes.clone();
+                let name = b"token_embd.weight";
+                let at = b.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+                let off = at + 4 + 2 * 8 + 4; // n_dims, 2 dims, type
+                b[off..off + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+                b
+            },
+            "runs past the end",
+        ),
     ];
     for (label, data, needle) in cases {
         let bad = dir.path().join(format!("{label}.gguf"));
@@ -88,7 +133,11 @@ fn not_a_gguf_truncated_or_corrupt() {
         assert_clean_failure(&o, needle);
     }
     assert_no_output(dir.path());
-    assert_eq!(std::fs::read(&model).unwrap(), bytes, "input must never change");
+    assert_eq!(
+        std::fs::read(&model).unwrap(),
+        bytes,
+        "input must never change"
+    );
 }
 
 #[test]
@@ -96,9 +145,18 @@ fn bad_directions() {
     let (dir, model, _) = setup();
     let out = dir.path().join("out.gguf");
     let cases = [
-        (serde_json::json!({ "direction": vec![1.0; N + 1] }).to_string(), "n_embd is 256"),
-        (serde_json::json!({ "direction": vec![0.0; N] }).to_string(), "all zeros"),
-        (format!("{{\"direction\": [1e999{}]}}", ", 1".repeat(N - 1)), "only numbers"),
+        (
+            serde_json::json!({ "direction": vec![1.0; N + 1] }).to_string(),
+            "n_embd is 256",
+        ),
+        (
+            serde_json::json!({ "direction": vec![0.0; N] }).to_string(),
+            "all zeros",
+        ),
+        (
+            format!("{{\"direction\": [1e999{}]}}", ", 1".repeat(N - 1)),
+            "only numbers",
+        ),
         ("{\"layer\": 3}".to_string(), "missing \"direction\""),
         ("not json".to_string(), "invalid JSON"),
     ];
@@ -117,21 +175,34 @@ fn output_path_problems() {
     let (dir, model, direction) = setup();
     // IN == OUT, also through another spelling of the path.
     let alias = dir.path().join(".").join("in.gguf");
-    assert_clean_failure(&apply(&direction, &model, &alias, &["--force"]), "is the input");
+    assert_clean_failure(
+        &apply(&direction, &model, &alias, &["--force"]),
+        "is the input",
+    );
     // OUT exists without --force.
     let out = dir.path().join("out.gguf");
     std::fs::write(&out, b"keep me").unwrap();
     assert_clean_failure(&apply(&direction, &model, &out, &[]), "already exists");
     assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
     let ok = apply(&direction, &model, &out, &["--force", "--quiet"]);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     std::fs::remove_file(&out).unwrap();
     // Unreadable input, unwritable output directory.
-    assert_clean_failure(&apply(&direction, &dir.path().join("nope.gguf"), &out, &[]), "cannot open");
+    assert_clean_failure(
+        &apply(&direction, &dir.path().join("nope.gguf"), &out, &[]),
+        "cannot open",
+    );
     let no_dir = dir.path().join("no/such/dir/out.gguf");
     assert_clean_failure(&apply(&direction, &model, &no_dir, &[]), "cannot create");
     // Bad scale.
-    assert_clean_failure(&apply(&direction, &model, &out, &["--scale", "1.5"]), "--scale");
+    assert_clean_failure(
+        &apply(&direction, &model, &out, &["--scale", "1.5"]),
+        "--scale",
+    );
     assert_no_output(dir.path());
 }
 
@@ -140,14 +211,21 @@ fn imatrix_types_name_the_tensor() {
     let dir = tempfile::tempdir().unwrap();
     let r = unit(&noise(N, 2));
     let mut model = SynthModel::new("llama", N, GgmlType::Q8_0, &r);
-    let t = model.tensors.iter_mut().find(|t| t.name == "blk.1.ffn_down.weight").unwrap();
+    let t = model
+        .tensors
+        .iter_mut()
+        .find(|t| t.name == "blk.1.ffn_down.weight")
+        .unwrap();
     t.ty = GgmlType::IQ2_XXS;
     let path = dir.path().join("in.gguf");
     model.write(&path);
     let d = dir.path().join("dir.json");
     write_direction(&d, &r);
     let out = dir.path().join("out.gguf");
-    assert_clean_failure(&apply(&d, &path, &out, &[]), "blk.1.ffn_down.weight is IQ2_XXS");
+    assert_clean_failure(
+        &apply(&d, &path, &out, &[]),
+        "blk.1.ffn_down.weight is IQ2_XXS",
+    );
     assert_no_output(dir.path());
 }
 
@@ -157,12 +235,19 @@ fn a_full_disk_fails_cleanly() {
     let out = dir.path().join("out.gguf");
     // RLIMIT_FSIZE makes writes past 64 KiB fail with EFBIG, as a full disk would.
     let mut cmd = bin();
-    cmd.arg("apply").arg("--direction").arg(&direction).arg(&model).arg(&out);
+    cmd.arg("apply")
+        .arg("--direction")
+        .arg(&direction)
+        .arg(&model)
+        .arg(&out);
     unsafe {
         use std::os::unix::process::CommandExt;
         cmd.pre_exec(|| {
             libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            let lim = libc::rlimit { rlim_cur: 64 << 10, rlim_max: 64 << 10 };
+            let lim = libc::rlimit {
+                rlim_cur: 64 << 10,
+                rlim_max: 64 << 10,
+            };
             libc::setrlimit(libc::RLIMIT_FSIZE, &lim);
             Ok(())
         });

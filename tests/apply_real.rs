@@ -17,12 +17,26 @@ fn check_real_model(input: &Path, prompt: &str) {
     let r = unit(&noise(n_embd, 2024));
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.gguf");
-    let report = apply(input, &out, &r, &ApplyOptions { progress: false, ..Default::default() }).unwrap();
+    let report = apply(
+        input,
+        &out,
+        &r,
+        &ApplyOptions {
+            progress: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let edited = GgufFile::open(&out).unwrap();
 
     // Metadata: byte-identical and in order, then our provenance keys.
     for (a, b) in original.kvs.iter().zip(&edited.kvs) {
-        assert_eq!(original.mmap[a.raw.clone()], edited.mmap[b.raw.clone()], "{}", a.key);
+        assert_eq!(
+            original.mmap[a.raw.clone()],
+            edited.mmap[b.raw.clone()],
+            "{}",
+            a.key
+        );
     }
     assert_eq!(edited.kvs.len(), original.kvs.len() + 5);
     // An independent reader agrees on the layout.
@@ -36,7 +50,12 @@ fn check_real_model(input: &Path, prompt: &str) {
         let te = edited.tensor(&t.name).unwrap();
         assert_eq!((te.ty, &te.dims, te.offset), (t.ty, &t.dims, t.offset));
         let Some((kind, post_norm)) = classify(&arch, &t.name) else {
-            assert_eq!(original.tensor_data(t), edited.tensor_data(te), "{} must be byte-identical", t.name);
+            assert_eq!(
+                original.tensor_data(t),
+                edited.tensor_data(te),
+                "{} must be byte-identical",
+                t.name
+            );
             continue;
         };
         n_edited += 1;
@@ -55,8 +74,17 @@ fn check_real_model(input: &Path, prompt: &str) {
             edit::max_component(kind, &after, row_len, &u),
         );
         // Within the requantization noise of these 4–8-bit types.
-        let tolerance = if kind == EditKind::EmbeddingRows { 0.05 } else { 0.6 };
-        assert!(a <= tolerance * b, "{} ({}): max|uᵀW| {b:.4} -> {a:.4}", t.name, t.ty);
+        let tolerance = if kind == EditKind::EmbeddingRows {
+            0.05
+        } else {
+            0.6
+        };
+        assert!(
+            a <= tolerance * b,
+            "{} ({}): max|uᵀW| {b:.4} -> {a:.4}",
+            t.name,
+            t.ty
+        );
     }
     assert_eq!(n_edited, report.tensors.len());
 
@@ -67,10 +95,16 @@ fn check_real_model(input: &Path, prompt: &str) {
 
 #[test]
 fn smollm2_q4_1() {
-    check_real_model(&real_model("SmolLM2-135M-Instruct.Q4_1.gguf"), "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n");
+    check_real_model(
+        &real_model("SmolLM2-135M-Instruct.Q4_1.gguf"),
+        "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n",
+    );
 }
 
 #[test]
 fn gemma3_270m_mixed_k_quants_with_post_norms() {
-    check_real_model(&real_model("gemma-3-270m-Q4_K_M.gguf"), "The capital of France is");
+    check_real_model(
+        &real_model("gemma-3-270m-Q4_K_M.gguf"),
+        "The capital of France is",
+    );
 }

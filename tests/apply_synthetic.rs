@@ -31,15 +31,30 @@ fn edited(name: &str) -> bool {
 }
 
 /// Asserts everything `apply` promises about one output.
-fn check_output(model: &SynthModel, input: &GgufFile, output: &GgufFile, u_for: impl Fn(&str) -> Vec<f32>) {
+fn check_output(
+    model: &SynthModel,
+    input: &GgufFile,
+    output: &GgufFile,
+    u_for: impl Fn(&str) -> Vec<f32>,
+) {
     // Metadata: the input's entries, byte for byte and in order, then ours.
     assert!(output.kvs.len() > input.kvs.len());
     for (a, b) in input.kvs.iter().zip(&output.kvs) {
         assert_eq!(a.key, b.key);
-        assert_eq!(input.mmap[a.raw.clone()], output.mmap[b.raw.clone()], "metadata {} changed", a.key);
+        assert_eq!(
+            input.mmap[a.raw.clone()],
+            output.mmap[b.raw.clone()],
+            "metadata {} changed",
+            a.key
+        );
     }
-    assert!(output.kvs[input.kvs.len()..].iter().all(|kv| kv.key.starts_with("abliterate.")));
-    assert_eq!(input.mmap[input.tensor_info_range.clone()], output.mmap[output.tensor_info_range.clone()]);
+    assert!(output.kvs[input.kvs.len()..]
+        .iter()
+        .all(|kv| kv.key.starts_with("abliterate.")));
+    assert_eq!(
+        input.mmap[input.tensor_info_range.clone()],
+        output.mmap[output.tensor_info_range.clone()]
+    );
 
     for st in &model.tensors {
         let ti = input.tensor(&st.name).unwrap();
@@ -60,7 +75,15 @@ fn check_output(model: &SynthModel, input: &GgufFile, output: &GgufFile, u_for: 
         }
         let got = quant::dequantize(to.ty, bo, row_len).unwrap();
         // The type's own round-trip error on this tensor.
-        let round_trip = rms(&quant::dequantize(ti.ty, &quant::quantize(ti.ty, &st.source, row_len).unwrap(), row_len).unwrap(), &st.source);
+        let round_trip = rms(
+            &quant::dequantize(
+                ti.ty,
+                &quant::quantize(ti.ty, &st.source, row_len).unwrap(),
+                row_len,
+            )
+            .unwrap(),
+            &st.source,
+        );
         let err = rms(&got, &ideal);
         assert!(
             err <= 1.5 * round_trip + 1e-6,
@@ -76,15 +99,38 @@ fn check_output(model: &SynthModel, input: &GgufFile, output: &GgufFile, u_for: 
         let diff: Vec<f32> = got.iter().zip(&ideal).map(|(a, b)| a - b).collect();
         let noise = match kind {
             EditKind::OutputProjection => (0..row_len)
-                .map(|j| diff.iter().skip(j).step_by(row_len).map(|e| (*e as f64).powi(2)).sum::<f64>().sqrt())
+                .map(|j| {
+                    diff.iter()
+                        .skip(j)
+                        .step_by(row_len)
+                        .map(|e| (*e as f64).powi(2))
+                        .sum::<f64>()
+                        .sqrt()
+                })
                 .fold(0.0, f64::max),
-            _ => diff.chunks(row_len).map(|row| edit::dot(row, row).sqrt()).fold(0.0, f64::max),
+            _ => diff
+                .chunks(row_len)
+                .map(|row| edit::dot(row, row).sqrt())
+                .fold(0.0, f64::max),
         };
-        assert!(after <= noise + 1e-4, "{} {}: |uᵀW| {before:.4} -> {after:.4} (noise {noise:.4})", st.name, ti.ty);
+        assert!(
+            after <= noise + 1e-4,
+            "{} {}: |uᵀW| {before:.4} -> {after:.4} (noise {noise:.4})",
+            st.name,
+            ti.ty
+        );
         if ti.ty.type_size() * 8 / ti.ty.block_size() >= 8 {
-            assert!(after <= 0.05 * before, "{} {}: |uᵀW| {before:.4} -> {after:.4}", st.name, ti.ty);
+            assert!(
+                after <= 0.05 * before,
+                "{} {}: |uᵀW| {before:.4} -> {after:.4}",
+                st.name,
+                ti.ty
+            );
         }
-        assert!(before > 1.0, "the planted component should be large, got {before}");
+        assert!(
+            before > 1.0,
+            "the planted component should be large, got {before}"
+        );
     }
 }
 
@@ -114,9 +160,16 @@ fn every_type_family_is_orthogonalized_and_the_rest_kept() {
         let inp = dir.path().join(format!("{ty}.gguf"));
         let out = dir.path().join(format!("{ty}-abl.gguf"));
         model.write(&inp);
-        let opts = ApplyOptions { progress: false, ..Default::default() };
+        let opts = ApplyOptions {
+            progress: false,
+            ..Default::default()
+        };
         let report = apply(&inp, &out, &r, &opts).unwrap_or_else(|e| panic!("{ty}: {e:#}"));
-        assert_eq!(report.tensors.len(), 6, "{ty}: embd + 2 attn_output + 2 ffn_down + 1 bias");
+        assert_eq!(
+            report.tensors.len(),
+            6,
+            "{ty}: embd + 2 attn_output + 2 ffn_down + 1 bias"
+        );
         let (input, output) = (GgufFile::open(&inp).unwrap(), GgufFile::open(&out).unwrap());
         check_output(&model, &input, &output, |_| r.clone());
         assert!(!dir.path().join(format!("{ty}-abl.gguf.tmp")).exists());
@@ -130,7 +183,9 @@ fn post_norm_architectures_remove_the_scaled_direction() {
     // Post-norm weights far from uniform, so g ⊙ r differs from r.
     for l in 0..2 {
         for norm in ["post_attention_norm", "post_ffw_norm"] {
-            let g: Vec<f32> = (0..N_EMBD).map(|i| 0.2 + ((i * (l + 3)) % 17) as f32 / 4.0).collect();
+            let g: Vec<f32> = (0..N_EMBD)
+                .map(|i| 0.2 + ((i * (l + 3)) % 17) as f32 / 4.0)
+                .collect();
             model.tensors.push(SynthTensor {
                 name: format!("blk.{l}.{norm}.weight"),
                 dims: vec![N_EMBD as u64],
@@ -142,11 +197,24 @@ fn post_norm_architectures_remove_the_scaled_direction() {
     let dir = tempfile::tempdir().unwrap();
     let (inp, out) = (dir.path().join("g.gguf"), dir.path().join("g-abl.gguf"));
     model.write(&inp);
-    let report = apply(&inp, &out, &r, &ApplyOptions { progress: false, ..Default::default() }).unwrap();
+    let report = apply(
+        &inp,
+        &out,
+        &r,
+        &ApplyOptions {
+            progress: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!(report.tied_embeddings);
     let post_norm = |name: &str| -> Option<String> {
         let layer = name.strip_prefix("blk.")?.split('.').next()?;
-        let norm = if name.contains("attn_output") { "post_attention_norm" } else { "post_ffw_norm" };
+        let norm = if name.contains("attn_output") {
+            "post_attention_norm"
+        } else {
+            "post_ffw_norm"
+        };
         Some(format!("blk.{layer}.{norm}.weight"))
     };
     let u_for = |name: &str| match post_norm(name) {
@@ -169,7 +237,11 @@ fn post_norm_architectures_remove_the_scaled_direction() {
         .map(|(i, row)| edit::dot(row, &x) * g[i] as f64 * r[i] as f64)
         .sum();
     assert!(y.abs() < 1e-3, "residual write along r: {y}");
-    let rt = report.tensors.iter().find(|t| t.name == "blk.1.ffn_down.weight").unwrap();
+    let rt = report
+        .tensors
+        .iter()
+        .find(|t| t.name == "blk.1.ffn_down.weight")
+        .unwrap();
     assert_eq!(rt.post_norm.as_deref(), Some("blk.1.post_ffw_norm.weight"));
 }
 
@@ -180,16 +252,31 @@ fn skip_embeddings_and_partial_scale() {
     let dir = tempfile::tempdir().unwrap();
     let (inp, out) = (dir.path().join("m.gguf"), dir.path().join("m-abl.gguf"));
     model.write(&inp);
-    let opts = ApplyOptions { progress: false, skip_embeddings: true, scale: 0.5, ..Default::default() };
+    let opts = ApplyOptions {
+        progress: false,
+        skip_embeddings: true,
+        scale: 0.5,
+        ..Default::default()
+    };
     let report = apply(&inp, &out, &r, &opts).unwrap();
     assert!(report.tensors.iter().all(|t| t.name != "token_embd.weight"));
     let (input, output) = (GgufFile::open(&inp).unwrap(), GgufFile::open(&out).unwrap());
     let name = "token_embd.weight";
-    assert_eq!(input.tensor_data(input.tensor(name).unwrap()), output.tensor_data(output.tensor(name).unwrap()));
+    assert_eq!(
+        input.tensor_data(input.tensor(name).unwrap()),
+        output.tensor_data(output.tensor(name).unwrap())
+    );
     for t in &report.tensors {
-        assert!((t.max_after - 0.5 * t.max_before).abs() < 1e-3 * t.max_before, "{}: {t:?}", t.name);
+        assert!(
+            (t.max_after - 0.5 * t.max_before).abs() < 1e-3 * t.max_before,
+            "{}: {t:?}",
+            t.name
+        );
     }
-    assert_eq!(output.get("abliterate.scale"), Some(&gguf_abliterate::gguf::Value::F32(0.5)));
+    assert_eq!(
+        output.get("abliterate.scale"),
+        Some(&gguf_abliterate::gguf::Value::F32(0.5))
+    );
 }
 
 #[test]
@@ -197,12 +284,20 @@ fn re_abliterating_replaces_provenance_instead_of_duplicating_keys() {
     let r = unit(&noise(N_EMBD, 3));
     let model = SynthModel::new("llama", N_EMBD, GgmlType::Q8_0, &r);
     let dir = tempfile::tempdir().unwrap();
-    let paths: Vec<_> = (0..3).map(|i| dir.path().join(format!("m{i}.gguf"))).collect();
+    let paths: Vec<_> = (0..3)
+        .map(|i| dir.path().join(format!("m{i}.gguf")))
+        .collect();
     model.write(&paths[0]);
-    let opts = ApplyOptions { progress: false, ..Default::default() };
+    let opts = ApplyOptions {
+        progress: false,
+        ..Default::default()
+    };
     apply(&paths[0], &paths[1], &r, &opts).unwrap();
     apply(&paths[1], &paths[2], &r, &opts).unwrap();
-    let (once, twice) = (GgufFile::open(&paths[1]).unwrap(), GgufFile::open(&paths[2]).unwrap());
+    let (once, twice) = (
+        GgufFile::open(&paths[1]).unwrap(),
+        GgufFile::open(&paths[2]).unwrap(),
+    );
     assert_eq!(once.kvs.len(), twice.kvs.len());
 }
 
@@ -214,14 +309,26 @@ fn split_ggufs_are_patched_shard_by_shard() {
     // Write shard 1 (metadata, embeddings, layer 0) and shard 2 (the rest).
     let whole = dir.path().join("whole.gguf");
     model.write(&whole);
-    let split_at = model.tensors.iter().position(|t| t.name.starts_with("blk.1.")).unwrap();
-    for (i, range) in [(0..split_at), (split_at..model.tensors.len())].into_iter().enumerate() {
+    let split_at = model
+        .tensors
+        .iter()
+        .position(|t| t.name.starts_with("blk.1."))
+        .unwrap();
+    for (i, range) in [(0..split_at), (split_at..model.tensors.len())]
+        .into_iter()
+        .enumerate()
+    {
         let part = SynthModel {
             arch: model.arch.clone(),
             n_embd: N_EMBD,
             tensors: model.tensors[range]
                 .iter()
-                .map(|t| SynthTensor { name: t.name.clone(), dims: t.dims.clone(), ty: t.ty, source: t.source.clone() })
+                .map(|t| SynthTensor {
+                    name: t.name.clone(),
+                    dims: t.dims.clone(),
+                    ty: t.ty,
+                    source: t.source.clone(),
+                })
                 .collect(),
             extra_kv: vec![],
         };
@@ -230,19 +337,44 @@ fn split_ggufs_are_patched_shard_by_shard() {
     }
     let first = dir.path().join("m-00001-of-00002.gguf");
     let out = dir.path().join("abl.gguf");
-    let report = apply(&first, &out, &r, &ApplyOptions { progress: false, ..Default::default() }).unwrap();
+    let report = apply(
+        &first,
+        &out,
+        &r,
+        &ApplyOptions {
+            progress: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(report.tensors.len(), 6);
-    let names: Vec<_> = report.outputs.iter().map(|p| p.file_name().unwrap().to_str().unwrap().to_string()).collect();
-    assert_eq!(names, ["abl-00001-of-00002.gguf", "abl-00002-of-00002.gguf"]);
+    let names: Vec<_> = report
+        .outputs
+        .iter()
+        .map(|p| p.file_name().unwrap().to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        names,
+        ["abl-00001-of-00002.gguf", "abl-00002-of-00002.gguf"]
+    );
     let second = GgufFile::open(&report.outputs[1]).unwrap();
     let t = second.tensor("blk.1.ffn_down.weight").unwrap();
     let w = quant::dequantize(t.ty, second.tensor_data(t), 2 * N_EMBD).unwrap();
     assert!(edit::max_component(EditKind::OutputProjection, &w, 2 * N_EMBD, &r) < 0.05);
     // Provenance goes into the first shard only.
-    assert!(second.kvs.iter().all(|kv| !kv.key.starts_with("abliterate.")));
+    assert!(second
+        .kvs
+        .iter()
+        .all(|kv| !kv.key.starts_with("abliterate.")));
 }
 
-fn write_with_split_keys(model: &SynthModel, path: &std::path::Path, no: u16, count: u16, total: i32) {
+fn write_with_split_keys(
+    model: &SynthModel,
+    path: &std::path::Path,
+    no: u16,
+    count: u16,
+    total: i32,
+) {
     let kv = vec![
         Kv::str("general.architecture", &model.arch),
         Kv::u32("llama.block_count", 2),
@@ -250,7 +382,11 @@ fn write_with_split_keys(model: &SynthModel, path: &std::path::Path, no: u16, co
         // llama-gguf-split's keys and types.
         Kv::u16("split.no", no),
         Kv::u16("split.count", count),
-        Kv { key: "split.tensors.count".into(), ty: 5, value: total.to_le_bytes().to_vec() },
+        Kv {
+            key: "split.tensors.count".into(),
+            ty: 5,
+            value: total.to_le_bytes().to_vec(),
+        },
     ];
     write_gguf(path, &kv, &model.tensors);
 }

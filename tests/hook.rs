@@ -11,14 +11,23 @@ use indicatif::ProgressBar;
 
 fn prompts(model: &Model) -> Vec<Vec<i32>> {
     let fmt = ChatFormat::resolve(model, None).unwrap();
-    ["How do I bake bread?", "Write a poem about the sea.", "Explain photosynthesis briefly.", "What is 2+2?"]
-        .iter()
-        .map(|p| fmt.tokenize(model, p).unwrap())
-        .collect()
+    [
+        "How do I bake bread?",
+        "Write a poem about the sea.",
+        "Explain photosynthesis briefly.",
+        "What is 2+2?",
+    ]
+    .iter()
+    .map(|p| fmt.tokenize(model, p).unwrap())
+    .collect()
 }
 
 fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -28,9 +37,16 @@ fn ablating_a_zero_direction_changes_nothing() {
     let p = prompts(&model);
     let mut runner = Runner::new(&model, 512, 2).unwrap();
     let plain = runner.first_token_logprobs(&p, &mut NoHook).unwrap();
-    let mut zero = AblateHook { direction: vec![0.0; model.n_embd()] };
+    let mut zero = AblateHook {
+        direction: vec![0.0; model.n_embd()],
+        scale: 1.0,
+    };
     let hooked = runner.first_token_logprobs(&p, &mut zero).unwrap();
-    assert!(max_diff(&plain, &hooked) < 1e-5, "{}", max_diff(&plain, &hooked));
+    assert!(
+        max_diff(&plain, &hooked) < 1e-5,
+        "{}",
+        max_diff(&plain, &hooked)
+    );
     // A real direction does change them.
     let mut real = AblateHook::new(&noise(model.n_embd(), 3)).unwrap();
     let ablated = runner.first_token_logprobs(&p, &mut real).unwrap();
@@ -47,15 +63,36 @@ fn adding_through_the_callback_equals_llama_control_vectors() {
     let v: Vec<f32> = noise(n_embd, 11).iter().map(|x| x * 4.0).collect();
     let mut runner = Runner::new(&model, 512, 2).unwrap();
     let plain = runner.first_token_logprobs(&p, &mut NoHook).unwrap();
-    let via_hook = runner.first_token_logprobs(&p, &mut AddHook { layer, vector: v.clone() }).unwrap();
+    let via_hook = runner
+        .first_token_logprobs(
+            &p,
+            &mut AddHook {
+                layer,
+                vector: v.clone(),
+            },
+        )
+        .unwrap();
     // llama.cpp's buffer starts at layer 1: layer k's vector sits at (k-1)*n_embd.
     let mut cvec = vec![0f32; n_embd * (n_layer - 1)];
     cvec[(layer - 1) * n_embd..layer * n_embd].copy_from_slice(&v);
-    runner.ctx.set_control_vector(Some(&cvec), n_embd, (1, n_layer as i32 - 1)).unwrap();
+    runner
+        .ctx
+        .set_control_vector(Some(&cvec), n_embd, (1, n_layer as i32 - 1))
+        .unwrap();
     let via_cvec = runner.first_token_logprobs(&p, &mut NoHook).unwrap();
-    runner.ctx.set_control_vector(None, n_embd, (-1, -1)).unwrap();
-    assert!(max_diff(&plain, &via_hook) > 1e-2, "the vector should matter");
-    assert!(max_diff(&via_hook, &via_cvec) < 1e-3, "{}", max_diff(&via_hook, &via_cvec));
+    runner
+        .ctx
+        .set_control_vector(None, n_embd, (-1, -1))
+        .unwrap();
+    assert!(
+        max_diff(&plain, &via_hook) > 1e-2,
+        "the vector should matter"
+    );
+    assert!(
+        max_diff(&via_hook, &via_cvec) < 1e-3,
+        "{}",
+        max_diff(&via_hook, &via_cvec)
+    );
 }
 
 #[test]
@@ -69,7 +106,15 @@ fn captured_means_do_not_depend_on_the_batch_size() {
     let mut packed = Runner::new(&model, 1024, 2).unwrap();
     let a = capture_means(&mut one_at_a_time, &p, 10, 5, &bar).unwrap();
     let b = capture_means(&mut packed, &p, 10, 5, &bar).unwrap();
-    let diff = a.values.iter().zip(&b.values).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    let diff = a
+        .values
+        .iter()
+        .zip(&b.values)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
     let scale = a.values.iter().map(|x| x.abs()).fold(0.0, f64::max);
-    assert!(scale > 0.1 && diff < 1e-4 * scale, "diff {diff} scale {scale}");
+    assert!(
+        scale > 0.1 && diff < 1e-4 * scale,
+        "diff {diff} scale {scale}"
+    );
 }

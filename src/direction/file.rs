@@ -13,13 +13,17 @@ pub struct DirectionFile {
 
 impl DirectionFile {
     pub fn read(path: &Path) -> Result<DirectionFile> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        Self::parse(&text).with_context(|| format!("{} is not a valid direction file", path.display()))
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        Self::parse(&text)
+            .with_context(|| format!("{} is not a valid direction file", path.display()))
     }
 
     pub fn parse(text: &str) -> Result<DirectionFile> {
         let json: Json = serde_json::from_str(text).context("invalid JSON")?;
-        let Json::Object(mut map) = json else { bail!("expected a JSON object") };
+        let Json::Object(mut map) = json else {
+            bail!("expected a JSON object")
+        };
         let Some(Json::Array(values)) = map.remove("direction") else {
             bail!("missing \"direction\": [numbers]");
         };
@@ -37,12 +41,18 @@ impl DirectionFile {
         if direction.iter().all(|&x| x == 0.0) {
             bail!("\"direction\" is all zeros");
         }
-        Ok(DirectionFile { direction, provenance: map })
+        Ok(DirectionFile {
+            direction,
+            provenance: map,
+        })
     }
 
     pub fn to_json(&self) -> String {
         let mut map = self.provenance.clone();
-        map.insert("direction".into(), Json::from(self.direction.iter().map(|&x| x as f64).collect::<Vec<_>>()));
+        map.insert(
+            "direction".into(),
+            Json::from(self.direction.iter().map(|&x| x as f64).collect::<Vec<_>>()),
+        );
         serde_json::to_string_pretty(&Json::Object(map)).expect("serializable")
     }
 
@@ -77,7 +87,14 @@ mod tests {
         assert!(kvs.contains(&("model".into(), Value::String("x".into()))));
         let round = DirectionFile::parse(&f.to_json()).unwrap();
         assert_eq!(round.direction, f.direction);
-        for bad in [r#"[1,2]"#, r#"{"direction":[]}"#, r#"{"direction":[0,0]}"#, r#"{"direction":["a"]}"#, r#"{"dir":[1]}"#, "{"] {
+        for bad in [
+            r#"[1,2]"#,
+            r#"{"direction":[]}"#,
+            r#"{"direction":[0,0]}"#,
+            r#"{"direction":["a"]}"#,
+            r#"{"dir":[1]}"#,
+            "{",
+        ] {
             assert!(DirectionFile::parse(bad).is_err(), "{bad}");
         }
     }

@@ -1,6 +1,11 @@
 //! The refusal direction: its file format, and (in `search`) how it is
 //! found from captured activations.
 
+pub mod control_vector;
 mod file;
+mod search;
 
 pub use file::DirectionFile;
+pub use search::{
+    default_threads, search, CandidateScores, RefusalToken, SearchOptions, SearchResult,
+};

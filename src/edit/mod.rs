@@ -17,7 +17,8 @@ const TASK_ROWS: usize = 64;
 
 /// `e ← e − s (e·u) u` for each row (embedding rows, biases).
 pub fn orthogonalize_rows(rows: &mut [f32], u: &[f32], scale: f32) {
-    rows.par_chunks_mut(u.len() * TASK_ROWS).for_each(|chunk| orthogonalize_rows_seq(chunk, u, scale));
+    rows.par_chunks_mut(u.len() * TASK_ROWS)
+        .for_each(|chunk| orthogonalize_rows_seq(chunk, u, scale));
 }
 
 /// `orthogonalize_rows` on the calling thread.
@@ -56,14 +57,16 @@ pub fn orthogonalize_output(weights: &mut [f32], n_in: usize, u: &[f32], scale: 
     let slab = n_in * u.len();
     for w in weights.chunks_exact_mut(slab) {
         let v = project_output(w, n_in, u);
-        w.par_chunks_mut(n_in * TASK_ROWS).enumerate().for_each(|(task, chunk)| {
-            for (k, row) in chunk.chunks_exact_mut(n_in).enumerate() {
-                let coef = scale * u[task * TASK_ROWS + k];
-                for (x, &vj) in row.iter_mut().zip(&v) {
-                    *x -= coef * vj as f32;
+        w.par_chunks_mut(n_in * TASK_ROWS)
+            .enumerate()
+            .for_each(|(task, chunk)| {
+                for (k, row) in chunk.chunks_exact_mut(n_in).enumerate() {
+                    let coef = scale * u[task * TASK_ROWS + k];
+                    for (x, &vj) in row.iter_mut().zip(&v) {
+                        *x -= coef * vj as f32;
+                    }
                 }
-            }
-        });
+            });
     }
 }
 
@@ -137,7 +140,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
             })
             .collect()
@@ -177,7 +182,9 @@ mod tests {
         let u = normalized(&pseudo_random(n_out, 7)).unwrap();
         orthogonalize_output(&mut w, n_in, &u, 1.0);
         for slab in w.chunks(n_out * n_in) {
-            assert!(project_output(slab, n_in, &u).iter().all(|c| c.abs() < 1e-5));
+            assert!(project_output(slab, n_in, &u)
+                .iter()
+                .all(|c| c.abs() < 1e-5));
         }
     }
 

@@ -60,20 +60,29 @@ pub fn classify(arch: &str, name: &str) -> Option<(EditKind, Option<String>)> {
         "ffn_down" | "ffn_down_exps" | "ffn_down_shexp" => "post_ffw_norm",
         _ => return None,
     };
-    let post_norm = POST_NORM_ARCHS.contains(&arch).then(|| format!("blk.{layer}.{norm}.weight"));
+    let post_norm = POST_NORM_ARCHS
+        .contains(&arch)
+        .then(|| format!("blk.{layer}.{norm}.weight"));
     Some((kind, post_norm))
 }
 
 /// Plans the edit of every residual-writing tensor across `shards`
 /// (the first shard carries the model metadata).
-pub fn plan_edits(shards: &[GgufFile], direction: &[f32], skip_embeddings: bool) -> Result<EditPlan> {
+pub fn plan_edits(
+    shards: &[GgufFile],
+    direction: &[f32],
+    skip_embeddings: bool,
+) -> Result<EditPlan> {
     let meta = &shards[0];
     let arch = meta.architecture().context("no general.architecture key")?;
     let n_embd = meta
         .arch_u64("embedding_length")
         .with_context(|| format!("no {arch}.embedding_length key"))? as usize;
     if direction.len() != n_embd {
-        bail!("direction has {} values but the model's n_embd is {n_embd}", direction.len());
+        bail!(
+            "direction has {} values but the model's n_embd is {n_embd}",
+            direction.len()
+        );
     }
     if direction.iter().any(|x| !x.is_finite()) {
         bail!("direction contains NaN or infinite values");
@@ -85,7 +94,9 @@ pub fn plan_edits(shards: &[GgufFile], direction: &[f32], skip_embeddings: bool)
     let mut edits = Vec::new();
     for (shard, file) in shards.iter().enumerate() {
         for t in &file.tensors {
-            let Some((kind, post_norm)) = classify(arch, &t.name) else { continue };
+            let Some((kind, post_norm)) = classify(arch, &t.name) else {
+                continue;
+            };
             if kind == EditKind::EmbeddingRows && skip_embeddings {
                 continue;
             }
@@ -105,25 +116,40 @@ pub fn plan_edits(shards: &[GgufFile], direction: &[f32], skip_embeddings: bool)
             // (normalised) from W's output is what zeroes rᵀ·(that write).
             // GGUF stores g as the effective multiplier (the Gemma converter
             // already folds in the +1).
-            let (direction, post_norm) = match post_norm.and_then(|n| find(&n).map(|(s, t)| (n, s, t))) {
-                None => (r.clone(), None),
-                Some((norm_name, s, norm)) => {
-                    let g = s.read_f32(norm)?;
-                    if g.len() != n_embd {
-                        bail!("{norm_name} has {} values, expected n_embd = {n_embd}", g.len());
+            let (direction, post_norm) =
+                match post_norm.and_then(|n| find(&n).map(|(s, t)| (n, s, t))) {
+                    None => (r.clone(), None),
+                    Some((norm_name, s, norm)) => {
+                        let g = s.read_f32(norm)?;
+                        if g.len() != n_embd {
+                            bail!(
+                                "{norm_name} has {} values, expected n_embd = {n_embd}",
+                                g.len()
+                            );
+                        }
+                        let scaled: Vec<f32> = g.iter().zip(r.iter()).map(|(g, r)| g * r).collect();
+                        let u = normalized(&scaled)
+                            .with_context(|| format!("{norm_name} ⊙ r is zero"))?;
+                        (Arc::new(u), Some(norm_name))
                     }
-                    let scaled: Vec<f32> = g.iter().zip(r.iter()).map(|(g, r)| g * r).collect();
-                    let u = normalized(&scaled).with_context(|| format!("{norm_name} ⊙ r is zero"))?;
-                    (Arc::new(u), Some(norm_name))
-                }
-            };
-            edits.push(PlannedEdit { shard, name: t.name.clone(), kind, direction, post_norm });
+                };
+            edits.push(PlannedEdit {
+                shard,
+                name: t.name.clone(),
+                kind,
+                direction,
+                post_norm,
+            });
         }
     }
     if edits.is_empty() {
         bail!("no tensor that writes into the residual stream was found (architecture {arch})");
     }
-    Ok(EditPlan { edits, n_embd, tied_embeddings })
+    Ok(EditPlan {
+        edits,
+        n_embd,
+        tied_embeddings,
+    })
 }
 
 #[cfg(test)]
@@ -133,22 +159,45 @@ mod tests {
     #[test]
     fn names_map_to_edit_kinds() {
         use EditKind::*;
-        assert_eq!(classify("llama", "token_embd.weight"), Some((EmbeddingRows, None)));
-        assert_eq!(classify("llama", "blk.3.attn_output.weight"), Some((OutputProjection, None)));
+        assert_eq!(
+            classify("llama", "token_embd.weight"),
+            Some((EmbeddingRows, None))
+        );
+        assert_eq!(
+            classify("llama", "blk.3.attn_output.weight"),
+            Some((OutputProjection, None))
+        );
         assert_eq!(classify("qwen2", "blk.0.ffn_down.bias"), Some((Bias, None)));
-        assert_eq!(classify("qwen2moe", "blk.7.ffn_down_exps.weight"), Some((OutputProjection, None)));
-        assert_eq!(classify("qwen2moe", "blk.7.ffn_down_shexp.weight"), Some((OutputProjection, None)));
+        assert_eq!(
+            classify("qwen2moe", "blk.7.ffn_down_exps.weight"),
+            Some((OutputProjection, None))
+        );
+        assert_eq!(
+            classify("qwen2moe", "blk.7.ffn_down_shexp.weight"),
+            Some((OutputProjection, None))
+        );
         assert_eq!(
             classify("gemma3", "blk.2.attn_output.weight"),
-            Some((OutputProjection, Some("blk.2.post_attention_norm.weight".into())))
+            Some((
+                OutputProjection,
+                Some("blk.2.post_attention_norm.weight".into())
+            ))
         );
         assert_eq!(
             classify("gemma2", "blk.2.ffn_down.weight"),
             Some((OutputProjection, Some("blk.2.post_ffw_norm.weight".into())))
         );
         // qwen3next's post_attention_norm is a pre-FFN norm, not a post-norm.
-        assert_eq!(classify("qwen3next", "blk.2.attn_output.weight"), Some((OutputProjection, None)));
-        for untouched in ["output.weight", "blk.1.attn_q.weight", "blk.1.ffn_up.weight", "blk.x.ffn_down.weight"] {
+        assert_eq!(
+            classify("qwen3next", "blk.2.attn_output.weight"),
+            Some((OutputProjection, None))
+        );
+        for untouched in [
+            "output.weight",
+            "blk.1.attn_q.weight",
+            "blk.1.ffn_up.weight",
+            "blk.x.ffn_down.weight",
+        ] {
             assert_eq!(classify("llama", untouched), None, "{untouched}");
         }
     }

@@ -110,7 +110,8 @@ impl GgmlType {
 
     /// Whether this type can be dequantized and written back by ggml.
     pub fn is_rewritable(self) -> bool {
-        REWRITABLE.contains(&self.0) && (self == GgmlType::F32 || self.traits().is_some_and(|t| t.to_float.is_some()))
+        REWRITABLE.contains(&self.0)
+            && (self == GgmlType::F32 || self.traits().is_some_and(|t| t.to_float.is_some()))
     }
 }
 
@@ -125,7 +126,11 @@ pub fn dequantize_rows(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<()> 
     if ty == GgmlType::F32 {
         // ggml has no to_float for F32: it is already floats.
         if src.len() != dst.len() * 4 {
-            bail!("F32: {} bytes cannot hold {} elements", src.len(), dst.len());
+            bail!(
+                "F32: {} bytes cannot hold {} elements",
+                src.len(),
+                dst.len()
+            );
         }
         for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
             *d = f32::from_le_bytes(s.try_into().expect("4 bytes"));
@@ -137,7 +142,11 @@ pub fn dequantize_rows(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<()> 
     };
     let need = ty.row_bytes(dst.len() as u64);
     if need != Some(src.len() as u64) {
-        bail!("{ty}: {} bytes cannot hold {} elements", src.len(), dst.len());
+        bail!(
+            "{ty}: {} bytes cannot hold {} elements",
+            src.len(),
+            dst.len()
+        );
     }
     // SAFETY: sizes checked above; to_float reads src.len() bytes and writes dst.len() floats.
     unsafe { to_float(src.as_ptr().cast(), dst.as_mut_ptr(), dst.len() as i64) };
@@ -157,7 +166,10 @@ pub fn quantize_rows(ty: GgmlType, src: &[f32], dst: &mut [u8], n_per_row: usize
         .row_bytes(n_per_row as u64)
         .ok_or_else(|| anyhow::anyhow!("{ty}: row of {n_per_row} is not whole blocks"))?;
     if n_per_row == 0 || src.len() % n_per_row != 0 {
-        bail!("{ty}: {} floats are not whole rows of {n_per_row}", src.len());
+        bail!(
+            "{ty}: {} floats are not whole rows of {n_per_row}",
+            src.len()
+        );
     }
     let nrows = src.len() / n_per_row;
     if dst.len() as u64 != nrows as u64 * row_bytes {
@@ -217,7 +229,11 @@ mod tests {
         quantize_rows(GgmlType::Q8_0, &src, &mut q, n).unwrap();
         let mut back = vec![0f32; n];
         dequantize_rows(GgmlType::Q8_0, &q, &mut back).unwrap();
-        let err = src.iter().zip(&back).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        let err = src
+            .iter()
+            .zip(&back)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
         assert!(err < 0.01, "max error {err}");
     }
 

@@ -61,8 +61,12 @@ impl Model {
             params.n_gpu_layers = n_gpu_layers;
             sys::llama_model_load_from_file(cpath.as_ptr(), params)
         };
-        let ptr = NonNull::new(ptr)
-            .ok_or_else(|| anyhow!("llama.cpp could not load {} (run with -v for its log)", path.display()))?;
+        let ptr = NonNull::new(ptr).ok_or_else(|| {
+            anyhow!(
+                "llama.cpp could not load {} (run with -v for its log)",
+                path.display()
+            )
+        })?;
         // SAFETY: valid model.
         let vocab = unsafe { sys::llama_model_get_vocab(ptr.as_ptr()) };
         Ok(Model { ptr, vocab })
@@ -95,7 +99,12 @@ impl Model {
         loop {
             // SAFETY: buf is writable for its length.
             let n = unsafe {
-                sys::llama_model_meta_val_str(self.ptr.as_ptr(), ckey.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+                sys::llama_model_meta_val_str(
+                    self.ptr.as_ptr(),
+                    ckey.as_ptr(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
             };
             if n < 0 {
                 return None;
@@ -151,7 +160,14 @@ impl Model {
         loop {
             // SAFETY: buf is writable for its length.
             let n = unsafe {
-                sys::llama_token_to_piece(self.vocab, token, buf.as_mut_ptr().cast(), buf.len() as i32, 0, true)
+                sys::llama_token_to_piece(
+                    self.vocab,
+                    token,
+                    buf.as_mut_ptr().cast(),
+                    buf.len() as i32,
+                    0,
+                    true,
+                )
             };
             if n >= 0 {
                 buf.truncate(n as usize);
@@ -167,7 +183,14 @@ impl Model {
         loop {
             // SAFETY: buf is writable for its length.
             let n = unsafe {
-                sys::llama_token_to_piece(self.vocab, token, buf.as_mut_ptr().cast(), buf.len() as i32, 0, false)
+                sys::llama_token_to_piece(
+                    self.vocab,
+                    token,
+                    buf.as_mut_ptr().cast(),
+                    buf.len() as i32,
+                    0,
+                    false,
+                )
             };
             if n >= 0 {
                 buf.truncate(n as usize);
@@ -192,7 +215,11 @@ impl Model {
 
 /// Formats a conversation with a llama.cpp chat template (a built-in name
 /// such as `chatml`, or a template string it recognises).
-pub fn apply_chat_template(template: &str, messages: &[(&str, &str)], add_assistant: bool) -> Result<String> {
+pub fn apply_chat_template(
+    template: &str,
+    messages: &[(&str, &str)],
+    add_assistant: bool,
+) -> Result<String> {
     let tmpl = CString::new(template).context("template contains NUL")?;
     let owned: Vec<(CString, CString)> = messages
         .iter()
@@ -201,7 +228,10 @@ pub fn apply_chat_template(template: &str, messages: &[(&str, &str)], add_assist
         .context("message contains NUL")?;
     let chat: Vec<sys::llama_chat_message> = owned
         .iter()
-        .map(|(r, c)| sys::llama_chat_message { role: r.as_ptr(), content: c.as_ptr() })
+        .map(|(r, c)| sys::llama_chat_message {
+            role: r.as_ptr(),
+            content: c.as_ptr(),
+        })
         .collect();
     let mut buf = vec![0u8; 1024 + messages.iter().map(|(_, c)| c.len() * 2).sum::<usize>()];
     loop {
@@ -234,7 +264,9 @@ pub fn builtin_chat_templates() -> Vec<String> {
         let n = sys::llama_chat_builtin_templates(std::ptr::null_mut(), 0);
         let mut ptrs = vec![std::ptr::null(); n.max(0) as usize];
         sys::llama_chat_builtin_templates(ptrs.as_mut_ptr(), ptrs.len());
-        ptrs.into_iter().map(|p| CStr::from_ptr(p).to_string_lossy().into_owned()).collect()
+        ptrs.into_iter()
+            .map(|p| CStr::from_ptr(p).to_string_lossy().into_owned())
+            .collect()
     }
 }
 
@@ -283,7 +315,11 @@ struct HookSlot {
     scratch: Vec<f32>,
 }
 
-unsafe extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user_data: *mut c_void) -> bool {
+unsafe extern "C" fn eval_callback(
+    t: *mut sys::ggml_tensor,
+    ask: bool,
+    user_data: *mut c_void,
+) -> bool {
     // SAFETY: user_data is the Box<HookSlot> owned by the Context, alive
     // for the context's lifetime; callbacks run on the decoding thread.
     let slot = unsafe { &mut *(user_data as *mut HookSlot) };
@@ -296,7 +332,9 @@ unsafe extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user_dat
         let t = unsafe { &mut *t };
         // SAFETY: name is a NUL-terminated fixed array.
         let name = unsafe { CStr::from_ptr(t.name.as_ptr()) };
-        let Some(node) = name.to_str().ok().and_then(Node::from_name) else { return !ask };
+        let Some(node) = name.to_str().ok().and_then(Node::from_name) else {
+            return !ask;
+        };
         // SAFETY: the hook outlives the decode call that installed it.
         let hook = unsafe { &mut *hook };
         if ask {
@@ -361,7 +399,11 @@ impl Drop for Context<'_> {
 
 impl<'m> Context<'m> {
     pub fn new(model: &'m Model, opts: ContextOptions) -> Result<Context<'m>> {
-        let mut slot = Box::new(HookSlot { hook: None, panicked: false, scratch: Vec::new() });
+        let mut slot = Box::new(HookSlot {
+            hook: None,
+            panicked: false,
+            scratch: Vec::new(),
+        });
         // SAFETY: default params; the callback's user data is the boxed slot,
         // whose address is stable for the life of the context.
         let ptr = unsafe {
@@ -379,8 +421,14 @@ impl<'m> Context<'m> {
             p.cb_eval_user_data = (&mut *slot as *mut HookSlot).cast();
             sys::llama_init_from_model(model.ptr.as_ptr(), p)
         };
-        let ptr = NonNull::new(ptr).ok_or_else(|| anyhow!("llama.cpp could not create a context ({opts:?})"))?;
-        Ok(Context { ptr, model, slot, opts })
+        let ptr = NonNull::new(ptr)
+            .ok_or_else(|| anyhow!("llama.cpp could not create a context ({opts:?})"))?;
+        Ok(Context {
+            ptr,
+            model,
+            slot,
+            opts,
+        })
     }
 
     pub fn model(&self) -> &'m Model {
@@ -417,12 +465,20 @@ impl<'m> Context<'m> {
         self.decode_inner(batch, Some(hook))
     }
 
-    fn decode_inner(&mut self, batch: &Batch, hook: Option<*mut (dyn ResidualHook + 'static)>) -> Result<()> {
+    fn decode_inner(
+        &mut self,
+        batch: &Batch,
+        hook: Option<*mut (dyn ResidualHook + 'static)>,
+    ) -> Result<()> {
         if batch.raw.n_tokens == 0 {
             return Ok(());
         }
         if batch.raw.n_tokens as u32 > self.opts.n_batch {
-            bail!("batch of {} tokens exceeds n_batch {}", batch.raw.n_tokens, self.opts.n_batch);
+            bail!(
+                "batch of {} tokens exceeds n_batch {}",
+                batch.raw.n_tokens,
+                self.opts.n_batch
+            );
         }
         self.slot.hook = hook;
         self.slot.panicked = false;
@@ -452,11 +508,23 @@ impl<'m> Context<'m> {
 
     /// Sets llama.cpp's own control vector: `data` holds layers 1..n_layer
     /// (llama.cpp has no slot for layer 0), added to `l_out-N`.
-    pub fn set_control_vector(&mut self, data: Option<&[f32]>, n_embd: usize, layers: (i32, i32)) -> Result<()> {
+    pub fn set_control_vector(
+        &mut self,
+        data: Option<&[f32]>,
+        n_embd: usize,
+        layers: (i32, i32),
+    ) -> Result<()> {
         let (ptr, len) = data.map_or((std::ptr::null(), 0), |d| (d.as_ptr(), d.len()));
         // SAFETY: data (when given) is len floats.
         let rc = unsafe {
-            sys::llama_set_adapter_cvec(self.ptr.as_ptr(), ptr, len, n_embd as i32, layers.0, layers.1)
+            sys::llama_set_adapter_cvec(
+                self.ptr.as_ptr(),
+                ptr,
+                len,
+                n_embd as i32,
+                layers.0,
+                layers.1,
+            )
         };
         if rc != 0 {
             bail!("llama.cpp rejected the control vector");

@@ -17,7 +17,7 @@ pub use value::Value;
 pub mod value_type {
     pub use super::value::{T_F32 as F32, T_STRING as STRING};
 }
-pub use write::{encode_kv, write_patched};
+pub use write::{encode_kv, encode_new, write_patched, NewTensor};
 
 pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 pub const DEFAULT_ALIGNMENT: u64 = 32;
@@ -34,10 +34,16 @@ pub fn open_model(path: &Path) -> Result<Vec<GgufFile>> {
         return Ok(vec![first]);
     }
     if first.get_u64("split.no").unwrap_or(0) != 0 {
-        bail!("{} is not the first shard of its split; pass the -00001-of-… file", path.display());
+        bail!(
+            "{} is not the first shard of its split; pass the -00001-of-… file",
+            path.display()
+        );
     }
     let Some(paths) = shards::sibling_paths(path, count as u32) else {
-        bail!("{} is a split GGUF but its name does not follow PREFIX-00001-of-0000N.gguf", path.display());
+        bail!(
+            "{} is a split GGUF but its name does not follow PREFIX-00001-of-0000N.gguf",
+            path.display()
+        );
     };
     let mut files = vec![first];
     for p in &paths[1..] {

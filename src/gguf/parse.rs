@@ -91,7 +91,8 @@ impl<'a> Cursor<'a> {
     fn string(&mut self) -> Result<String> {
         let len = self.u64()?;
         let bytes = self.take(len)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| anyhow!("invalid UTF-8 string at byte {}", self.pos))
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| anyhow!("invalid UTF-8 string at byte {}", self.pos))
     }
     fn value(&mut self, ty: u32, depth: u32) -> Result<Value> {
         Ok(match ty {
@@ -116,7 +117,9 @@ impl<'a> Cursor<'a> {
                 // Every element needs at least this many bytes, so an absurd
                 // count fails here instead of in an allocation.
                 let min_elem = scalar_size(elem_ty)?.unwrap_or(8);
-                if n.checked_mul(min_elem).is_none_or(|b| b > self.remaining() as u64) {
+                if n.checked_mul(min_elem)
+                    .is_none_or(|b| b > self.remaining() as u64)
+                {
                     bail!("array of {n} elements runs past the end of the file");
                 }
                 let mut items = Vec::with_capacity(n as usize);
@@ -135,8 +138,10 @@ impl GgufFile {
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         // SAFETY: read-only map; a file truncated under us would fault, as in
         // every mmap-based GGUF reader, llama.cpp included.
-        let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
-        Self::parse(path, file, mmap).with_context(|| format!("{} is not a valid GGUF file", path.display()))
+        let mmap = unsafe { Mmap::map(&file) }
+            .with_context(|| format!("cannot map {}", path.display()))?;
+        Self::parse(path, file, mmap)
+            .with_context(|| format!("{} is not a valid GGUF file", path.display()))
     }
 
     fn parse(path: &Path, file: File, mmap: Mmap) -> Result<GgufFile> {
@@ -152,7 +157,11 @@ impl GgufFile {
         let n_tensors = c.u64()?;
         let n_kv = c.u64()?;
         // Each KV needs at least 12 bytes and each tensor info at least 24.
-        if n_kv.saturating_mul(12).saturating_add(n_tensors.saturating_mul(24)) > c.remaining() as u64 {
+        if n_kv
+            .saturating_mul(12)
+            .saturating_add(n_tensors.saturating_mul(24))
+            > c.remaining() as u64
+        {
             bail!("header claims {n_kv} metadata entries and {n_tensors} tensors, more than the file can hold");
         }
 
@@ -162,11 +171,17 @@ impl GgufFile {
             let start = c.pos;
             let key = c.string().with_context(|| format!("metadata entry {i}"))?;
             let ty = c.u32()?;
-            let value = c.value(ty, 0).with_context(|| format!("metadata key {key}"))?;
+            let value = c
+                .value(ty, 0)
+                .with_context(|| format!("metadata key {key}"))?;
             if !keys.insert(key.clone()) {
                 bail!("duplicate metadata key {key}");
             }
-            kvs.push(KvEntry { key, value, raw: start..c.pos });
+            kvs.push(KvEntry {
+                key,
+                value,
+                raw: start..c.pos,
+            });
         }
 
         let alignment = match kvs.iter().find(|kv| kv.key == "general.alignment") {
@@ -182,9 +197,13 @@ impl GgufFile {
         let mut names = HashSet::new();
         for i in 0..n_tensors {
             let name = c.string().with_context(|| format!("tensor info {i}"))?;
-            let t = parse_tensor_info(&mut c, name.clone()).with_context(|| format!("tensor {name}"))?;
+            let t = parse_tensor_info(&mut c, name.clone())
+                .with_context(|| format!("tensor {name}"))?;
             if t.offset % alignment != 0 {
-                bail!("tensor {name}: offset {} is not aligned to {alignment}", t.offset);
+                bail!(
+                    "tensor {name}: offset {} is not aligned to {alignment}",
+                    t.offset
+                );
             }
             if !names.insert(name.clone()) {
                 bail!("duplicate tensor name {name}");
@@ -269,7 +288,10 @@ impl GgufFile {
             let len = t.size as usize + (start - aligned);
             // SAFETY: read-only shared file mapping, so dropped pages are
             // simply re-read from the file if touched again.
-            let _ = unsafe { self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, aligned, len) };
+            let _ = unsafe {
+                self.mmap
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, aligned, len)
+            };
         }
         #[cfg(not(unix))]
         let _ = start;
@@ -302,9 +324,20 @@ fn parse_tensor_info(c: &mut Cursor, name: String) -> Result<TensorInfo> {
         .iter()
         .try_fold(1u64, |acc, &d| acc.checked_mul(d))
         .ok_or_else(|| anyhow!("dimensions overflow"))?;
-    let row = ty
-        .row_bytes(dims[0])
-        .ok_or_else(|| anyhow!("row of {} elements is not a whole number of {ty} blocks", dims[0]))?;
-    let size = row.checked_mul(n_rows).ok_or_else(|| anyhow!("size overflows"))?;
-    Ok(TensorInfo { name, dims, ty, offset, size })
+    let row = ty.row_bytes(dims[0]).ok_or_else(|| {
+        anyhow!(
+            "row of {} elements is not a whole number of {ty} blocks",
+            dims[0]
+        )
+    })?;
+    let size = row
+        .checked_mul(n_rows)
+        .ok_or_else(|| anyhow!("size overflows"))?;
+    Ok(TensorInfo {
+        name,
+        dims,
+        ty,
+        offset,
+        size,
+    })
 }

@@ -26,7 +26,11 @@ pub fn shard_path(dir: &Path, prefix: &str, index: u32, count: u32) -> PathBuf {
 pub fn sibling_paths(first: &Path, count: u32) -> Option<Vec<PathBuf>> {
     let (prefix, _, _) = parse_shard_name(first)?;
     let dir = first.parent().unwrap_or(Path::new(""));
-    Some((1..=count).map(|i| shard_path(dir, &prefix, i, count)).collect())
+    Some(
+        (1..=count)
+            .map(|i| shard_path(dir, &prefix, i, count))
+            .collect(),
+    )
 }
 
 /// Output shard paths: OUT may itself be a shard name (its prefix is used)
@@ -36,11 +40,16 @@ pub fn output_paths(out: &Path, count: u32) -> Vec<PathBuf> {
     let prefix = match parse_shard_name(out) {
         Some((prefix, _, _)) => prefix,
         None => {
-            let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("out.gguf");
+            let name = out
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("out.gguf");
             name.strip_suffix(".gguf").unwrap_or(name).to_string()
         }
     };
-    (1..=count).map(|i| shard_path(dir, &prefix, i, count)).collect()
+    (1..=count)
+        .map(|i| shard_path(dir, &prefix, i, count))
+        .collect()
 }
 
 #[cfg(test)]
@@ -62,8 +71,14 @@ mod tests {
     fn output_names_follow_the_split_convention() {
         assert_eq!(
             output_paths(Path::new("out/abl.gguf"), 2),
-            vec![PathBuf::from("out/abl-00001-of-00002.gguf"), PathBuf::from("out/abl-00002-of-00002.gguf")]
+            vec![
+                PathBuf::from("out/abl-00001-of-00002.gguf"),
+                PathBuf::from("out/abl-00002-of-00002.gguf")
+            ]
         );
-        assert_eq!(output_paths(Path::new("x-00001-of-00002.gguf"), 2)[1], PathBuf::from("x-00002-of-00002.gguf"));
+        assert_eq!(
+            output_paths(Path::new("x-00001-of-00002.gguf"), 2)[1],
+            PathBuf::from("x-00002-of-00002.gguf")
+        );
     }
 }

@@ -32,7 +32,11 @@ pub fn write_patched(
     mut produce: impl FnMut(&TensorInfo) -> Result<Vec<u8>>,
 ) -> Result<()> {
     let src = &input.mmap[..];
-    let kept: Vec<_> = input.kvs.iter().filter(|kv| !kv.key.starts_with(replace_prefix)).collect();
+    let kept: Vec<_> = input
+        .kvs
+        .iter()
+        .filter(|kv| !kv.key.starts_with(replace_prefix))
+        .collect();
     let mut header = Vec::with_capacity(input.data_start as usize + 4096);
     header.extend(&src[..16]); // magic, version, tensor count
     header.extend(((kept.len() + extra_kvs.len()) as u64).to_le_bytes());
@@ -43,7 +47,10 @@ pub fn write_patched(
         header.extend(encode_kv(key, value));
     }
     header.extend(&src[input.tensor_info_range.clone()]);
-    header.resize((header.len() as u64).next_multiple_of(input.alignment) as usize, 0);
+    header.resize(
+        (header.len() as u64).next_multiple_of(input.alignment) as usize,
+        0,
+    );
     out.write_all(&header).context("writing header")?;
 
     let mut order: Vec<&TensorInfo> = edited.to_vec();
@@ -54,9 +61,15 @@ pub fn write_patched(
         copy_range(input, pos, start, out)?;
         let bytes = produce(t)?;
         if bytes.len() as u64 != t.size {
-            bail!("{}: new data is {} bytes, expected {}", t.name, bytes.len(), t.size);
+            bail!(
+                "{}: new data is {} bytes, expected {}",
+                t.name,
+                bytes.len(),
+                t.size
+            );
         }
-        out.write_all(&bytes).with_context(|| format!("writing {}", t.name))?;
+        out.write_all(&bytes)
+            .with_context(|| format!("writing {}", t.name))?;
         pos = start + t.size;
     }
     copy_range(input, pos, input.mmap.len() as u64, out)?;
@@ -79,7 +92,14 @@ fn copy_range(input: &GgufFile, from: u64, to: u64, out: &mut File) -> Result<()
         while left > 0 {
             // SAFETY: valid fds; the kernel advances off_in and out's position.
             let n = unsafe {
-                libc::copy_file_range(input.file.as_raw_fd(), &mut off_in, out.as_raw_fd(), std::ptr::null_mut(), left, 0)
+                libc::copy_file_range(
+                    input.file.as_raw_fd(),
+                    &mut off_in,
+                    out.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    left,
+                    0,
+                )
             };
             if n < 0 {
                 let err = std::io::Error::last_os_error();
@@ -110,4 +130,39 @@ fn copy_mapped(input: &GgufFile, from: u64, to: u64, out: &mut File) -> Result<(
         out.write_all(chunk).context("copying tensor data")?;
     }
     Ok(())
+}
+
+/// A tensor for a new file: name, ggml dims, type and encoded data.
+pub struct NewTensor<'a> {
+    pub name: String,
+    pub dims: Vec<u64>,
+    pub ty: crate::ffi::GgmlType,
+    pub data: &'a [u8],
+}
+
+/// Encodes a whole new GGUF v3 (32-byte alignment) in memory.
+pub fn encode_new(kvs: &[(String, Value)], tensors: &[NewTensor]) -> Vec<u8> {
+    let align = super::DEFAULT_ALIGNMENT;
+    let mut out = super::GGUF_MAGIC.to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((kvs.len() as u64).to_le_bytes());
+    for (k, v) in kvs {
+        out.extend(encode_kv(k, v));
+    }
+    let mut offset = 0u64;
+    for t in tensors {
+        encode_str(&t.name, &mut out);
+        out.extend((t.dims.len() as u32).to_le_bytes());
+        t.dims.iter().for_each(|d| out.extend(d.to_le_bytes()));
+        out.extend(t.ty.0.to_le_bytes());
+        out.extend(offset.to_le_bytes());
+        offset = (offset + t.data.len() as u64).next_multiple_of(align);
+    }
+    out.resize((out.len() as u64).next_multiple_of(align) as usize, 0);
+    for t in tensors {
+        out.extend(t.data);
+        out.resize((out.len() as u64).next_multiple_of(align) as usize, 0);
+    }
+    out
 }

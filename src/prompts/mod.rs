@@ -34,14 +34,21 @@ impl PromptSet {
             Kind::Harmful => HARMFUL,
             Kind::Harmless => HARMLESS,
         };
-        let mut set = PromptSet { source: "built-in".into(), train: Vec::new(), val: Vec::new() };
+        let mut set = PromptSet {
+            source: "built-in".into(),
+            train: Vec::new(),
+            val: Vec::new(),
+        };
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             let mut cols = line.splitn(3, '\t');
             let (split, category, text) = (cols.next(), cols.next(), cols.next());
             let (Some(split), Some(category), Some(text)) = (split, category, text) else {
                 panic!("malformed built-in prompt line: {line}");
             };
-            let p = Prompt { text: text.to_string(), category: category.to_string() };
+            let p = Prompt {
+                text: text.to_string(),
+                category: category.to_string(),
+            };
             match split {
                 "val" => set.val.push(p),
                 _ => set.train.push(p),
@@ -54,20 +61,41 @@ impl PromptSet {
     /// column `column`, or the first of instruction/prompt/goal/text).
     /// Every fourth instruction goes to validation, the rest to training.
     pub fn from_file(path: &Path, column: Option<&str>) -> Result<PromptSet> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
         let items = match ext.as_str() {
             "jsonl" | "ndjson" => parse_jsonl(&text, column),
             "csv" => parse_csv(&text, column),
-            _ => Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()),
+            _ => Ok(text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect()),
         }
         .with_context(|| format!("reading prompts from {}", path.display()))?;
         if items.len() < 2 {
-            bail!("{} holds {} instructions; at least 2 are needed", path.display(), items.len());
+            bail!(
+                "{} holds {} instructions; at least 2 are needed",
+                path.display(),
+                items.len()
+            );
         }
-        let mut set = PromptSet { source: path.display().to_string(), train: Vec::new(), val: Vec::new() };
+        let mut set = PromptSet {
+            source: path.display().to_string(),
+            train: Vec::new(),
+            val: Vec::new(),
+        };
         for (i, text) in items.into_iter().enumerate() {
-            let p = Prompt { text, category: "file".into() };
+            let p = Prompt {
+                text,
+                category: "file".into(),
+            };
             if i % 4 == 3 {
                 set.val.push(p);
             } else {
@@ -82,14 +110,23 @@ const COLUMN_GUESSES: &[&str] = &["instruction", "prompt", "goal", "text", "ques
 
 fn parse_jsonl(text: &str, column: Option<&str>) -> Result<Vec<String>> {
     let mut out = Vec::new();
-    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("line {}: invalid JSON", n + 1))?;
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("line {}: invalid JSON", n + 1))?;
         let field = match column {
             Some(c) => v.get(c),
             None => COLUMN_GUESSES.iter().find_map(|c| v.get(*c)),
         };
         let Some(s) = field.and_then(|f| f.as_str()) else {
-            bail!("line {}: no string field {}", n + 1, column.map_or(COLUMN_GUESSES.join("/"), String::from));
+            bail!(
+                "line {}: no string field {}",
+                n + 1,
+                column.map_or(COLUMN_GUESSES.join("/"), String::from)
+            );
         };
         out.push(s.trim().to_string());
     }
@@ -104,10 +141,21 @@ fn parse_csv(text: &str, column: Option<&str>) -> Result<Vec<String>> {
     let header = rows.remove(0);
     let index = match column {
         Some(c) => header.iter().position(|h| h == c),
-        None => COLUMN_GUESSES.iter().find_map(|c| header.iter().position(|h| h == c)),
+        None => COLUMN_GUESSES
+            .iter()
+            .find_map(|c| header.iter().position(|h| h == c)),
     }
-    .with_context(|| format!("no column {} in header {header:?}", column.map_or(COLUMN_GUESSES.join("/"), String::from)))?;
-    Ok(rows.into_iter().filter_map(|r| r.get(index).map(|s| s.trim().to_string())).filter(|s| !s.is_empty()).collect())
+    .with_context(|| {
+        format!(
+            "no column {} in header {header:?}",
+            column.map_or(COLUMN_GUESSES.join("/"), String::from)
+        )
+    })?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| r.get(index).map(|s| s.trim().to_string()))
+        .filter(|s| !s.is_empty())
+        .collect())
 }
 
 /// RFC 4180 rows: quoted fields may hold commas, quotes ("") and newlines.
@@ -149,7 +197,8 @@ mod tests {
         for kind in [Kind::Harmful, Kind::Harmless] {
             let set = PromptSet::builtin(kind);
             assert_eq!((set.train.len(), set.val.len()), (200, 72), "{kind:?}");
-            let categories: std::collections::HashSet<_> = set.train.iter().map(|p| &p.category).collect();
+            let categories: std::collections::HashSet<_> =
+                set.train.iter().map(|p| &p.category).collect();
             assert!(categories.len() >= 12);
         }
     }
@@ -165,17 +214,27 @@ mod tests {
 
         let jsonl = dir.path().join("p.jsonl");
         std::fs::write(&jsonl, "{\"goal\":\"a\"}\n{\"goal\":\"b\"}\n").unwrap();
-        assert_eq!(PromptSet::from_file(&jsonl, None).unwrap().train[1].text, "b");
+        assert_eq!(
+            PromptSet::from_file(&jsonl, None).unwrap().train[1].text,
+            "b"
+        );
         assert!(PromptSet::from_file(&jsonl, Some("prompt")).is_err());
 
         let csv = dir.path().join("p.csv");
-        std::fs::write(&csv, "id,prompt\n1,\"Say \"\"hi\"\", please\"\n2,\"two\nlines\"\n").unwrap();
+        std::fs::write(
+            &csv,
+            "id,prompt\n1,\"Say \"\"hi\"\", please\"\n2,\"two\nlines\"\n",
+        )
+        .unwrap();
         let set = PromptSet::from_file(&csv, None).unwrap();
         assert_eq!(set.train[0].text, "Say \"hi\", please");
         assert_eq!(set.train[1].text, "two\nlines");
 
         let empty = dir.path().join("e.txt");
         std::fs::write(&empty, "\n").unwrap();
-        assert!(PromptSet::from_file(&empty, None).unwrap_err().to_string().contains("at least 2"));
+        assert!(PromptSet::from_file(&empty, None)
+            .unwrap_err()
+            .to_string()
+            .contains("at least 2"));
     }
 }

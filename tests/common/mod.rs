@@ -14,14 +14,21 @@ pub fn bin() -> Command {
 
 /// A model fetched by `scripts/fetch-models.sh`; fails loudly when missing.
 pub fn real_model(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(name);
-    assert!(path.exists(), "{} is missing: run scripts/fetch-models.sh", path.display());
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-models.sh",
+        path.display()
+    );
     path
 }
 
 /// The refusal fixture shipped in shared/.
 pub fn fixture() -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/smollm2-135m-refusal-q8_0.gguf");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/models/smollm2-135m-refusal-q8_0.gguf");
     assert!(path.exists(), "{} is missing", path.display());
     path
 }
@@ -82,19 +89,44 @@ impl SynthModel {
                     }
                 }
             }
-            tensors.push(SynthTensor { name: name.into(), dims, ty, source });
+            tensors.push(SynthTensor {
+                name: name.into(),
+                dims,
+                ty,
+                source,
+            });
         };
         let e = n_embd as u64;
         add("token_embd.weight", vec![e, 64], ty, Some(r));
         for l in 0..2 {
-            add(&format!("blk.{l}.attn_norm.weight"), vec![e], GgmlType::F32, None);
+            add(
+                &format!("blk.{l}.attn_norm.weight"),
+                vec![e],
+                GgmlType::F32,
+                None,
+            );
             add(&format!("blk.{l}.attn_q.weight"), vec![e, e], ty, None);
-            add(&format!("blk.{l}.attn_output.weight"), vec![2 * e, e], ty, Some(r));
-            add(&format!("blk.{l}.ffn_down.weight"), vec![2 * e, e], ty, Some(r));
+            add(
+                &format!("blk.{l}.attn_output.weight"),
+                vec![2 * e, e],
+                ty,
+                Some(r),
+            );
+            add(
+                &format!("blk.{l}.ffn_down.weight"),
+                vec![2 * e, e],
+                ty,
+                Some(r),
+            );
         }
         add("blk.0.ffn_down.bias", vec![e], GgmlType::F32, Some(r));
         add("output_norm.weight", vec![e], GgmlType::F32, None);
-        SynthModel { arch: arch.into(), n_embd, tensors, extra_kv: Vec::new() }
+        SynthModel {
+            arch: arch.into(),
+            n_embd,
+            tensors,
+            extra_kv: Vec::new(),
+        }
     }
 
     pub fn tensor(&self, name: &str) -> &SynthTensor {
@@ -108,10 +140,21 @@ impl SynthModel {
             Kv::str("general.name", "synthetic"),
             Kv::u32(&format!("{arch}.block_count"), 2),
             Kv::u32(&format!("{arch}.embedding_length"), self.n_embd as u32),
-            Kv { key: "test.flag".into(), ty: 7, value: vec![1] },
-            Kv { key: "test.f64".into(), ty: 12, value: 0.25f64.to_le_bytes().to_vec() },
+            Kv {
+                key: "test.flag".into(),
+                ty: 7,
+                value: vec![1],
+            },
+            Kv {
+                key: "test.f64".into(),
+                ty: 12,
+                value: 0.25f64.to_le_bytes().to_vec(),
+            },
             // A long array: some readers skip these; it must be copied exactly.
-            Kv::str_array("tokenizer.ggml.tokens", &(0..3000).map(|i| format!("tok{i}")).collect::<Vec<_>>()),
+            Kv::str_array(
+                "tokenizer.ggml.tokens",
+                &(0..3000).map(|i| format!("tok{i}")).collect::<Vec<_>>(),
+            ),
         ];
         kv.extend(self.extra_kv.iter().cloned());
         write_gguf(path, &kv, &self.tensors);
@@ -128,19 +171,35 @@ pub struct Kv {
 
 impl Kv {
     pub fn u32(key: &str, v: u32) -> Kv {
-        Kv { key: key.into(), ty: 4, value: v.to_le_bytes().to_vec() }
+        Kv {
+            key: key.into(),
+            ty: 4,
+            value: v.to_le_bytes().to_vec(),
+        }
     }
     pub fn u16(key: &str, v: u16) -> Kv {
-        Kv { key: key.into(), ty: 2, value: v.to_le_bytes().to_vec() }
+        Kv {
+            key: key.into(),
+            ty: 2,
+            value: v.to_le_bytes().to_vec(),
+        }
     }
     pub fn str(key: &str, v: &str) -> Kv {
-        Kv { key: key.into(), ty: 8, value: gguf_str(v) }
+        Kv {
+            key: key.into(),
+            ty: 8,
+            value: gguf_str(v),
+        }
     }
     pub fn str_array(key: &str, items: &[String]) -> Kv {
         let mut value = 8u32.to_le_bytes().to_vec();
         value.extend((items.len() as u64).to_le_bytes());
         items.iter().for_each(|s| value.extend(gguf_str(s)));
-        Kv { key: key.into(), ty: 9, value }
+        Kv {
+            key: key.into(),
+            ty: 9,
+            value,
+        }
     }
 }
 
@@ -187,7 +246,10 @@ pub fn write_gguf(path: &Path, kv: &[Kv], tensors: &[SynthTensor]) {
         out.extend(d);
         out.resize(out.len().next_multiple_of(32), 0);
     }
-    std::fs::File::create(path).unwrap().write_all(&out).unwrap();
+    std::fs::File::create(path)
+        .unwrap()
+        .write_all(&out)
+        .unwrap();
 }
 
 pub fn write_direction(path: &Path, r: &[f32]) {
@@ -211,14 +273,17 @@ pub fn generate_with_llama_cpp_2(path: &Path, prompt: &str, n: usize) -> String 
         b.void_logs();
         b
     });
-    let model = LlamaModel::load_from_file(backend, path, &LlamaModelParams::default()).expect("llama.cpp loads the model");
+    let model = LlamaModel::load_from_file(backend, path, &LlamaModelParams::default())
+        .expect("llama.cpp loads the model");
     let params = LlamaContextParams::default().with_n_ctx(std::num::NonZeroU32::new(512));
     let mut ctx = model.new_context(backend, params).expect("context");
     let vocab = model.vocab();
     let tokens = vocab.tokenize(prompt.as_bytes(), true, true);
     let mut batch = LlamaBatch::new(512, 1);
     for (i, t) in tokens.iter().enumerate() {
-        batch.add(*t, i as i32, &[0], i + 1 == tokens.len()).unwrap();
+        batch
+            .add(*t, i as i32, &[0], i + 1 == tokens.len())
+            .unwrap();
     }
     ctx.decode(&mut batch).expect("decode");
     let mut sampler = LlamaSampler::greedy();

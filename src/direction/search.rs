@@ -1,0 +1,410 @@
+//! Choosing the refusal direction as Arditi et al. (2024) do, measured on
+//! the quantized model through llama.cpp:
+//! 1. capture mean activations for harmful and harmless training prompts at
+//!    every layer output and post-instruction position;
+//! 2. each (layer, position) gives a candidate r = mean_harmful − mean_harmless;
+//! 3. rank all candidates cheaply (bypass score on a few prompts), then
+//!    fully evaluate the top K: bypass (refusal with r ablated everywhere),
+//!    induce (refusal on harmless prompts with r added at its layer) and
+//!    KL (first-token drift on harmless prompts the model answers);
+//! 4. discard layers ≥ 0.8 L, induce ≤ 0, KL > threshold; take the lowest bypass.
+
+use crate::activations::{capture, Means};
+use crate::chat::ChatFormat;
+use crate::eval::{kl_divergence, refusal_score, AblateHook, AddHook, NoHook, Runner};
+use crate::ffi::Model;
+use crate::prompts::PromptSet;
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct SearchOptions {
+    pub n_train: usize,
+    pub n_val: usize,
+    pub layer: Option<usize>,
+    pub position: Option<usize>,
+    /// Candidates whose harmless-prompt KL exceeds this are discarded.
+    pub kl_threshold: f64,
+    /// Candidates fully evaluated after the cheap ranking.
+    pub top_k: usize,
+    /// Harmful prompts used by the cheap ranking.
+    pub rank_prompts: usize,
+    pub threads: i32,
+    pub progress: bool,
+}
+
+impl Default for SearchOptions {
+    fn default() -> Self {
+        SearchOptions {
+            n_train: 64,
+            n_val: 32,
+            layer: None,
+            position: None,
+            kl_threshold: 0.3,
+            top_k: 8,
+            rank_prompts: 4,
+            threads: default_threads(),
+            progress: true,
+        }
+    }
+}
+
+pub fn default_threads() -> i32 {
+    std::thread::available_parallelism().map_or(4, |n| n.get() as i32)
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CandidateScores {
+    pub layer: usize,
+    /// Post-instruction position, counted from the first suffix token.
+    pub position: usize,
+    /// Cheap ranking: mean refusal score and KL on a few prompts, r ablated.
+    pub rank_bypass: f64,
+    pub rank_kl: f64,
+    /// Full evaluation (top K only).
+    pub bypass: Option<f64>,
+    pub induce: Option<f64>,
+    pub kl: Option<f64>,
+    /// Why it was discarded, if it was.
+    pub rejected: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RefusalToken {
+    pub id: i32,
+    pub text: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SearchResult {
+    /// The raw difference of means (not normalised).
+    #[serde(skip)]
+    pub direction: Vec<f32>,
+    pub layer: usize,
+    pub position: usize,
+    pub n_layer: usize,
+    pub refusal_tokens: Vec<RefusalToken>,
+    /// Mean refusal score of the unedited model on the validation prompts.
+    pub baseline_harmful: f64,
+    pub baseline_harmless: f64,
+    /// Harmless validation prompts the model answers (used for KL).
+    pub answered_harmless: usize,
+    pub kl_threshold: f64,
+    pub chosen: CandidateScores,
+    /// Fully evaluated candidates not beaten on both bypass and KL, by KL.
+    pub frontier: Vec<CandidateScores>,
+    pub candidates: Vec<CandidateScores>,
+    pub n_train: usize,
+    pub n_val: usize,
+    pub seconds: f64,
+}
+
+fn bar(progress: bool, len: u64, what: &str) -> ProgressBar {
+    if !progress || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(len);
+    b.set_style(
+        ProgressStyle::with_template(&format!(
+            "{what:>10} [{{bar:30}}] {{pos}}/{{len}} eta {{eta}}"
+        ))
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    b
+}
+
+fn tokenize_all(
+    model: &Model,
+    fmt: &ChatFormat,
+    prompts: &[crate::prompts::Prompt],
+) -> Result<Vec<Vec<i32>>> {
+    prompts
+        .iter()
+        .map(|p| fmt.tokenize(model, &p.text))
+        .collect()
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len().max(1) as f64
+}
+
+/// Finds and scores the refusal direction.
+pub fn search(
+    model: &Model,
+    fmt: &ChatFormat,
+    harmful: &PromptSet,
+    harmless: &PromptSet,
+    opts: &SearchOptions,
+) -> Result<SearchResult> {
+    let started = Instant::now();
+    let n_layer = model.n_layer();
+    let n_post = fmt.n_post();
+    let take = |v: &[crate::prompts::Prompt], n: usize| v[..n.min(v.len())].to_vec();
+    let (harm_train, safe_train) = (
+        take(&harmful.train, opts.n_train),
+        take(&harmless.train, opts.n_train),
+    );
+    let (harm_val, safe_val) = (
+        take(&harmful.val, opts.n_val),
+        take(&harmless.val, opts.n_val),
+    );
+    if harm_train.is_empty() || safe_train.is_empty() || harm_val.is_empty() || safe_val.is_empty()
+    {
+        bail!("the prompt sets need training and validation instructions");
+    }
+    let harm_train = tokenize_all(model, fmt, &harm_train)?;
+    let safe_train = tokenize_all(model, fmt, &safe_train)?;
+    let harm_val = tokenize_all(model, fmt, &harm_val)?;
+    let safe_val = tokenize_all(model, fmt, &safe_val)?;
+    let longest = [&harm_train, &safe_train, &harm_val, &safe_val]
+        .iter()
+        .flat_map(|s| s.iter())
+        .map(Vec::len)
+        .max();
+    let mut runner = Runner::new(model, 2048.max(longest.unwrap_or(0)), opts.threads)?;
+
+    // 1. Capture (all layers but the last, whose output may hold only output rows).
+    let capture_layers = n_layer - 1;
+    let tokens: u64 = harm_train
+        .iter()
+        .chain(&safe_train)
+        .map(|p| p.len() as u64)
+        .sum();
+    let pb = bar(opts.progress, tokens, "capture");
+    let (harm_means, lp_harm) = capture(&mut runner, &harm_train, capture_layers, n_post, &pb)?;
+    let (safe_means, lp_safe) = capture(&mut runner, &safe_train, capture_layers, n_post, &pb)?;
+    pb.finish_and_clear();
+
+    // Refusal tokens: those whose first-token probability most separates
+    // harmful from harmless training prompts (from the capture's logits).
+    let refusal_ids = refusal_tokens(&lp_harm, &lp_safe)?;
+    drop((lp_harm, lp_safe));
+    let refusal: Vec<RefusalToken> = refusal_ids
+        .iter()
+        .map(|&id| RefusalToken {
+            id,
+            text: model.token_to_piece(id),
+        })
+        .collect();
+
+    // Baselines on validation prompts.
+    let base_harm = runner.first_token_logprobs(&harm_val, &mut NoHook)?;
+    let base_safe = runner.first_token_logprobs(&safe_val, &mut NoHook)?;
+    let score = |lps: &[Vec<f32>]| {
+        lps.iter()
+            .map(|lp| refusal_score(lp, &refusal_ids))
+            .collect::<Vec<_>>()
+    };
+    let safe_scores = score(&base_safe);
+    // KL is measured only where the model answers: un-refusing a harmless
+    // prompt it used to refuse is the point, not damage.
+    let answered: Vec<usize> = (0..safe_val.len())
+        .filter(|&i| safe_scores[i] < 0.0)
+        .collect();
+    if answered.is_empty() {
+        bail!(
+            "the model refuses every harmless validation prompt; there is nothing to measure KL on"
+        );
+    }
+    let safe_answered: Vec<Vec<i32>> = answered.iter().map(|&i| safe_val[i].clone()).collect();
+    let base_answered: Vec<Vec<f32>> = answered.iter().map(|&i| base_safe[i].clone()).collect();
+    let mean_kl = |ablated: &[Vec<f32>], base: &[Vec<f32>]| {
+        mean(
+            &ablated
+                .iter()
+                .zip(base)
+                .map(|(q, p)| kl_divergence(p, q))
+                .collect::<Vec<_>>(),
+        )
+    };
+
+    // 2. Candidates.
+    let max_layer = ((0.8 * n_layer as f64).ceil() as usize).min(capture_layers);
+    let layers: Vec<usize> = match opts.layer {
+        Some(l) if l >= capture_layers => {
+            bail!("--layer {l} is out of range (0..{})", capture_layers - 1)
+        }
+        Some(l) => vec![l],
+        None => (0..max_layer).collect(),
+    };
+    let positions: Vec<usize> = match opts.position {
+        Some(p) if p >= n_post => {
+            bail!("--position {p} is out of range (the template adds {n_post} tokens)")
+        }
+        Some(p) => vec![p],
+        None => (0..n_post).collect(),
+    };
+    let direction_of = |l: usize, p: usize| diff(&harm_means, &safe_means, l, p);
+
+    // 3a. Cheap ranking: bypass and KL on the shortest few prompts, in one batch.
+    let shortest = |set: &[Vec<i32>], n: usize| {
+        let mut idx: Vec<usize> = (0..set.len()).collect();
+        idx.sort_by_key(|&i| set[i].len());
+        idx.truncate(n);
+        idx
+    };
+    let r_harm = shortest(&harm_val, opts.rank_prompts);
+    let r_safe = shortest(&safe_answered, opts.rank_prompts);
+    let rank_batch: Vec<Vec<i32>> = r_harm
+        .iter()
+        .map(|&i| harm_val[i].clone())
+        .chain(r_safe.iter().map(|&i| safe_answered[i].clone()))
+        .collect();
+    let rank_base: Vec<Vec<f32>> = r_safe.iter().map(|&i| base_answered[i].clone()).collect();
+    let n_cand = layers.len() * positions.len();
+    let pb = bar(opts.progress, n_cand as u64, "rank");
+    let mut candidates = Vec::with_capacity(n_cand);
+    for &layer in &layers {
+        for &position in &positions {
+            let r = direction_of(layer, position);
+            let (rank_bypass, rank_kl) = match AblateHook::new(&r) {
+                Some(mut hook) => {
+                    let lps = runner.first_token_logprobs(&rank_batch, &mut hook)?;
+                    let (harm, safe) = lps.split_at(r_harm.len());
+                    (mean(&score(harm)), mean_kl(safe, &rank_base))
+                }
+                None => (f64::INFINITY, f64::INFINITY),
+            };
+            candidates.push(CandidateScores {
+                layer,
+                position,
+                rank_bypass,
+                rank_kl,
+                bypass: None,
+                induce: None,
+                kl: None,
+                rejected: None,
+            });
+            pb.inc(1);
+        }
+    }
+    pb.finish_and_clear();
+    // Lowest bypass first among those whose (noisy) KL is near the
+    // threshold; the others after them, gentlest first.
+    let lenient = 2.0 * opts.kl_threshold;
+    candidates.sort_by(|a, b| {
+        let (fa, fb) = (a.rank_kl > lenient, b.rank_kl > lenient);
+        fa.cmp(&fb).then(if fa {
+            a.rank_kl.total_cmp(&b.rank_kl)
+        } else {
+            a.rank_bypass.total_cmp(&b.rank_bypass)
+        })
+    });
+
+    // 3b. Full evaluation of the top K.
+    let k = opts.top_k.max(1).min(candidates.len());
+    let induce_set = &safe_val[..safe_val.len().div_ceil(2)];
+    let pb = bar(opts.progress, k as u64, "evaluate");
+    for c in candidates.iter_mut().take(k) {
+        let r = direction_of(c.layer, c.position);
+        let mut ablate = AblateHook::new(&r).context("zero candidate direction")?;
+        c.bypass = Some(mean(&score(
+            &runner.first_token_logprobs(&harm_val, &mut ablate)?,
+        )));
+        c.kl = Some(mean_kl(
+            &runner.first_token_logprobs(&safe_answered, &mut ablate)?,
+            &base_answered,
+        ));
+        let mut add = AddHook {
+            layer: c.layer,
+            vector: r,
+        };
+        c.induce = Some(mean(&score(
+            &runner.first_token_logprobs(induce_set, &mut add)?,
+        )));
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+
+    // 4. Filter and choose.
+    for c in candidates.iter_mut().take(k) {
+        c.rejected = if c.kl.unwrap() > opts.kl_threshold {
+            Some(format!("KL {:.3} > {}", c.kl.unwrap(), opts.kl_threshold))
+        } else if c.induce.unwrap() <= 0.0 {
+            Some(format!("induce {:.2} <= 0", c.induce.unwrap()))
+        } else {
+            None
+        };
+    }
+    let evaluated = &candidates[..k];
+    let best = evaluated
+        .iter()
+        .filter(|c| c.rejected.is_none())
+        .min_by(|a, b| a.bypass.unwrap().total_cmp(&b.bypass.unwrap()))
+        .or_else(|| {
+            // Nothing passed: fall back to the lowest KL, and say so.
+            eprintln!(
+                "warning: no candidate passed the filters; taking the one with the lowest KL"
+            );
+            evaluated
+                .iter()
+                .min_by(|a, b| a.kl.unwrap().total_cmp(&b.kl.unwrap()))
+        })
+        .expect("at least one candidate")
+        .clone();
+
+    let frontier = frontier(&candidates[..k]);
+    Ok(SearchResult {
+        frontier,
+        direction: direction_of(best.layer, best.position),
+        layer: best.layer,
+        position: best.position,
+        n_layer,
+        refusal_tokens: refusal,
+        baseline_harmful: mean(&score(&base_harm)),
+        baseline_harmless: mean(&safe_scores),
+        answered_harmless: answered.len(),
+        kl_threshold: opts.kl_threshold,
+        chosen: best,
+        candidates,
+        n_train: harm_train.len(),
+        n_val: harm_val.len(),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn diff(harmful: &Means, harmless: &Means, layer: usize, pos: usize) -> Vec<f32> {
+    harmful
+        .at(layer, pos)
+        .iter()
+        .zip(harmless.at(layer, pos))
+        .map(|(a, b)| (a - b) as f32)
+        .collect()
+}
+
+/// Tokens whose mean first-token probability is most raised on harmful
+/// prompts relative to harmless ones ("I" of "I'm sorry", "As" of "As an AI", …).
+fn refusal_tokens(harmful: &[Vec<f32>], harmless: &[Vec<f32>]) -> Result<Vec<i32>> {
+    let n_vocab = harmful[0].len();
+    let mean_p = |lps: &[Vec<f32>], t: usize| {
+        lps.iter().map(|lp| (lp[t] as f64).exp()).sum::<f64>() / lps.len() as f64
+    };
+    let mut gaps: Vec<(f64, i32)> = (0..n_vocab)
+        .map(|t| (mean_p(harmful, t) - mean_p(harmless, t), t as i32))
+        .filter(|(g, _)| *g > 0.02)
+        .collect();
+    gaps.sort_by(|a, b| b.0.total_cmp(&a.0));
+    gaps.truncate(4);
+    if gaps.is_empty() {
+        bail!("the model's first token does not differ between harmful and harmless prompts: it does not seem to refuse");
+    }
+    Ok(gaps.into_iter().map(|(_, t)| t).collect())
+}
+
+/// The bypass/KL Pareto frontier: by rising KL, each lowers the bypass.
+fn frontier(evaluated: &[CandidateScores]) -> Vec<CandidateScores> {
+    let mut by_kl: Vec<&CandidateScores> = evaluated.iter().filter(|c| c.kl.is_some()).collect();
+    by_kl.sort_by(|a, b| a.kl.unwrap().total_cmp(&b.kl.unwrap()));
+    let mut best = f64::INFINITY;
+    let mut out = Vec::new();
+    for c in by_kl {
+        if c.bypass.unwrap() < best {
+            best = c.bypass.unwrap();
+            out.push(c.clone());
+        }
+    }
+    out
+}
