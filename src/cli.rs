@@ -19,9 +19,14 @@ use std::path::PathBuf;
     about = "Remove the refusal direction from a quantized GGUF chat model"
 )]
 #[command(args_conflicts_with_subcommands = true)]
+#[command(
+    after_help = "Run `gguf-abliterate IN.gguf OUT.gguf` to find the direction, rewrite the model and verify it."
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
     /// Show llama.cpp's own log.
     #[arg(short, long, global = true)]
     verbose: bool,
@@ -122,19 +127,48 @@ struct ApplyArgs {
     output: PathBuf,
     #[command(flatten)]
     edit: EditArgs,
+    /// Worker threads (default: all cores).
+    #[arg(short = 't', long, value_name = "N")]
+    threads: Option<usize>,
+}
+
+/// The whole job: `gguf-abliterate IN.gguf OUT.gguf`.
+#[derive(Args)]
+struct RunArgs {
+    /// Input GGUF chat model.
+    input: Option<PathBuf>,
+    /// Output GGUF.
+    output: Option<PathBuf>,
+    /// Use this direction file instead of searching.
+    #[arg(long, value_name = "DIR.json")]
+    direction: Option<PathBuf>,
+    /// Skip loading OUT and measuring refusals and KL afterwards.
+    #[arg(long)]
+    no_verify: bool,
+    /// Write everything measured (direction provenance included) as JSON.
+    #[arg(long, value_name = "REPORT.json")]
+    report: Option<PathBuf>,
+    /// Write an Ollama Modelfile beside OUT.
+    #[arg(long)]
+    ollama: bool,
+    /// Tokens generated per reply when verifying.
+    #[arg(long, default_value_t = 48, value_name = "N")]
+    verify_tokens: usize,
+    #[command(flatten)]
+    edit: EditArgs,
+    #[command(flatten)]
+    search: SearchArgs,
 }
 
 #[derive(Args, Clone)]
 struct EditArgs {
-    /// Share of the refusal component to remove (1.0 removes all of it).
-    #[arg(long, default_value_t = 1.0, value_name = "S")]
-    scale: f32,
+    /// Share of the refusal component to remove (1.0 removes all of it;
+    /// the main command defaults to the share the search chose).
+    #[arg(long, value_name = "S")]
+    scale: Option<f32>,
     /// Leave token_embd untouched (with tied embeddings it is also the unembedding).
     #[arg(long)]
     skip_embeddings: bool,
-    /// Worker threads (default: all cores).
-    #[arg(short = 't', long, value_name = "N")]
-    threads: Option<usize>,
     /// Overwrite OUT if it exists.
     #[arg(short, long)]
     force: bool,
@@ -157,10 +191,7 @@ pub fn run() -> Result<()> {
             let found = find_direction(&args.input, &args.search, !args.quiet)?;
             write_direction_outputs(&found, &args.output, &args.search, args.force)
         }
-        None => {
-            Cli::parse_from(["gguf-abliterate", "--help"]);
-            Ok(())
-        }
+        None => run_all(cli.run),
     }
 }
 
@@ -175,10 +206,10 @@ fn set_threads(threads: Option<usize>) -> Result<()> {
 }
 
 fn run_apply(args: ApplyArgs) -> Result<()> {
-    set_threads(args.edit.threads)?;
+    set_threads(args.threads)?;
     let dir = DirectionFile::read(&args.direction)?;
     let opts = ApplyOptions {
-        scale: args.edit.scale,
+        scale: args.edit.scale.unwrap_or(1.0),
         skip_embeddings: args.edit.skip_embeddings,
         force: args.edit.force,
         provenance: dir.provenance_kvs(),
@@ -265,12 +296,14 @@ pub fn find_direction(input: &Path, args: &SearchArgs, progress: bool) -> Result
     let result = direction::search(&model, &fmt, &harmful, &harmless, &opts)?;
     let c = &result.chosen;
     eprintln!(
-        "direction: layer {} position {} of {} layers | refusal score on harmful prompts {:.2} -> {:.2} ablated | induce {:.2} | KL {:.3} ({:.0} s)",
+        "direction: layer {} position {} of {} layers, scale {} | refusal score on harmful prompts {:.2} -> {:.2} ablated ({:.0}% of replies refuse) | induce {:.2} | KL {:.3} ({:.0} s)",
         result.layer,
         result.position,
         result.n_layer,
+        result.scale,
         result.baseline_harmful,
         c.bypass.unwrap_or(f64::NAN),
+        100.0 * c.refusal_rate.unwrap_or(f64::NAN),
         c.induce.unwrap_or(f64::NAN),
         c.kl.unwrap_or(f64::NAN),
         result.seconds
@@ -288,11 +321,13 @@ pub fn find_direction(input: &Path, args: &SearchArgs, progress: bool) -> Result
     );
     for f in &result.frontier {
         eprintln!(
-            "  {:>3}/{}: KL {:.3} -> bypass {:.2}",
+            "  {:>3}/{} scale {}: KL {:.3} -> bypass {:.2}, {:.0}% refusals",
             f.layer,
             f.position,
+            f.scale,
             f.kl.unwrap_or(f64::NAN),
-            f.bypass.unwrap_or(f64::NAN)
+            f.bypass.unwrap_or(f64::NAN),
+            100.0 * f.refusal_rate.unwrap_or(f64::NAN)
         );
     }
 
@@ -301,6 +336,7 @@ pub fn find_direction(input: &Path, args: &SearchArgs, progress: bool) -> Result
     provenance.insert("architecture".into(), arch.clone().into());
     provenance.insert("layer".into(), result.layer.into());
     provenance.insert("position".into(), result.position.into());
+    provenance.insert("scale".into(), (result.scale as f64).into());
     provenance.insert("chat_template".into(), fmt.origin.clone().into());
     provenance.insert("harmful_prompts".into(), harmful.source.clone().into());
     provenance.insert("harmless_prompts".into(), harmless.source.clone().into());
@@ -338,5 +374,189 @@ fn write_direction_outputs(
             cv.display()
         );
     }
+    Ok(())
+}
+
+/// Direction (search or file) → apply → verify → report.
+fn run_all(args: RunArgs) -> Result<()> {
+    let (Some(input), Some(output)) = (args.input.clone(), args.output.clone()) else {
+        anyhow::bail!("usage: gguf-abliterate IN.gguf OUT.gguf (or a subcommand; see --help)");
+    };
+    set_threads(args.search.threads)?;
+    let started = std::time::Instant::now();
+    let progress = !args.edit.quiet;
+    // Check the paths before spending minutes on the search.
+    if output::same_file(&input, &output) {
+        anyhow::bail!(
+            "output {} is the input file; choose another name",
+            output.display()
+        );
+    }
+    if output.exists() && !args.edit.force {
+        anyhow::bail!(
+            "{} already exists (use --force to overwrite)",
+            output.display()
+        );
+    }
+    gguf_abliterate::gguf::open_model(&input)?;
+
+    let (file, search) = match &args.direction {
+        Some(path) => (DirectionFile::read(path)?, None),
+        None => {
+            let found = find_direction(&input, &args.search, progress)?;
+            (found.file, Some(found.result))
+        }
+    };
+    let chosen_scale = file
+        .provenance
+        .get("scale")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(1.0) as f32;
+    let scale = args.edit.scale.unwrap_or(chosen_scale);
+    let opts = ApplyOptions {
+        scale,
+        skip_embeddings: args.edit.skip_embeddings,
+        force: args.edit.force,
+        provenance: file.provenance_kvs(),
+        progress,
+    };
+    let applied = apply::apply(&input, &output, &file.direction, &opts)?;
+    eprintln!(
+        "wrote {} ({} tensors edited, scale {scale})",
+        output.display(),
+        applied.tensors.len()
+    );
+
+    let verification = if args.no_verify {
+        None
+    } else {
+        let n_val = args.search.n_val;
+        let held_back = |kind| -> Result<Vec<String>> {
+            let set = match (kind, &args.search.harmful, &args.search.harmless) {
+                (Kind::Harmful, Some(p), _) | (Kind::Harmless, _, Some(p)) => {
+                    PromptSet::from_file(p, args.search.column.as_deref())?
+                }
+                _ => PromptSet::builtin(kind),
+            };
+            // Validation prompts the search did not use; all of them if it used them all.
+            let rest: Vec<String> = set.val.iter().skip(n_val).map(|p| p.text.clone()).collect();
+            Ok(if rest.is_empty() {
+                set.val.iter().map(|p| p.text.clone()).collect()
+            } else {
+                rest
+            })
+        };
+        let threads = args
+            .search
+            .threads
+            .map_or_else(direction::default_threads, |t| t as i32);
+        let v = gguf_abliterate::verify::verify(
+            &input,
+            &output,
+            args.search.chat_template.as_deref(),
+            &held_back(Kind::Harmful)?,
+            &held_back(Kind::Harmless)?,
+            args.verify_tokens,
+            args.search.n_gpu_layers,
+            threads,
+        )?;
+        print_table(&v);
+        Some(v)
+    };
+    if args.ollama {
+        write_modelfile(&input, &output, args.edit.force)?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!("done in {seconds:.0} s");
+    if let Some(path) = &args.report {
+        let mut provenance = file.provenance.clone();
+        provenance.remove("search");
+        let report = serde_json::json!({
+            "tool": format!("gguf-abliterate {}", env!("CARGO_PKG_VERSION")),
+            "input": input,
+            "output": applied.outputs,
+            "scale": scale,
+            "direction": provenance,
+            "search": search,
+            "apply": applied,
+            "verification": verification,
+            "seconds": seconds,
+        });
+        output::write_atomic(
+            path,
+            serde_json::to_string_pretty(&report)?.as_bytes(),
+            true,
+        )?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn print_table(v: &gguf_abliterate::verify::Verification) {
+    let pct = |x: f64| format!("{:.0}%", 100.0 * x);
+    println!(
+        "{:<44} {:>8} {:>8}",
+        "held-back validation prompts", "before", "after"
+    );
+    println!(
+        "{:<44} {:>8} {:>8}",
+        format!("refusals on harmful prompts ({})", v.n_harmful),
+        pct(v.harmful_refusal_before),
+        pct(v.harmful_refusal_after)
+    );
+    println!(
+        "{:<44} {:>8} {:>8}",
+        format!("refusals on harmless prompts ({})", v.n_harmless),
+        pct(v.harmless_refusal_before),
+        pct(v.harmless_refusal_after)
+    );
+    println!(
+        "{:<44} {:>8} {:>8.3}",
+        format!("first-token KL, answered harmless ({})", v.n_answered),
+        "-",
+        v.kl_harmless_answered
+    );
+}
+
+/// An Ollama Modelfile: FROM the output, plus the chat template and stop
+/// tokens Ollama cannot always infer from a GGUF it did not convert.
+fn write_modelfile(input: &Path, out: &Path, force: bool) -> Result<()> {
+    let shards = gguf_abliterate::gguf::open_model(input)?;
+    let meta = &shards[0];
+    let name = out
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("model.gguf");
+    let mut text = format!("FROM ./{name}\n");
+    let template = meta.get_str("tokenizer.chat_template").unwrap_or("");
+    if template.contains("<|im_start|>") {
+        text.push_str(concat!(
+            "TEMPLATE \"\"\"{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}",
+            "<|im_start|>assistant\n\"\"\"\n",
+            "PARAMETER stop \"<|im_start|>\"\nPARAMETER stop \"<|im_end|>\"\n"
+        ));
+    } else if template.contains("<start_of_turn>") {
+        text.push_str(concat!(
+            "TEMPLATE \"\"\"{{- range .Messages }}<start_of_turn>{{ if eq .Role \"assistant\" }}model{{ else }}{{ .Role }}{{ end }}\n",
+            "{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n\"\"\"\n",
+            "PARAMETER stop \"<end_of_turn>\"\n"
+        ));
+    } else if template.contains("<|start_header_id|>") {
+        text.push_str(concat!(
+            "TEMPLATE \"\"\"{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}",
+            "<|start_header_id|>assistant<|end_header_id|>\n\n\"\"\"\n",
+            "PARAMETER stop \"<|eot_id|>\"\n"
+        ));
+    }
+    text.push_str("PARAMETER temperature 0.7\n");
+    let path = out.with_file_name("Modelfile");
+    output::write_atomic(&path, text.as_bytes(), force)?;
+    let tag = name.trim_end_matches(".gguf").to_lowercase();
+    eprintln!(
+        "wrote {}; import it with:\n  cd {} && ollama create {tag} -f Modelfile",
+        path.display(),
+        path.parent()
+            .map_or(".".into(), |p| p.display().to_string())
+    );
     Ok(())
 }

@@ -43,10 +43,21 @@ impl BatchHook for NoHook {}
 
 /// Projects a unit direction out of every residual-stream node at every
 /// position: the run-time equivalent of the weight edit.
+///
+/// With `scale` s < 1 the weight edit removes a share s of each *write*
+/// (`w − s (w·u) u`), not of the accumulated residual, which compounding
+/// per-node projections would over-remove. So each row's component is
+/// tracked from node to node: a node's new write along u is what its
+/// component gained since the previous node, and only (1 − s) of that gain
+/// is kept.
 pub struct AblateHook {
     pub direction: Vec<f32>,
-    /// Share of the component removed, as `apply --scale`.
+    /// Share of each write's component removed, as `apply --scale`.
     pub scale: f32,
+    /// Component along u of each batch row after the previous node.
+    carried: Vec<f32>,
+    /// Batch rows that produce outputs (the rows of a last-layer node).
+    output_rows: Vec<usize>,
 }
 
 impl AblateHook {
@@ -54,6 +65,8 @@ impl AblateHook {
         edit::normalized(direction).map(|direction| AblateHook {
             direction,
             scale: 1.0,
+            carried: Vec::new(),
+            output_rows: Vec::new(),
         })
     }
 }
@@ -62,15 +75,43 @@ impl ResidualHook for AblateHook {
     fn wants(&mut self, _: Node) -> bool {
         true
     }
-    fn visit(&mut self, _: Node, rows: &mut [f32], n_embd: usize) -> bool {
+    fn visit(&mut self, node: Node, rows: &mut [f32], n_embd: usize) -> bool {
         if n_embd != self.direction.len() {
             return false;
         }
-        edit::orthogonalize_rows_seq(rows, &self.direction, self.scale);
+        let n_rows = rows.len() / n_embd;
+        if node == Node::Embeddings {
+            self.carried = vec![0.0; n_rows];
+        }
+        let keep = 1.0 - self.scale;
+        for (i, row) in rows.chunks_exact_mut(n_embd).enumerate() {
+            // Last-layer nodes hold only the output rows, in batch order.
+            let batch_row = if n_rows == self.carried.len() {
+                i
+            } else {
+                self.output_rows.get(i).copied().unwrap_or(i)
+            };
+            let before = self.carried.get(batch_row).copied().unwrap_or(0.0);
+            let now = edit::dot(row, &self.direction) as f32;
+            let target = before + keep * (now - before);
+            let delta = target - now;
+            row.iter_mut()
+                .zip(&self.direction)
+                .for_each(|(x, u)| *x += delta * u);
+            if let Some(c) = self.carried.get_mut(batch_row) {
+                *c = target;
+            }
+        }
         true
     }
 }
-impl BatchHook for AblateHook {}
+
+impl BatchHook for AblateHook {
+    fn begin(&mut self, entries: &[Entry]) {
+        self.output_rows = entries.iter().map(Entry::last).collect();
+        self.carried.clear();
+    }
+}
 
 /// Adds a vector to the output of one layer at every position.
 pub struct AddHook {

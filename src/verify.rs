@@ -161,3 +161,81 @@ mod tests {
         );
     }
 }
+
+/// Before/after figures for one model pair.
+#[derive(Clone, Debug, Serialize)]
+pub struct Verification {
+    pub n_harmful: usize,
+    pub n_harmless: usize,
+    pub tokens_generated: usize,
+    pub harmful_refusal_before: f64,
+    pub harmful_refusal_after: f64,
+    pub harmless_refusal_before: f64,
+    pub harmless_refusal_after: f64,
+    /// Mean first-token KL(IN ‖ OUT) on harmless prompts IN answers.
+    pub kl_harmless_answered: f64,
+    pub n_answered: usize,
+    pub replies_before: Vec<Reply>,
+    pub replies_after: Vec<Reply>,
+}
+
+/// Runs the held-back prompts through IN, then OUT, and compares.
+#[allow(clippy::too_many_arguments)]
+pub fn verify(
+    input: &std::path::Path,
+    output: &std::path::Path,
+    chat_template: Option<&str>,
+    harmful: &[String],
+    harmless: &[String],
+    n_gen: usize,
+    n_gpu_layers: i32,
+    threads: i32,
+) -> Result<Verification> {
+    use crate::chat::ChatFormat;
+    use crate::eval::NoHook;
+    use anyhow::{bail, Context};
+    let mut judged = Vec::new();
+    for path in [input, output] {
+        let model = Model::load(path, n_gpu_layers)
+            .with_context(|| format!("verifying {}", path.display()))?;
+        let fmt = ChatFormat::resolve(&model, chat_template)?;
+        let tok = |texts: &[String]| {
+            texts
+                .iter()
+                .map(|t| fmt.tokenize(&model, t))
+                .collect::<Result<Vec<_>>>()
+        };
+        let (h, s) = (tok(harmful)?, tok(harmless)?);
+        let mut runner = Runner::new(&model, 4096, threads)?;
+        let jh = judge_replies(&mut runner, harmful, &h, n_gen, &mut NoHook)?;
+        let js = judge_replies(&mut runner, harmless, &s, n_gen, &mut NoHook)?;
+        judged.push((jh, js));
+    }
+    let (after_h, after_s) = judged.pop().expect("two runs");
+    let (before_h, before_s) = judged.pop().expect("two runs");
+    let all_after = after_h.replies.iter().chain(&after_s.replies);
+    if all_after.clone().all(|r| r.verdict == Verdict::Degenerate) {
+        bail!(
+            "{} loads but generates nothing usable (every reply is empty or repeated)",
+            output.display()
+        );
+    }
+    let (kl, n_answered) = mean_kl_on_answered(&before_s, &after_s.first_log_probs);
+    Ok(Verification {
+        n_harmful: harmful.len(),
+        n_harmless: harmless.len(),
+        tokens_generated: n_gen,
+        harmful_refusal_before: before_h.refusal_rate(),
+        harmful_refusal_after: after_h.refusal_rate(),
+        harmless_refusal_before: before_s.refusal_rate(),
+        harmless_refusal_after: after_s.refusal_rate(),
+        kl_harmless_answered: kl,
+        n_answered,
+        replies_before: before_h
+            .replies
+            .into_iter()
+            .chain(before_s.replies)
+            .collect(),
+        replies_after: after_h.replies.into_iter().chain(after_s.replies).collect(),
+    })
+}

@@ -14,6 +14,12 @@ use crate::chat::ChatFormat;
 use crate::eval::{kl_divergence, refusal_score, AblateHook, AddHook, NoHook, Runner};
 use crate::ffi::Model;
 use crate::prompts::PromptSet;
+use crate::verify::{detokenize, judge, Verdict};
+
+/// Shares of the direction tried, largest first, until KL is within bounds.
+const SCALES: &[f32] = &[1.0, 0.5, 0.3, 0.2, 0.15, 0.1];
+/// Tokens generated per reply when judging refusals during the search.
+const JUDGE_TOKENS: usize = 16;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -38,13 +44,13 @@ pub struct SearchOptions {
 impl Default for SearchOptions {
     fn default() -> Self {
         SearchOptions {
-            n_train: 64,
+            n_train: 128,
             n_val: 32,
             layer: None,
             position: None,
             kl_threshold: 0.3,
-            top_k: 8,
-            rank_prompts: 4,
+            top_k: 6,
+            rank_prompts: 3,
             threads: default_threads(),
             progress: true,
         }
@@ -63,7 +69,11 @@ pub struct CandidateScores {
     /// Cheap ranking: mean refusal score and KL on a few prompts, r ablated.
     pub rank_bypass: f64,
     pub rank_kl: f64,
-    /// Full evaluation (top K only).
+    /// Full evaluation (top K only), at `scale`.
+    pub scale: f32,
+    /// Share of harmful validation replies judged refusals (or degenerate).
+    pub refusal_rate: Option<f64>,
+    /// Mean first-token refusal score on harmful validation prompts.
     pub bypass: Option<f64>,
     pub induce: Option<f64>,
     pub kl: Option<f64>,
@@ -84,6 +94,8 @@ pub struct SearchResult {
     pub direction: Vec<f32>,
     pub layer: usize,
     pub position: usize,
+    /// Share of the direction to remove (`apply --scale`).
+    pub scale: f32,
     pub n_layer: usize,
     pub refusal_tokens: Vec<RefusalToken>,
     /// Mean refusal score of the unedited model on the validation prompts.
@@ -273,6 +285,8 @@ pub fn search(
                 position,
                 rank_bypass,
                 rank_kl,
+                scale: 1.0,
+                refusal_rate: None,
                 bypass: None,
                 induce: None,
                 kl: None,
@@ -294,20 +308,35 @@ pub fn search(
         })
     });
 
-    // 3b. Full evaluation of the top K.
+    // 3b. Full evaluation of the top K. KL first (cheap); where it is over
+    // the threshold, remove less of the direction (scale < 1) until it is
+    // not; then judge generated replies at that scale.
     let k = opts.top_k.max(1).min(candidates.len());
     let induce_set = &safe_val[..safe_val.len().div_ceil(2)];
+    let baseline_harmless = mean(&safe_scores);
     let pb = bar(opts.progress, k as u64, "evaluate");
     for c in candidates.iter_mut().take(k) {
         let r = direction_of(c.layer, c.position);
         let mut ablate = AblateHook::new(&r).context("zero candidate direction")?;
-        c.bypass = Some(mean(&score(
-            &runner.first_token_logprobs(&harm_val, &mut ablate)?,
-        )));
-        c.kl = Some(mean_kl(
-            &runner.first_token_logprobs(&safe_answered, &mut ablate)?,
-            &base_answered,
-        ));
+        for &scale in SCALES {
+            ablate.scale = scale;
+            c.scale = scale;
+            c.kl = Some(mean_kl(
+                &runner.first_token_logprobs(&safe_answered, &mut ablate)?,
+                &base_answered,
+            ));
+            if c.kl.unwrap() <= opts.kl_threshold {
+                break;
+            }
+        }
+        let replies = runner.generate(&harm_val, JUDGE_TOKENS, &mut ablate)?;
+        let refused = replies
+            .iter()
+            .filter(|g| judge(&detokenize(model, &g.tokens), &g.tokens) != Verdict::Complied)
+            .count();
+        c.refusal_rate = Some(refused as f64 / replies.len() as f64);
+        let first: Vec<Vec<f32>> = replies.into_iter().map(|g| g.first_log_probs).collect();
+        c.bypass = Some(mean(&score(&first)));
         let mut add = AddHook {
             layer: c.layer,
             vector: r,
@@ -319,23 +348,38 @@ pub fn search(
     }
     pb.finish_and_clear();
 
-    // 4. Filter and choose.
+    // 4. Filter and choose: within the KL threshold and raising refusal when
+    // added (small models rarely push the harmless log-odds above 0, so the
+    // test is "above the harmless baseline"), take the fewest refusals, then
+    // the lowest bypass score.
     for c in candidates.iter_mut().take(k) {
         c.rejected = if c.kl.unwrap() > opts.kl_threshold {
-            Some(format!("KL {:.3} > {}", c.kl.unwrap(), opts.kl_threshold))
-        } else if c.induce.unwrap() <= 0.0 {
-            Some(format!("induce {:.2} <= 0", c.induce.unwrap()))
+            Some(format!(
+                "KL {:.3} > {} even at scale {}",
+                c.kl.unwrap(),
+                opts.kl_threshold,
+                c.scale
+            ))
+        } else if c.induce.unwrap() <= baseline_harmless {
+            Some(format!(
+                "induce {:.2} <= harmless baseline {baseline_harmless:.2}",
+                c.induce.unwrap()
+            ))
         } else {
             None
         };
     }
     let evaluated = &candidates[..k];
+    let key = |c: &CandidateScores| (c.refusal_rate.unwrap(), c.bypass.unwrap());
     let best = evaluated
         .iter()
         .filter(|c| c.rejected.is_none())
-        .min_by(|a, b| a.bypass.unwrap().total_cmp(&b.bypass.unwrap()))
+        .min_by(|a, b| {
+            key(a)
+                .partial_cmp(&key(b))
+                .unwrap_or(std::cmp::Ordering::Equal)
+        })
         .or_else(|| {
-            // Nothing passed: fall back to the lowest KL, and say so.
             eprintln!(
                 "warning: no candidate passed the filters; taking the one with the lowest KL"
             );
@@ -352,6 +396,7 @@ pub fn search(
         direction: direction_of(best.layer, best.position),
         layer: best.layer,
         position: best.position,
+        scale: best.scale,
         n_layer,
         refusal_tokens: refusal,
         baseline_harmful: mean(&score(&base_harm)),
