@@ -44,6 +44,9 @@ impl BatchHook for NoHook {}
 /// Projects a unit direction out of every residual-stream node at every
 /// position: the run-time equivalent of the weight edit.
 ///
+/// (Layer 0's attention reads the embeddings before the first hook point;
+/// that is the one place the hook and the weight edit differ.)
+///
 /// With `scale` s < 1 the weight edit removes a share s of each *write*
 /// (`w − s (w·u) u`), not of the accumulated residual, which compounding
 /// per-node projections would over-remove. So each row's component is
@@ -75,14 +78,11 @@ impl ResidualHook for AblateHook {
     fn wants(&mut self, _: Node) -> bool {
         true
     }
-    fn visit(&mut self, node: Node, rows: &mut [f32], n_embd: usize) -> bool {
+    fn visit(&mut self, _: Node, rows: &mut [f32], n_embd: usize) -> bool {
         if n_embd != self.direction.len() {
             return false;
         }
         let n_rows = rows.len() / n_embd;
-        if node == Node::Embeddings {
-            self.carried = vec![0.0; n_rows];
-        }
         let keep = 1.0 - self.scale;
         for (i, row) in rows.chunks_exact_mut(n_embd).enumerate() {
             // Last-layer nodes hold only the output rows, in batch order.
@@ -109,7 +109,11 @@ impl ResidualHook for AblateHook {
 impl BatchHook for AblateHook {
     fn begin(&mut self, entries: &[Entry]) {
         self.output_rows = entries.iter().map(Entry::last).collect();
-        self.carried.clear();
+        // The token embeddings have no stable node name in llama.cpp, so the
+        // first residual node sees embedding and first write together; both
+        // are writes, so keeping (1 − s) of their sum is still exact.
+        let n_tokens = entries.last().map_or(0, |e| e.start + e.len);
+        self.carried = vec![0.0; n_tokens];
     }
 }
 

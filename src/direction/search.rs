@@ -16,8 +16,8 @@ use crate::ffi::Model;
 use crate::prompts::PromptSet;
 use crate::verify::{detokenize, judge, Verdict};
 
-/// Shares of the direction tried, largest first, until KL is within bounds.
-const SCALES: &[f32] = &[1.0, 0.5, 0.3, 0.2, 0.15, 0.1];
+/// Bisection steps when searching the largest scale within the KL threshold.
+const SCALE_STEPS: usize = 5;
 /// Tokens generated per reply when judging refusals during the search.
 const JUDGE_TOKENS: usize = 16;
 use anyhow::{bail, Context, Result};
@@ -48,7 +48,7 @@ impl Default for SearchOptions {
             n_val: 32,
             layer: None,
             position: None,
-            kl_threshold: 0.3,
+            kl_threshold: 0.35,
             top_k: 6,
             rank_prompts: 3,
             threads: default_threads(),
@@ -318,17 +318,28 @@ pub fn search(
     for c in candidates.iter_mut().take(k) {
         let r = direction_of(c.layer, c.position);
         let mut ablate = AblateHook::new(&r).context("zero candidate direction")?;
-        for &scale in SCALES {
+        // KL grows with the scale: bisect for the largest within the threshold.
+        let mut kl_at = |scale: f32, runner: &mut Runner| -> Result<f64> {
             ablate.scale = scale;
-            c.scale = scale;
-            c.kl = Some(mean_kl(
-                &runner.first_token_logprobs(&safe_answered, &mut ablate)?,
-                &base_answered,
-            ));
-            if c.kl.unwrap() <= opts.kl_threshold {
-                break;
+            let ablated = runner.first_token_logprobs(&safe_answered, &mut ablate)?;
+            Ok(mean_kl(&ablated, &base_answered))
+        };
+        let (mut scale, mut kl) = (1.0f32, kl_at(1.0, &mut runner)?);
+        if kl > opts.kl_threshold {
+            let (mut lo, mut hi, mut kl_lo) = (0.0f32, 1.0f32, 0.0);
+            for _ in 0..SCALE_STEPS {
+                let mid = (lo + hi) / 2.0;
+                let k_mid = kl_at(mid, &mut runner)?;
+                if k_mid <= opts.kl_threshold {
+                    (lo, kl_lo) = (mid, k_mid);
+                } else {
+                    hi = mid;
+                }
             }
+            (scale, kl) = (lo, kl_lo);
         }
+        ablate.scale = scale;
+        (c.scale, c.kl) = (scale, Some(kl));
         let replies = runner.generate(&harm_val, JUDGE_TOKENS, &mut ablate)?;
         let refused = replies
             .iter()
@@ -353,7 +364,7 @@ pub fn search(
     // test is "above the harmless baseline"), take the fewest refusals, then
     // the lowest bypass score.
     for c in candidates.iter_mut().take(k) {
-        c.rejected = if c.kl.unwrap() > opts.kl_threshold {
+        c.rejected = if c.scale == 0.0 || c.kl.unwrap() > opts.kl_threshold {
             Some(format!(
                 "KL {:.3} > {} even at scale {}",
                 c.kl.unwrap(),

@@ -273,7 +273,8 @@ pub fn builtin_chat_templates() -> Vec<String> {
 /// A residual-stream node the hook can see.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Node {
-    /// Token embeddings entering layer 0 (`inp_embd`).
+    /// Embeddings given as input vectors (`inp_embd`); token embeddings
+    /// have no stable name and are seen as part of the first node.
     Embeddings,
     /// The residual between attention and MLP of layer N
     /// (`ffn_inp-N` in llama/qwen2, `sa_out-N` in gemma2/3).
