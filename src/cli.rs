@@ -361,19 +361,21 @@ fn write_direction_outputs(
     output::write_atomic(out, found.file.to_json().as_bytes(), force)?;
     eprintln!("wrote {}", out.display());
     if let Some(cv) = &args.export_control_vector {
-        let bytes = control_vector::encode(
-            &found.arch,
-            found.result.n_layer,
-            found.result.layer,
-            &found.result.direction,
-        )?;
-        output::write_atomic(cv, &bytes, force)?;
-        eprintln!(
-            "wrote {} (llama-cli --control-vector-scaled {}:-1)",
-            cv.display(),
-            cv.display()
-        );
+        write_control_vector(found, cv, force)?;
     }
+    Ok(())
+}
+
+fn write_control_vector(found: &Found, cv: &Path, force: bool) -> Result<()> {
+    let result = &found.result;
+    let bytes =
+        control_vector::encode(&found.arch, result.n_layer, result.layer, &result.direction)?;
+    output::write_atomic(cv, &bytes, force)?;
+    eprintln!(
+        "wrote {} (llama-cli --control-vector-scaled {}:-1)",
+        cv.display(),
+        cv.display()
+    );
     Ok(())
 }
 
@@ -404,6 +406,9 @@ fn run_all(args: RunArgs) -> Result<()> {
         Some(path) => (DirectionFile::read(path)?, None),
         None => {
             let found = find_direction(&input, &args.search, progress)?;
+            if let Some(cv) = &args.search.export_control_vector {
+                write_control_vector(&found, cv, args.edit.force)?;
+            }
             (found.file, Some(found.result))
         }
     };

@@ -37,10 +37,8 @@ fn ablating_a_zero_direction_changes_nothing() {
     let p = prompts(&model);
     let mut runner = Runner::new(&model, 512, 2).unwrap();
     let plain = runner.first_token_logprobs(&p, &mut NoHook).unwrap();
-    let mut zero = AblateHook {
-        direction: vec![0.0; model.n_embd()],
-        scale: 1.0,
-    };
+    let mut zero = AblateHook::new(&[1.0]).unwrap();
+    zero.direction = vec![0.0; model.n_embd()];
     let hooked = runner.first_token_logprobs(&p, &mut zero).unwrap();
     assert!(
         max_diff(&plain, &hooked) < 1e-5,

@@ -586,3 +586,56 @@ impl Batch {
         i
     }
 }
+
+/// Reads a control-vector GGUF with llama.cpp's own gguf reader, the way
+/// `common_control_vector_load` does: `(layer, vector)` for each
+/// `direction.N` tensor, with N ≥ 1 and F32 data.
+pub fn read_control_vector(path: &Path) -> Result<Vec<(usize, Vec<f32>)>> {
+    let cpath = CString::new(path.to_string_lossy().as_bytes()).context("path contains NUL")?;
+    let mut ggml_ctx: *mut sys::ggml_context = std::ptr::null_mut();
+    // SAFETY: gguf allocates a ggml context holding the tensors' data.
+    let gguf = unsafe {
+        sys::gguf_init_from_file(
+            cpath.as_ptr(),
+            sys::gguf_init_params {
+                no_alloc: false,
+                ctx: &mut ggml_ctx,
+            },
+        )
+    };
+    if gguf.is_null() || ggml_ctx.is_null() {
+        bail!("llama.cpp cannot read {} as GGUF", path.display());
+    }
+    let mut out = Vec::new();
+    let mut result = Ok(());
+    // SAFETY: valid contexts until freed below; names are NUL-terminated.
+    unsafe {
+        for i in 0..sys::gguf_get_n_tensors(gguf) {
+            let name_ptr = sys::gguf_get_tensor_name(gguf, i);
+            let name = CStr::from_ptr(name_ptr).to_string_lossy().into_owned();
+            let layer = name
+                .strip_prefix("direction.")
+                .and_then(|n| n.parse::<usize>().ok());
+            let t = sys::ggml_get_tensor(ggml_ctx, name_ptr);
+            match layer {
+                Some(layer) if layer >= 1 && !t.is_null() && (*t).type_ == sys::GGML_TYPE_F32 => {
+                    let n = (*t).ne[0] as usize;
+                    out.push((
+                        layer,
+                        std::slice::from_raw_parts((*t).data as *const f32, n).to_vec(),
+                    ));
+                }
+                _ => {
+                    result = Err(anyhow!(
+                        "{}: tensor {name} is not a valid direction.N (N >= 1, F32)",
+                        path.display()
+                    ));
+                    break;
+                }
+            }
+        }
+        sys::gguf_free(gguf);
+        sys::ggml_free(ggml_ctx);
+    }
+    result.map(|_| out)
+}

@@ -288,8 +288,7 @@ pub fn generate_with_llama_cpp_2(path: &Path, prompt: &str, n: usize) -> String 
     ctx.decode(&mut batch).expect("decode");
     let mut sampler = LlamaSampler::greedy();
     let mut text = Vec::new();
-    let mut pos = tokens.len() as i32;
-    for _ in 0..n {
+    for pos in (tokens.len() as i32..).take(n) {
         let tok = sampler.sample(&ctx, batch.n_tokens() - 1);
         if vocab.is_eog(tok) {
             break;
@@ -297,7 +296,6 @@ pub fn generate_with_llama_cpp_2(path: &Path, prompt: &str, n: usize) -> String 
         text.extend(vocab.token_to_piece(tok, false, None));
         batch.clear();
         batch.add(tok, pos, &[0], true).unwrap();
-        pos += 1;
         ctx.decode(&mut batch).expect("decode");
     }
     String::from_utf8_lossy(&text).into_owned()

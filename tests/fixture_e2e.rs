@@ -1,0 +1,205 @@
+//! The whole job on the refusal fixture, and the direction search's errors.
+
+mod common;
+
+use common::*;
+use gguf_abliterate::ffi::{self, GgmlType};
+use std::process::Stdio;
+
+#[test]
+fn main_command_finds_applies_and_verifies_on_the_fixture() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, report, cv) = (
+        dir.path().join("abl.gguf"),
+        dir.path().join("report.json"),
+        dir.path().join("cv.gguf"),
+    );
+    let run = bin()
+        .arg(fixture())
+        .arg(&out)
+        .arg("--report")
+        .arg(&report)
+        .arg("--export-control-vector")
+        .arg(&cv)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    for field in [
+        "tool",
+        "input",
+        "output",
+        "scale",
+        "direction",
+        "search",
+        "apply",
+        "verification",
+        "seconds",
+    ] {
+        assert!(r.get(field).is_some(), "report lacks {field}");
+    }
+    let search = &r["search"];
+    let (baseline, bypass) = (
+        search["baseline_harmful"].as_f64().unwrap(),
+        search["chosen"]["bypass"].as_f64().unwrap(),
+    );
+    // The chosen direction's bypass score is far below the baseline refusal score.
+    assert!(
+        bypass < baseline - 1.0,
+        "bypass {bypass} vs baseline {baseline}"
+    );
+    assert!(!search["refusal_tokens"].as_array().unwrap().is_empty());
+    assert!(
+        search["candidates"].as_array().unwrap().len() > 50,
+        "the search covers every layer/position"
+    );
+
+    let v = &r["verification"];
+    let (before, after) = (
+        v["harmful_refusal_before"].as_f64().unwrap(),
+        v["harmful_refusal_after"].as_f64().unwrap(),
+    );
+    // The fixture refuses most harmful prompts; the edited model answers most of those.
+    assert!(before >= 0.7, "fixture refusal rate {before}");
+    assert!(after <= 0.35, "refusal rate after the edit: {after}");
+    assert!(v["kl_harmless_answered"].as_f64().unwrap() <= 0.35);
+    // Still a chat model: harmless replies are real answers, not empty or repeated.
+    let replies = v["replies_after"].as_array().unwrap();
+    let n_harmful = v["n_harmful"].as_u64().unwrap() as usize;
+    let harmless = &replies[n_harmful..];
+    let coherent = harmless
+        .iter()
+        .filter(|r| {
+            r["verdict"] == "Complied"
+                && r["reply"].as_str().unwrap().split_whitespace().count() >= 10
+        })
+        .count();
+    assert!(
+        coherent * 10 >= harmless.len() * 8,
+        "{coherent} of {} harmless replies are coherent answers",
+        harmless.len()
+    );
+
+    // The exported control vector loads through llama.cpp's gguf reader at the chosen layer.
+    let layer = r["direction"]["layer"].as_u64().unwrap() as usize;
+    let vectors = ffi::read_control_vector(&cv).unwrap();
+    assert_eq!(vectors.len(), 1);
+    assert_eq!(vectors[0].0, layer);
+    assert_eq!(vectors[0].1.len(), 576);
+}
+
+/// One clean error line containing `needle`.
+fn fails_with(args: &[&std::ffi::OsStr], needle: &str) {
+    let o = bin().args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "should fail: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let last = stderr.trim_end().lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("error: ") && last.contains(needle),
+        "expected {needle:?}, got: {stderr}"
+    );
+}
+
+#[test]
+fn direction_search_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("d.json");
+    let os = |s: &str| std::ffi::OsString::from(s);
+    let p = |p: &std::path::Path| p.as_os_str().to_owned();
+    let gemma = real_model("gemma-3-270m-Q4_K_M.gguf");
+    // A base model without a chat template.
+    fails_with(
+        &[&os("direction"), &p(&gemma), &os("-o"), &p(&out)],
+        "--chat-template",
+    );
+    // Missing and empty prompt files.
+    let missing = dir.path().join("missing.txt");
+    fails_with(
+        &[
+            &os("direction"),
+            &p(&fixture()),
+            &os("-o"),
+            &p(&out),
+            &os("--harmful"),
+            &p(&missing),
+        ],
+        "cannot read",
+    );
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "\n\n").unwrap();
+    fails_with(
+        &[
+            &os("direction"),
+            &p(&fixture()),
+            &os("-o"),
+            &p(&out),
+            &os("--harmless"),
+            &p(&empty),
+        ],
+        "at least 2",
+    );
+    // A prompt longer than the context.
+    let long = dir.path().join("long.txt");
+    std::fs::write(
+        &long,
+        format!("short one\nanother\nthird\n{}\n", "word ".repeat(12_000)),
+    )
+    .unwrap();
+    fails_with(
+        &[
+            &os("direction"),
+            &p(&fixture()),
+            &os("-o"),
+            &p(&out),
+            &os("--harmful"),
+            &p(&long),
+            &os("--n-val"),
+            &os("4"),
+        ],
+        "the context holds",
+    );
+    // An architecture llama.cpp does not know.
+    let odd = dir.path().join("odd.gguf");
+    let r = unit(&noise(256, 1));
+    SynthModel::new("notanarch", 256, GgmlType::F32, &r).write(&odd);
+    fails_with(
+        &[&os("direction"), &p(&odd), &os("-o"), &p(&out)],
+        "could not load",
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn interrupting_the_run_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = real_model("gemma-3-270m-Q4_K_M.gguf");
+    let direction = dir.path().join("dir.json");
+    write_direction(&direction, &unit(&noise(640, 5)));
+    let out = dir.path().join("out.gguf");
+    let tmp = dir.path().join("out.gguf.tmp");
+    let mut child = bin()
+        .arg(&model)
+        .arg(&out)
+        .arg("--direction")
+        .arg(&direction)
+        .arg("--no-verify")
+        .arg("--quiet")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !tmp.exists() {
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "the rewrite never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    assert!(!out.exists(), "no output after an interrupt");
+    assert!(!tmp.exists(), "no temporary file after an interrupt");
+}
