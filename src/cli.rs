@@ -277,6 +277,7 @@ pub fn find_direction(input: &Path, args: &SearchArgs, progress: bool) -> Result
     let shards = gguf_abliterate::gguf::open_model(input)?;
     let arch = shards[0].architecture().unwrap_or("unknown").to_string();
     let name = shards[0].get_str("general.name").unwrap_or("").to_string();
+    let tied_embeddings = !shards.iter().any(|s| s.tensor("output.weight").is_some());
     drop(shards);
     let model = ffi::Model::load(input, args.n_gpu_layers)?;
     let fmt = ChatFormat::resolve(&model, args.chat_template.as_deref())?;
@@ -292,15 +293,17 @@ pub fn find_direction(input: &Path, args: &SearchArgs, progress: bool) -> Result
             .threads
             .map_or_else(direction::default_threads, |t| t as i32),
         progress,
+        tied_embeddings,
     };
     let result = direction::search(&model, &fmt, &harmful, &harmless, &opts)?;
     let c = &result.chosen;
     eprintln!(
-        "direction: layer {} position {} of {} layers, scale {} | refusal score on harmful prompts {:.2} -> {:.2} ablated ({:.0}% of replies refuse) | induce {:.2} | KL {:.3} ({:.0} s)",
+        "direction: layer {} position {} of {} layers, scale {}{} | refusal score on harmful prompts {:.2} -> {:.2} ablated ({:.0}% of replies refuse) | induce {:.2} | KL {:.3} ({:.0} s)",
         result.layer,
         result.position,
         result.n_layer,
         result.scale,
+        if result.skip_embeddings { ", token_embd kept" } else { "" },
         result.baseline_harmful,
         c.bypass.unwrap_or(f64::NAN),
         100.0 * c.refusal_rate.unwrap_or(f64::NAN),
@@ -337,6 +340,7 @@ pub fn find_direction(input: &Path, args: &SearchArgs, progress: bool) -> Result
     provenance.insert("layer".into(), result.layer.into());
     provenance.insert("position".into(), result.position.into());
     provenance.insert("scale".into(), (result.scale as f64).into());
+    provenance.insert("skip_embeddings".into(), result.skip_embeddings.into());
     provenance.insert("chat_template".into(), fmt.origin.clone().into());
     provenance.insert("harmful_prompts".into(), harmful.source.clone().into());
     provenance.insert("harmless_prompts".into(), harmless.source.clone().into());
@@ -418,18 +422,29 @@ fn run_all(args: RunArgs) -> Result<()> {
         .and_then(|v| v.as_f64())
         .unwrap_or(1.0) as f32;
     let scale = args.edit.scale.unwrap_or(chosen_scale);
+    let chosen_skip = file
+        .provenance
+        .get("skip_embeddings")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    let skip_embeddings = args.edit.skip_embeddings || (args.edit.scale.is_none() && chosen_skip);
     let opts = ApplyOptions {
         scale,
-        skip_embeddings: args.edit.skip_embeddings,
+        skip_embeddings,
         force: args.edit.force,
         provenance: file.provenance_kvs(),
         progress,
     };
     let applied = apply::apply(&input, &output, &file.direction, &opts)?;
     eprintln!(
-        "wrote {} ({} tensors edited, scale {scale})",
+        "wrote {} ({} tensors edited, scale {scale}{})",
         output.display(),
-        applied.tensors.len()
+        applied.tensors.len(),
+        if skip_embeddings {
+            ", token_embd kept"
+        } else {
+            ""
+        }
     );
 
     let verification = if args.no_verify {

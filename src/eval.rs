@@ -44,19 +44,23 @@ impl BatchHook for NoHook {}
 /// Projects a unit direction out of every residual-stream node at every
 /// position: the run-time equivalent of the weight edit.
 ///
-/// (Layer 0's attention reads the embeddings before the first hook point;
-/// that is the one place the hook and the weight edit differ.)
-///
 /// With `scale` s < 1 the weight edit removes a share s of each *write*
 /// (`w − s (w·u) u`), not of the accumulated residual, which compounding
 /// per-node projections would over-remove. So each row's component is
 /// tracked from node to node: a node's new write along u is what its
 /// component gained since the previous node, and only (1 − s) of that gain
 /// is kept.
+///
+/// `embeddings` mirrors editing `token_embd`: its rows lose their
+/// component on the way in, and with tied embeddings (`unembedding`) the
+/// logits are those of `E' h = E (h − s u uᵀh)`, i.e. the final normalised
+/// state loses a share s of its component.
 pub struct AblateHook {
     pub direction: Vec<f32>,
     /// Share of each write's component removed, as `apply --scale`.
     pub scale: f32,
+    pub embeddings: bool,
+    pub unembedding: bool,
     /// Component along u of each batch row after the previous node.
     carried: Vec<f32>,
     /// Batch rows that produce outputs (the rows of a last-layer node).
@@ -64,10 +68,13 @@ pub struct AblateHook {
 }
 
 impl AblateHook {
+    /// Full removal, embeddings included (untied).
     pub fn new(direction: &[f32]) -> Option<AblateHook> {
         edit::normalized(direction).map(|direction| AblateHook {
             direction,
             scale: 1.0,
+            embeddings: true,
+            unembedding: false,
             carried: Vec::new(),
             output_rows: Vec::new(),
         })
@@ -75,15 +82,26 @@ impl AblateHook {
 }
 
 impl ResidualHook for AblateHook {
-    fn wants(&mut self, _: Node) -> bool {
-        true
+    fn wants(&mut self, node: Node) -> bool {
+        node != Node::FinalNorm || self.unembedding
     }
-    fn visit(&mut self, _: Node, rows: &mut [f32], n_embd: usize) -> bool {
+    fn visit(&mut self, node: Node, rows: &mut [f32], n_embd: usize) -> bool {
         if n_embd != self.direction.len() {
             return false;
         }
         let n_rows = rows.len() / n_embd;
+        let u = &self.direction;
+        if node == Node::FinalNorm {
+            edit::orthogonalize_rows_seq(rows, u, self.scale);
+            return true;
+        }
         let keep = 1.0 - self.scale;
+        // Scaling the embeddings writes nothing new: its component is just carried.
+        let keep_here = match node {
+            Node::Embeddings if !self.embeddings => 1.0,
+            Node::ScaledEmbeddings => 1.0,
+            _ => keep,
+        };
         for (i, row) in rows.chunks_exact_mut(n_embd).enumerate() {
             // Last-layer nodes hold only the output rows, in batch order.
             let batch_row = if n_rows == self.carried.len() {
@@ -91,13 +109,14 @@ impl ResidualHook for AblateHook {
             } else {
                 self.output_rows.get(i).copied().unwrap_or(i)
             };
-            let before = self.carried.get(batch_row).copied().unwrap_or(0.0);
-            let now = edit::dot(row, &self.direction) as f32;
-            let target = before + keep * (now - before);
+            let before = match node {
+                Node::Embeddings | Node::ScaledEmbeddings => 0.0,
+                _ => self.carried.get(batch_row).copied().unwrap_or(0.0),
+            };
+            let now = edit::dot(row, u) as f32;
+            let target = before + keep_here * (now - before);
             let delta = target - now;
-            row.iter_mut()
-                .zip(&self.direction)
-                .for_each(|(x, u)| *x += delta * u);
+            row.iter_mut().zip(u).for_each(|(x, ui)| *x += delta * ui);
             if let Some(c) = self.carried.get_mut(batch_row) {
                 *c = target;
             }
@@ -109,9 +128,6 @@ impl ResidualHook for AblateHook {
 impl BatchHook for AblateHook {
     fn begin(&mut self, entries: &[Entry]) {
         self.output_rows = entries.iter().map(Entry::last).collect();
-        // The token embeddings have no stable node name in llama.cpp, so the
-        // first residual node sees embedding and first write together; both
-        // are writes, so keeping (1 − s) of their sum is still exact.
         let n_tokens = entries.last().map_or(0, |e| e.start + e.len);
         self.carried = vec![0.0; n_tokens];
     }

@@ -33,17 +33,23 @@ pub fn rewrite(
     let row_bytes = ty
         .row_bytes(row_len as u64)
         .context("row is not whole blocks")? as usize;
+    let job = Job {
+        ty,
+        row_len,
+        row_bytes,
+        u,
+        scale,
+        task: task_rows(row_len) * row_bytes,
+    };
     let mut out = vec![0u8; data.len()];
     let (max_before, max_after) = match kind {
-        EditKind::EmbeddingRows | EditKind::Bias => {
-            rewrite_rows(ty, data, &mut out, row_len, row_bytes, u, scale)?
-        }
+        EditKind::EmbeddingRows | EditKind::Bias => job.rows(data, &mut out)?,
         EditKind::OutputProjection => {
             // One slab per expert (a single slab for dense tensors).
             let slab = row_bytes * u.len();
             let mut maxima = (0f64, 0f64);
             for (src, dst) in data.chunks(slab).zip(out.chunks_mut(slab)) {
-                let (b, a) = rewrite_output_slab(ty, src, dst, row_len, row_bytes, u, scale)?;
+                let (b, a) = job.output_slab(src, dst)?;
                 maxima = (maxima.0.max(b), maxima.1.max(a));
             }
             maxima
@@ -56,84 +62,98 @@ pub fn rewrite(
     })
 }
 
-/// Row-local edit: each row is a residual vector.
-fn rewrite_rows(
+/// One tensor's rewrite parameters.
+struct Job<'a> {
     ty: GgmlType,
-    src: &[u8],
-    dst: &mut [u8],
     row_len: usize,
     row_bytes: usize,
-    u: &[f32],
+    u: &'a [f32],
     scale: f32,
-) -> Result<(f64, f64)> {
-    let rows = task_rows(row_len);
-    let max_dot = |values: &[f32]| {
-        values
-            .chunks(row_len)
-            .map(|r| edit::dot(r, u).abs())
-            .fold(0.0, f64::max)
-    };
-    dst.par_chunks_mut(rows * row_bytes)
-        .zip(src.par_chunks(rows * row_bytes))
-        .map(|(dst, src)| -> Result<(f64, f64)> {
-            let mut values = vec![0f32; src.len() / row_bytes * row_len];
-            ffi::dequantize_rows(ty, src, &mut values)?;
-            let before = max_dot(&values);
-            edit::orthogonalize_rows_seq(&mut values, u, scale);
-            ffi::quantize_rows(ty, &values, dst, row_len)?;
-            ffi::dequantize_rows(ty, dst, &mut values)?;
-            Ok((before, max_dot(&values)))
-        })
-        .try_reduce(|| (0.0, 0.0), |a, b| Ok((a.0.max(b.0), a.1.max(b.1))))
+    /// Bytes of quantized rows per parallel task.
+    task: usize,
 }
 
-/// Output-side edit of one `[u.len() rows × row_len]` slab.
-fn rewrite_output_slab(
-    ty: GgmlType,
-    src: &[u8],
-    dst: &mut [u8],
-    row_len: usize,
-    row_bytes: usize,
-    u: &[f32],
-    scale: f32,
-) -> Result<(f64, f64)> {
-    let rows = task_rows(row_len);
-    let add = |mut a: Vec<f64>, b: Vec<f64>| {
-        a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-        a
-    };
-    let max_abs = |v: &[f64]| v.iter().fold(0f64, |m, x| m.max(x.abs()));
-    // Pass 1: v = uᵀW.
-    let v = src
-        .par_chunks(rows * row_bytes)
-        .enumerate()
-        .map(|(task, src)| -> Result<Vec<f64>> {
-            let mut values = vec![0f32; src.len() / row_bytes * row_len];
-            ffi::dequantize_rows(ty, src, &mut values)?;
-            let mut acc = vec![0f64; row_len];
-            edit::accumulate_projection(&values, row_len, &u[task * rows..], &mut acc);
-            Ok(acc)
-        })
-        .try_reduce(|| vec![0f64; row_len], |a, b| Ok(add(a, b)))?;
-    let v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-    // Pass 2: row_i -= s u_i v, requantize, and measure what is left.
-    let v_after = dst
-        .par_chunks_mut(rows * row_bytes)
-        .zip(src.par_chunks(rows * row_bytes))
-        .enumerate()
-        .map(|(task, (dst, src))| -> Result<Vec<f64>> {
-            let mut values = vec![0f32; src.len() / row_bytes * row_len];
-            ffi::dequantize_rows(ty, src, &mut values)?;
-            let u_rows = &u[task * rows..];
-            edit::subtract_projection(&mut values, row_len, u_rows, &v32, scale);
-            ffi::quantize_rows(ty, &values, dst, row_len)?;
-            ffi::dequantize_rows(ty, dst, &mut values)?;
-            let mut acc = vec![0f64; row_len];
-            edit::accumulate_projection(&values, row_len, u_rows, &mut acc);
-            Ok(acc)
-        })
-        .try_reduce(|| vec![0f64; row_len], |a, b| Ok(add(a, b)))?;
-    Ok((max_abs(&v), max_abs(&v_after)))
+impl Job<'_> {
+    fn dequantize(&self, src: &[u8]) -> Result<Vec<f32>> {
+        let mut values = vec![0f32; src.len() / self.row_bytes * self.row_len];
+        ffi::dequantize_rows(self.ty, src, &mut values)?;
+        Ok(values)
+    }
+
+    /// Requantizes `values` into `dst` and returns what ggml will read back.
+    fn requantize(&self, values: &mut [f32], dst: &mut [u8]) -> Result<()> {
+        ffi::quantize_rows(self.ty, values, dst, self.row_len)?;
+        ffi::dequantize_rows(self.ty, dst, values)
+    }
+
+    /// Row-local edit: each row is a residual vector.
+    fn rows(&self, src: &[u8], dst: &mut [u8]) -> Result<(f64, f64)> {
+        let max_dot = |values: &[f32]| {
+            values
+                .chunks(self.row_len)
+                .map(|r| edit::dot(r, self.u).abs())
+                .fold(0.0, f64::max)
+        };
+        dst.par_chunks_mut(self.task)
+            .zip(src.par_chunks(self.task))
+            .map(|(dst, src)| -> Result<(f64, f64)> {
+                let mut values = self.dequantize(src)?;
+                let before = max_dot(&values);
+                edit::orthogonalize_rows_seq(&mut values, self.u, self.scale);
+                self.requantize(&mut values, dst)?;
+                Ok((before, max_dot(&values)))
+            })
+            .try_reduce(|| (0.0, 0.0), |a, b| Ok((a.0.max(b.0), a.1.max(b.1))))
+    }
+
+    /// Output-side edit of one `[u.len() rows × row_len]` slab.
+    fn output_slab(&self, src: &[u8], dst: &mut [u8]) -> Result<(f64, f64)> {
+        let rows = self.task / self.row_bytes;
+        let n = self.row_len;
+        // Partial sums are collected in order and added sequentially, so the
+        // result (and the requantized bytes) never depend on thread timing.
+        let add = |mut a: Vec<f64>, b: Vec<f64>| {
+            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+            a
+        };
+        let max_abs = |v: &[f64]| v.iter().fold(0f64, |m, x| m.max(x.abs()));
+        // Pass 1: v = uᵀW.
+        let v = src
+            .par_chunks(self.task)
+            .enumerate()
+            .map(|(task, src)| -> Result<Vec<f64>> {
+                let mut acc = vec![0f64; n];
+                edit::accumulate_projection(
+                    &self.dequantize(src)?,
+                    n,
+                    &self.u[task * rows..],
+                    &mut acc,
+                );
+                Ok(acc)
+            })
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .fold(vec![0f64; n], add);
+        let v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+        // Pass 2: row_i -= s u_i v, requantize, and measure what is left.
+        let v_after = dst
+            .par_chunks_mut(self.task)
+            .zip(src.par_chunks(self.task))
+            .enumerate()
+            .map(|(task, (dst, src))| -> Result<Vec<f64>> {
+                let u_rows = &self.u[task * rows..];
+                let mut values = self.dequantize(src)?;
+                edit::subtract_projection(&mut values, n, u_rows, &v32, self.scale);
+                self.requantize(&mut values, dst)?;
+                let mut acc = vec![0f64; n];
+                edit::accumulate_projection(&values, n, u_rows, &mut acc);
+                Ok(acc)
+            })
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .fold(vec![0f64; n], add);
+        Ok((max_abs(&v), max_abs(&v_after)))
+    }
 }
 
 #[cfg(test)]

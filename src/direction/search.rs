@@ -39,6 +39,8 @@ pub struct SearchOptions {
     pub rank_prompts: usize,
     pub threads: i32,
     pub progress: bool,
+    /// The model has no `output.weight`: editing `token_embd` edits the unembedding too.
+    pub tied_embeddings: bool,
 }
 
 impl Default for SearchOptions {
@@ -53,6 +55,7 @@ impl Default for SearchOptions {
             rank_prompts: 3,
             threads: default_threads(),
             progress: true,
+            tied_embeddings: false,
         }
     }
 }
@@ -73,6 +76,8 @@ pub struct CandidateScores {
     pub scale: f32,
     /// Share of harmful validation replies judged refusals (or degenerate).
     pub refusal_rate: Option<f64>,
+    /// Measured with `token_embd` left unedited.
+    pub skip_embeddings: bool,
     /// Mean first-token refusal score on harmful validation prompts.
     pub bypass: Option<f64>,
     pub induce: Option<f64>,
@@ -96,6 +101,8 @@ pub struct SearchResult {
     pub position: usize,
     /// Share of the direction to remove (`apply --scale`).
     pub scale: f32,
+    /// Leave `token_embd` unedited (measured to be better).
+    pub skip_embeddings: bool,
     pub n_layer: usize,
     pub refusal_tokens: Vec<RefusalToken>,
     /// Mean refusal score of the unedited model on the validation prompts.
@@ -287,6 +294,7 @@ pub fn search(
                 rank_kl,
                 scale: 1.0,
                 refusal_rate: None,
+                skip_embeddings: false,
                 bypass: None,
                 induce: None,
                 kl: None,
@@ -315,39 +323,19 @@ pub fn search(
     let induce_set = &safe_val[..safe_val.len().div_ceil(2)];
     let baseline_harmless = mean(&safe_scores);
     let pb = bar(opts.progress, k as u64, "evaluate");
+    let measure = Measure {
+        model,
+        harm_val: &harm_val,
+        safe_answered: &safe_answered,
+        base_answered: &base_answered,
+        refusal_ids: &refusal_ids,
+        kl_threshold: opts.kl_threshold,
+    };
     for c in candidates.iter_mut().take(k) {
         let r = direction_of(c.layer, c.position);
         let mut ablate = AblateHook::new(&r).context("zero candidate direction")?;
-        // KL grows with the scale: bisect for the largest within the threshold.
-        let mut kl_at = |scale: f32, runner: &mut Runner| -> Result<f64> {
-            ablate.scale = scale;
-            let ablated = runner.first_token_logprobs(&safe_answered, &mut ablate)?;
-            Ok(mean_kl(&ablated, &base_answered))
-        };
-        let (mut scale, mut kl) = (1.0f32, kl_at(1.0, &mut runner)?);
-        if kl > opts.kl_threshold {
-            let (mut lo, mut hi, mut kl_lo) = (0.0f32, 1.0f32, 0.0);
-            for _ in 0..SCALE_STEPS {
-                let mid = (lo + hi) / 2.0;
-                let k_mid = kl_at(mid, &mut runner)?;
-                if k_mid <= opts.kl_threshold {
-                    (lo, kl_lo) = (mid, k_mid);
-                } else {
-                    hi = mid;
-                }
-            }
-            (scale, kl) = (lo, kl_lo);
-        }
-        ablate.scale = scale;
-        (c.scale, c.kl) = (scale, Some(kl));
-        let replies = runner.generate(&harm_val, JUDGE_TOKENS, &mut ablate)?;
-        let refused = replies
-            .iter()
-            .filter(|g| judge(&detokenize(model, &g.tokens), &g.tokens) != Verdict::Complied)
-            .count();
-        c.refusal_rate = Some(refused as f64 / replies.len() as f64);
-        let first: Vec<Vec<f32>> = replies.into_iter().map(|g| g.first_log_probs).collect();
-        c.bypass = Some(mean(&score(&first)));
+        ablate.unembedding = opts.tied_embeddings;
+        measure.ablation(&mut runner, &mut ablate, c)?;
         let mut add = AddHook {
             layer: c.layer,
             vector: r,
@@ -400,6 +388,24 @@ pub fn search(
         })
         .expect("at least one candidate")
         .clone();
+    // Editing token_embd is a choice (with tied embeddings it also edits the
+    // unembedding): measure the chosen direction without it, keep the better.
+    let mut best = best;
+    if best.rejected.is_none() {
+        let mut without = best.clone();
+        let mut ablate =
+            AblateHook::new(&direction_of(best.layer, best.position)).context("zero direction")?;
+        ablate.embeddings = false;
+        measure.ablation(&mut runner, &mut ablate, &mut without)?;
+        without.skip_embeddings = true;
+        let better = without.scale > 0.0
+            && without.kl.unwrap() <= opts.kl_threshold
+            && (without.refusal_rate.unwrap(), without.kl.unwrap())
+                < (best.refusal_rate.unwrap(), best.kl.unwrap());
+        if better {
+            best = without;
+        }
+    }
 
     let frontier = frontier(&candidates[..k]);
     Ok(SearchResult {
@@ -408,6 +414,7 @@ pub fn search(
         layer: best.layer,
         position: best.position,
         scale: best.scale,
+        skip_embeddings: best.skip_embeddings,
         n_layer,
         refusal_tokens: refusal,
         baseline_harmful: mean(&score(&base_harm)),
@@ -463,4 +470,66 @@ fn frontier(evaluated: &[CandidateScores]) -> Vec<CandidateScores> {
         }
     }
     out
+}
+
+/// What a full evaluation needs.
+struct Measure<'a> {
+    model: &'a Model,
+    harm_val: &'a [Vec<i32>],
+    safe_answered: &'a [Vec<i32>],
+    base_answered: &'a [Vec<f32>],
+    refusal_ids: &'a [i32],
+    kl_threshold: f64,
+}
+
+impl Measure<'_> {
+    fn kl(&self, runner: &mut Runner, hook: &mut AblateHook) -> Result<f64> {
+        let ablated = runner.first_token_logprobs(self.safe_answered, hook)?;
+        let kls: Vec<f64> = ablated
+            .iter()
+            .zip(self.base_answered)
+            .map(|(q, p)| kl_divergence(p, q))
+            .collect();
+        Ok(mean(&kls))
+    }
+
+    /// KL first (cheap), bisecting the scale down to the largest within the
+    /// threshold (KL grows with the scale); then refusals of generated
+    /// replies and the first-token bypass score at that scale.
+    fn ablation(
+        &self,
+        runner: &mut Runner,
+        hook: &mut AblateHook,
+        c: &mut CandidateScores,
+    ) -> Result<()> {
+        hook.scale = 1.0;
+        let (mut scale, mut kl) = (1.0f32, self.kl(runner, hook)?);
+        if kl > self.kl_threshold {
+            let (mut lo, mut hi, mut kl_lo) = (0.0f32, 1.0f32, 0.0);
+            for _ in 0..SCALE_STEPS {
+                hook.scale = (lo + hi) / 2.0;
+                let k_mid = self.kl(runner, hook)?;
+                if k_mid <= self.kl_threshold {
+                    (lo, kl_lo) = (hook.scale, k_mid);
+                } else {
+                    hi = hook.scale;
+                }
+            }
+            (scale, kl) = (lo, kl_lo);
+        }
+        hook.scale = scale;
+        (c.scale, c.kl) = (scale, Some(kl));
+        let replies = runner.generate(self.harm_val, JUDGE_TOKENS, hook)?;
+        let refused = replies
+            .iter()
+            .filter(|g| judge(&detokenize(self.model, &g.tokens), &g.tokens) != Verdict::Complied)
+            .count();
+        c.refusal_rate = Some(refused as f64 / replies.len() as f64);
+        let scores: Vec<f64> = replies
+            .iter()
+            .map(|g| refusal_score(&g.first_log_probs, self.refusal_ids))
+            .collect();
+        c.bypass = Some(mean(&scores));
+        Ok(())
+    }
 }

@@ -156,29 +156,16 @@ impl Model {
 
     /// The text of one token (control tokens rendered as their markers).
     pub fn token_to_piece(&self, token: i32) -> String {
-        let mut buf = vec![0u8; 64];
-        loop {
-            // SAFETY: buf is writable for its length.
-            let n = unsafe {
-                sys::llama_token_to_piece(
-                    self.vocab,
-                    token,
-                    buf.as_mut_ptr().cast(),
-                    buf.len() as i32,
-                    0,
-                    true,
-                )
-            };
-            if n >= 0 {
-                buf.truncate(n as usize);
-                return String::from_utf8_lossy(&buf).into_owned();
-            }
-            buf.resize((-n) as usize, 0);
-        }
+        String::from_utf8_lossy(&self.piece(token, true)).into_owned()
     }
 
-    /// Raw bytes of a token, for assembling UTF-8 across token boundaries.
+    /// Raw bytes of a token (control tokens omitted), for assembling UTF-8
+    /// across token boundaries.
     pub fn token_bytes(&self, token: i32) -> Vec<u8> {
+        self.piece(token, false)
+    }
+
+    fn piece(&self, token: i32, special: bool) -> Vec<u8> {
         let mut buf = vec![0u8; 64];
         loop {
             // SAFETY: buf is writable for its length.
@@ -189,7 +176,7 @@ impl Model {
                     buf.as_mut_ptr().cast(),
                     buf.len() as i32,
                     0,
-                    false,
+                    special,
                 )
             };
             if n >= 0 {
@@ -273,20 +260,39 @@ pub fn builtin_chat_templates() -> Vec<String> {
 /// A residual-stream node the hook can see.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Node {
-    /// Embeddings given as input vectors (`inp_embd`); token embeddings
-    /// have no stable name and are seen as part of the first node.
+    /// Token embeddings entering layer 0: the unnamed `get_rows` from
+    /// `token_embd.weight` (before any architecture-specific scaling).
     Embeddings,
+    /// The token embeddings after an architecture's scaling (`inp_scaled`,
+    /// Gemma's × √n_embd): no write of its own.
+    ScaledEmbeddings,
     /// The residual between attention and MLP of layer N
     /// (`ffn_inp-N` in llama/qwen2, `sa_out-N` in gemma2/3).
     MidLayer(usize),
     /// The residual after layer N (`l_out-N`).
     LayerOut(usize),
+    /// The final normalised hidden state that meets the unembedding (`result_norm`).
+    FinalNorm,
 }
 
 impl Node {
+    fn of(t: &sys::ggml_tensor) -> Option<Node> {
+        // SAFETY: names are NUL-terminated fixed arrays; src pointers are
+        // null or valid tensors of the same graph.
+        let name = unsafe { CStr::from_ptr(t.name.as_ptr()) }.to_str().ok()?;
+        if t.op == sys::GGML_OP_GET_ROWS {
+            let table = unsafe { t.src[0].as_ref() }?;
+            let table_name = unsafe { CStr::from_ptr(table.name.as_ptr()) };
+            return (table_name.to_bytes() == b"token_embd.weight").then_some(Node::Embeddings);
+        }
+        Node::from_name(name)
+    }
+
     fn from_name(name: &str) -> Option<Node> {
-        if name == "inp_embd" {
-            return Some(Node::Embeddings);
+        match name {
+            "result_norm" => return Some(Node::FinalNorm),
+            "inp_scaled" => return Some(Node::ScaledEmbeddings),
+            _ => {}
         }
         let (kind, layer) = name.rsplit_once('-')?;
         let layer = layer.parse().ok()?;
@@ -331,9 +337,7 @@ unsafe extern "C" fn eval_callback(
     let result = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: ggml passes a valid tensor.
         let t = unsafe { &mut *t };
-        // SAFETY: name is a NUL-terminated fixed array.
-        let name = unsafe { CStr::from_ptr(t.name.as_ptr()) };
-        let Some(node) = name.to_str().ok().and_then(Node::from_name) else {
+        let Some(node) = Node::of(t) else {
             return !ask;
         };
         // SAFETY: the hook outlives the decode call that installed it.
