@@ -178,7 +178,9 @@ struct EditArgs {
 }
 
 pub fn run() -> Result<()> {
-    let cli = Cli::parse();
+    // llama.cpp spells it -ngl; clap long options need two dashes.
+    let args = std::env::args().map(|a| if a == "-ngl" { "--ngl".to_string() } else { a });
+    let cli = Cli::parse_from(args);
     ffi::init_backend(cli.verbose);
     output::install_interrupt_cleanup();
     match cli.command {

@@ -210,3 +210,19 @@ fn interrupting_the_run_leaves_nothing_behind() {
     assert!(!out.exists(), "no output after an interrupt");
     assert!(!tmp.exists(), "no temporary file after an interrupt");
 }
+
+#[test]
+fn verification_fails_when_the_output_does_not_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.gguf");
+    let bytes = std::fs::read(fixture()).unwrap();
+    std::fs::write(&broken, &bytes[..bytes.len() / 2]).unwrap();
+    let prompts = vec![
+        "Write a haiku about rain.".to_string(),
+        "How do I boil an egg?".to_string(),
+    ];
+    let err =
+        gguf_abliterate::verify::verify(&fixture(), &broken, None, &prompts, &prompts, 4, 0, 2)
+            .unwrap_err();
+    assert!(format!("{err:#}").contains("could not load"), "{err:#}");
+}

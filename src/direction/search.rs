@@ -321,7 +321,6 @@ pub fn search(
     // not; then judge generated replies at that scale.
     let k = opts.top_k.max(1).min(candidates.len());
     let induce_set = &safe_val[..safe_val.len().div_ceil(2)];
-    let baseline_harmless = mean(&safe_scores);
     let pb = bar(opts.progress, k as u64, "evaluate");
     let measure = Measure {
         model,
@@ -347,23 +346,19 @@ pub fn search(
     }
     pb.finish_and_clear();
 
-    // 4. Filter and choose: within the KL threshold and raising refusal when
-    // added (small models rarely push the harmless log-odds above 0, so the
-    // test is "above the harmless baseline"), take the fewest refusals, then
-    // the lowest bypass score.
+    // 4. Filter and choose, as the paper does: KL within the threshold and
+    // induce > 0 (adding r makes harmless prompts refused); then the fewest
+    // refusals, then the lowest bypass score.
     for c in candidates.iter_mut().take(k) {
         c.rejected = if c.scale == 0.0 || c.kl.unwrap() > opts.kl_threshold {
             Some(format!(
-                "KL {:.3} > {} even at scale {}",
+                "KL {:.3} > {} at scale {}",
                 c.kl.unwrap(),
                 opts.kl_threshold,
                 c.scale
             ))
-        } else if c.induce.unwrap() <= baseline_harmless {
-            Some(format!(
-                "induce {:.2} <= harmless baseline {baseline_harmless:.2}",
-                c.induce.unwrap()
-            ))
+        } else if c.induce.unwrap() <= 0.0 {
+            Some(format!("induce {:.2} <= 0", c.induce.unwrap()))
         } else {
             None
         };
