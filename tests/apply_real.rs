@@ -3,7 +3,6 @@
 mod common;
 
 use common::*;
-use gguf_abliterate::apply::{apply, ApplyOptions};
 use gguf_abliterate::edit::{self, classify, EditKind};
 use gguf_abliterate::gguf::GgufFile;
 use gguf_abliterate::quant;
@@ -17,16 +16,7 @@ fn check_real_model(input: &Path, prompt: &str) {
     let r = unit(&noise(n_embd, 2024));
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.gguf");
-    let report = apply(
-        input,
-        &out,
-        &r,
-        &ApplyOptions {
-            progress: false,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let report = apply_quietly(input, &out, &r);
     let edited = GgufFile::open(&out).unwrap();
 
     // Metadata: byte-identical and in order, then our provenance keys.

@@ -160,11 +160,7 @@ fn every_type_family_is_orthogonalized_and_the_rest_kept() {
         let inp = dir.path().join(format!("{ty}.gguf"));
         let out = dir.path().join(format!("{ty}-abl.gguf"));
         model.write(&inp);
-        let opts = ApplyOptions {
-            progress: false,
-            ..Default::default()
-        };
-        let report = apply(&inp, &out, &r, &opts).unwrap_or_else(|e| panic!("{ty}: {e:#}"));
+        let report = apply_quietly(&inp, &out, &r);
         assert_eq!(
             report.tensors.len(),
             6,
@@ -197,16 +193,7 @@ fn post_norm_architectures_remove_the_scaled_direction() {
     let dir = tempfile::tempdir().unwrap();
     let (inp, out) = (dir.path().join("g.gguf"), dir.path().join("g-abl.gguf"));
     model.write(&inp);
-    let report = apply(
-        &inp,
-        &out,
-        &r,
-        &ApplyOptions {
-            progress: false,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let report = apply_quietly(&inp, &out, &r);
     assert!(report.tied_embeddings);
     let post_norm = |name: &str| -> Option<String> {
         let layer = name.strip_prefix("blk.")?.split('.').next()?;
@@ -288,12 +275,8 @@ fn re_abliterating_replaces_provenance_instead_of_duplicating_keys() {
         .map(|i| dir.path().join(format!("m{i}.gguf")))
         .collect();
     model.write(&paths[0]);
-    let opts = ApplyOptions {
-        progress: false,
-        ..Default::default()
-    };
-    apply(&paths[0], &paths[1], &r, &opts).unwrap();
-    apply(&paths[1], &paths[2], &r, &opts).unwrap();
+    apply_quietly(&paths[0], &paths[1], &r);
+    apply_quietly(&paths[1], &paths[2], &r);
     let (once, twice) = (
         GgufFile::open(&paths[1]).unwrap(),
         GgufFile::open(&paths[2]).unwrap(),
@@ -337,16 +320,7 @@ fn split_ggufs_are_patched_shard_by_shard() {
     }
     let first = dir.path().join("m-00001-of-00002.gguf");
     let out = dir.path().join("abl.gguf");
-    let report = apply(
-        &first,
-        &out,
-        &r,
-        &ApplyOptions {
-            progress: false,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let report = apply_quietly(&first, &out, &r);
     assert_eq!(report.tensors.len(), 6);
     let names: Vec<_> = report
         .outputs

@@ -300,3 +300,16 @@ pub fn generate_with_llama_cpp_2(path: &Path, prompt: &str, n: usize) -> String 
     }
     String::from_utf8_lossy(&text).into_owned()
 }
+
+/// `apply` with defaults and no progress bar.
+pub fn apply_quietly(
+    input: &Path,
+    output: &Path,
+    r: &[f32],
+) -> gguf_abliterate::apply::ApplyReport {
+    let opts = gguf_abliterate::apply::ApplyOptions {
+        progress: false,
+        ..Default::default()
+    };
+    gguf_abliterate::apply::apply(input, output, r, &opts).unwrap_or_else(|e| panic!("{e:#}"))
+}
