@@ -394,19 +394,7 @@ fn run_all(args: RunArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let progress = !args.edit.quiet;
     // Check the paths before spending minutes on the search.
-    if output::same_file(&input, &output) {
-        anyhow::bail!(
-            "output {} is the input file; choose another name",
-            output.display()
-        );
-    }
-    if output.exists() && !args.edit.force {
-        anyhow::bail!(
-            "{} already exists (use --force to overwrite)",
-            output.display()
-        );
-    }
-    gguf_abliterate::gguf::open_model(&input)?;
+    output::check_output_path(&output, &[&input], args.edit.force)?;
 
     let (file, search) = match &args.direction {
         Some(path) => (DirectionFile::read(path)?, None),
@@ -454,12 +442,12 @@ fn run_all(args: RunArgs) -> Result<()> {
     } else {
         let n_val = args.search.n_val;
         let held_back = |kind| -> Result<Vec<String>> {
-            let set = match (kind, &args.search.harmful, &args.search.harmless) {
-                (Kind::Harmful, Some(p), _) | (Kind::Harmless, _, Some(p)) => {
-                    PromptSet::from_file(p, args.search.column.as_deref())?
-                }
-                _ => PromptSet::builtin(kind),
+            let file = if kind == Kind::Harmful {
+                &args.search.harmful
+            } else {
+                &args.search.harmless
             };
+            let set = load_prompts(kind, file, args.search.column.as_deref(), None)?;
             // Validation prompts the search did not use; all of them if it used them all.
             let rest: Vec<String> = set.val.iter().skip(n_val).map(|p| p.text.clone()).collect();
             Ok(if rest.is_empty() {

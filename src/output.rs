@@ -36,23 +36,7 @@ impl PendingFile {
     /// Checks `path` may be written (`force` allows replacing it) and that it
     /// is not one of `inputs`, then creates `path.tmp`.
     pub fn create(path: &Path, inputs: &[&Path], force: bool) -> Result<(PendingFile, File)> {
-        for input in inputs {
-            if same_file(path, input) {
-                bail!(
-                    "output {} is the input file; choose another name",
-                    path.display()
-                );
-            }
-        }
-        if path.exists() && !force {
-            bail!(
-                "{} already exists (use --force to overwrite)",
-                path.display()
-            );
-        }
-        if path.is_dir() {
-            bail!("{} is a directory", path.display());
-        }
+        check_output_path(path, inputs, force)?;
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(".tmp");
         let tmp = PathBuf::from(tmp);
@@ -102,6 +86,26 @@ fn forget(tmp: &Path) {
     if let Ok(mut pending) = PENDING.lock() {
         pending.retain(|p| p != tmp);
     }
+}
+
+/// Fails if `path` is one of `inputs`, exists without `force`, or is a directory.
+pub fn check_output_path(path: &Path, inputs: &[&Path], force: bool) -> Result<()> {
+    if inputs.iter().any(|input| same_file(path, input)) {
+        bail!(
+            "output {} is the input file; choose another name",
+            path.display()
+        );
+    }
+    if path.exists() && !force {
+        bail!(
+            "{} already exists (use --force to overwrite)",
+            path.display()
+        );
+    }
+    if path.is_dir() {
+        bail!("{} is a directory", path.display());
+    }
+    Ok(())
 }
 
 /// True when both paths name the same existing file (hard links included).

@@ -4,6 +4,8 @@ mod common;
 
 use common::*;
 use gguf_abliterate::ffi::{self, GgmlType};
+use std::ffi::OsStr;
+use std::path::Path;
 use std::process::Stdio;
 
 #[test]
@@ -96,9 +98,16 @@ fn main_command_finds_applies_and_verifies_on_the_fixture() {
     assert_eq!(vectors[0].1.len(), 576);
 }
 
-/// One clean error line containing `needle`.
-fn fails_with(args: &[&std::ffi::OsStr], needle: &str) {
-    let o = bin().args(args).output().unwrap();
+/// `direction MODEL -o OUT EXTRA…` fails with one clean error line containing `needle`.
+fn direction_fails_with(model: &Path, out: &Path, extra: &[&OsStr], needle: &str) {
+    let o = bin()
+        .arg("direction")
+        .arg(model)
+        .arg("-o")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "should fail: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
@@ -113,40 +122,24 @@ fn fails_with(args: &[&std::ffi::OsStr], needle: &str) {
 fn direction_search_bad_input() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("d.json");
-    let os = |s: &str| std::ffi::OsString::from(s);
-    let p = |p: &std::path::Path| p.as_os_str().to_owned();
-    let gemma = real_model("gemma-3-270m-Q4_K_M.gguf");
+    let flag = |name: &'static str, path: &Path| {
+        [OsStr::new(name).to_owned(), path.as_os_str().to_owned()]
+    };
     // A base model without a chat template.
-    fails_with(
-        &[&os("direction"), &p(&gemma), &os("-o"), &p(&out)],
+    direction_fails_with(
+        &real_model("gemma-3-270m-Q4_K_M.gguf"),
+        &out,
+        &[],
         "--chat-template",
     );
     // Missing and empty prompt files.
     let missing = dir.path().join("missing.txt");
-    fails_with(
-        &[
-            &os("direction"),
-            &p(&fixture()),
-            &os("-o"),
-            &p(&out),
-            &os("--harmful"),
-            &p(&missing),
-        ],
-        "cannot read",
-    );
+    let [a, b] = flag("--harmful", &missing);
+    direction_fails_with(&fixture(), &out, &[&a, &b], "cannot read");
     let empty = dir.path().join("empty.txt");
     std::fs::write(&empty, "\n\n").unwrap();
-    fails_with(
-        &[
-            &os("direction"),
-            &p(&fixture()),
-            &os("-o"),
-            &p(&out),
-            &os("--harmless"),
-            &p(&empty),
-        ],
-        "at least 2",
-    );
+    let [a, b] = flag("--harmless", &empty);
+    direction_fails_with(&fixture(), &out, &[&a, &b], "at least 2");
     // A prompt longer than the context.
     let long = dir.path().join("long.txt");
     std::fs::write(
@@ -154,27 +147,19 @@ fn direction_search_bad_input() {
         format!("short one\nanother\nthird\n{}\n", "word ".repeat(12_000)),
     )
     .unwrap();
-    fails_with(
-        &[
-            &os("direction"),
-            &p(&fixture()),
-            &os("-o"),
-            &p(&out),
-            &os("--harmful"),
-            &p(&long),
-            &os("--n-val"),
-            &os("4"),
-        ],
+    let [a, b] = flag("--harmful", &long);
+    let n_val = [OsStr::new("--n-val"), OsStr::new("4")];
+    direction_fails_with(
+        &fixture(),
+        &out,
+        &[&a, &b, n_val[0], n_val[1]],
         "the context holds",
     );
     // An architecture llama.cpp does not know.
     let odd = dir.path().join("odd.gguf");
     let r = unit(&noise(256, 1));
     SynthModel::new("notanarch", 256, GgmlType::F32, &r).write(&odd);
-    fails_with(
-        &[&os("direction"), &p(&odd), &os("-o"), &p(&out)],
-        "could not load",
-    );
+    direction_fails_with(&odd, &out, &[], "could not load");
     assert!(!out.exists());
 }
 

@@ -146,6 +146,28 @@ fn tokenize_all(
         .collect()
 }
 
+/// Mean KL(base ‖ ablated) over paired first-token distributions.
+fn mean_kl(ablated: &[Vec<f32>], base: &[Vec<f32>]) -> f64 {
+    mean(
+        &ablated
+            .iter()
+            .zip(base)
+            .map(|(q, p)| kl_divergence(p, q))
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// Refusal scores of first-token log-probabilities.
+fn refusal_scores<'a>(
+    log_probs: impl IntoIterator<Item = &'a Vec<f32>>,
+    refusal_ids: &[i32],
+) -> Vec<f64> {
+    log_probs
+        .into_iter()
+        .map(|lp| refusal_score(lp, refusal_ids))
+        .collect()
+}
+
 fn mean(xs: &[f64]) -> f64 {
     xs.iter().sum::<f64>() / xs.len().max(1) as f64
 }
@@ -212,11 +234,7 @@ pub fn search(
     // Baselines on validation prompts.
     let base_harm = runner.first_token_logprobs(&harm_val, &mut NoHook)?;
     let base_safe = runner.first_token_logprobs(&safe_val, &mut NoHook)?;
-    let score = |lps: &[Vec<f32>]| {
-        lps.iter()
-            .map(|lp| refusal_score(lp, &refusal_ids))
-            .collect::<Vec<_>>()
-    };
+    let score = |lps: &[Vec<f32>]| refusal_scores(lps, &refusal_ids);
     let safe_scores = score(&base_safe);
     // KL is measured only where the model answers: un-refusing a harmless
     // prompt it used to refuse is the point, not damage.
@@ -230,15 +248,6 @@ pub fn search(
     }
     let safe_answered: Vec<Vec<i32>> = answered.iter().map(|&i| safe_val[i].clone()).collect();
     let base_answered: Vec<Vec<f32>> = answered.iter().map(|&i| base_safe[i].clone()).collect();
-    let mean_kl = |ablated: &[Vec<f32>], base: &[Vec<f32>]| {
-        mean(
-            &ablated
-                .iter()
-                .zip(base)
-                .map(|(q, p)| kl_divergence(p, q))
-                .collect::<Vec<_>>(),
-        )
-    };
 
     // 2. Candidates.
     let max_layer = ((0.8 * n_layer as f64).ceil() as usize).min(capture_layers);
@@ -480,12 +489,7 @@ struct Measure<'a> {
 impl Measure<'_> {
     fn kl(&self, runner: &mut Runner, hook: &mut AblateHook) -> Result<f64> {
         let ablated = runner.first_token_logprobs(self.safe_answered, hook)?;
-        let kls: Vec<f64> = ablated
-            .iter()
-            .zip(self.base_answered)
-            .map(|(q, p)| kl_divergence(p, q))
-            .collect();
-        Ok(mean(&kls))
+        Ok(mean_kl(&ablated, self.base_answered))
     }
 
     /// KL first (cheap), bisecting the scale down to the largest within the
@@ -520,10 +524,7 @@ impl Measure<'_> {
             .filter(|g| judge(&detokenize(self.model, &g.tokens), &g.tokens) != Verdict::Complied)
             .count();
         c.refusal_rate = Some(refused as f64 / replies.len() as f64);
-        let scores: Vec<f64> = replies
-            .iter()
-            .map(|g| refusal_score(&g.first_log_probs, self.refusal_ids))
-            .collect();
+        let scores = refusal_scores(replies.iter().map(|g| &g.first_log_probs), self.refusal_ids);
         c.bypass = Some(mean(&scores));
         Ok(())
     }
