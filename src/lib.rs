@@ -4,7 +4,8 @@
 //!
 //! The data flows one way, and the modules follow it:
 //! `ffi` (llama.cpp) → `prompts` → `activations` → `direction` →
-//! `edit` (math) + `quant` → `gguf` (container) via `apply` → `verify`.
+//! `edit` (math) + `quant` → `gguf` (container) via `apply` → `verify`;
+//! `pipeline` runs them in that order for the command line.
 
 pub mod activations;
 pub mod apply;
@@ -16,6 +17,7 @@ pub mod ffi;
 pub mod gguf;
 pub mod inspect;
 pub mod output;
+pub mod pipeline;
 pub mod prompts;
 pub mod quant;
 pub mod rewrite;

@@ -1,0 +1,164 @@
+//! Finding the direction: prompts, search, and the direction file with its provenance.
+
+use super::SearchConfig;
+use crate::chat::ChatFormat;
+use crate::direction::{self, control_vector, DirectionFile, SearchOptions, SearchResult};
+use crate::prompts::{Kind, PromptSet};
+use crate::{ffi, output};
+use anyhow::Result;
+use std::path::{Path, PathBuf};
+
+/// A direction found by search, with what is needed to record it.
+pub struct Found {
+    pub result: SearchResult,
+    pub file: DirectionFile,
+    pub arch: String,
+}
+
+pub fn load_prompts(
+    kind: Kind,
+    file: &Option<PathBuf>,
+    column: Option<&str>,
+    seed: Option<u64>,
+) -> Result<PromptSet> {
+    let mut set = match file {
+        Some(path) => PromptSet::from_file(path, column)?,
+        None => PromptSet::builtin(kind),
+    };
+    if let Some(seed) = seed {
+        shuffle(&mut set.train, seed);
+    }
+    Ok(set)
+}
+
+/// Fisher–Yates with a small xorshift generator: reproducible everywhere.
+fn shuffle<T>(items: &mut [T], seed: u64) {
+    let mut s = seed ^ 0x9E37_79B9_7F4A_7C15;
+    for i in (1..items.len()).rev() {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        items.swap(i, (s % (i as u64 + 1)) as usize);
+    }
+}
+
+pub fn find_direction(input: &Path, args: &SearchConfig, progress: bool) -> Result<Found> {
+    let harmful = load_prompts(
+        Kind::Harmful,
+        &args.harmful,
+        args.column.as_deref(),
+        args.seed,
+    )?;
+    let harmless = load_prompts(
+        Kind::Harmless,
+        &args.harmless,
+        args.column.as_deref(),
+        args.seed,
+    )?;
+    // Read the header ourselves first: a clear error for a bad file beats llama.cpp's log.
+    let shards = crate::gguf::open_model(input)?;
+    let arch = shards[0].architecture().unwrap_or("unknown").to_string();
+    let name = shards[0].get_str("general.name").unwrap_or("").to_string();
+    let tied_embeddings = !shards.iter().any(|s| s.tensor("output.weight").is_some());
+    drop(shards);
+    let model = ffi::Model::load(input, args.n_gpu_layers)?;
+    let fmt = ChatFormat::resolve(&model, args.chat_template.as_deref())?;
+    let opts = SearchOptions {
+        n_train: args.n_train,
+        n_val: args.n_val,
+        layer: args.layer,
+        position: args.position,
+        kl_threshold: args.kl_threshold,
+        top_k: args.top_k,
+        rank_prompts: args.rank_prompts,
+        threads: args.llama_threads(),
+        progress,
+        tied_embeddings,
+    };
+    let result = direction::search(&model, &fmt, &harmful, &harmless, &opts)?;
+    let c = &result.chosen;
+    eprintln!(
+        "direction: layer {} position {} of {} layers, scale {}{} | refusal score on harmful prompts {:.2} -> {:.2} ablated ({:.0}% of replies refuse) | induce {:.2} | KL {:.3} ({:.0} s)",
+        result.layer,
+        result.position,
+        result.n_layer,
+        result.scale,
+        if result.skip_embeddings { ", token_embd kept" } else { "" },
+        result.baseline_harmful,
+        c.bypass.unwrap_or(f64::NAN),
+        100.0 * c.refusal_rate.unwrap_or(f64::NAN),
+        c.induce.unwrap_or(f64::NAN),
+        c.kl.unwrap_or(f64::NAN),
+        result.seconds
+    );
+    let tokens: Vec<String> = result
+        .refusal_tokens
+        .iter()
+        .map(|t| format!("{:?}", t.text))
+        .collect();
+    eprintln!("refusal tokens: {}", tokens.join(" "));
+    let evaluated = result.candidates.iter().filter(|c| c.kl.is_some()).count();
+    eprintln!(
+        "searched {} candidates, evaluated {evaluated} fully; bypass/KL frontier (layer/pos: KL -> bypass):",
+        result.candidates.len()
+    );
+    for f in &result.frontier {
+        eprintln!(
+            "  {:>3}/{} scale {}: KL {:.3} -> bypass {:.2}, {:.0}% refusals",
+            f.layer,
+            f.position,
+            f.scale,
+            f.kl.unwrap_or(f64::NAN),
+            f.bypass.unwrap_or(f64::NAN),
+            100.0 * f.refusal_rate.unwrap_or(f64::NAN)
+        );
+    }
+
+    let mut provenance = serde_json::Map::new();
+    provenance.insert("model".into(), name.into());
+    provenance.insert("architecture".into(), arch.clone().into());
+    provenance.insert("layer".into(), result.layer.into());
+    provenance.insert("position".into(), result.position.into());
+    provenance.insert("scale".into(), (result.scale as f64).into());
+    provenance.insert("skip_embeddings".into(), result.skip_embeddings.into());
+    provenance.insert("chat_template".into(), fmt.origin.clone().into());
+    provenance.insert("harmful_prompts".into(), harmful.source.clone().into());
+    provenance.insert("harmless_prompts".into(), harmless.source.clone().into());
+    provenance.insert(
+        "tool".into(),
+        format!("gguf-abliterate {}", env!("CARGO_PKG_VERSION")).into(),
+    );
+    provenance.insert("search".into(), serde_json::to_value(&result)?);
+    let file = DirectionFile {
+        direction: result.direction.clone(),
+        provenance,
+    };
+    Ok(Found { result, file, arch })
+}
+
+pub fn write_direction_outputs(
+    found: &Found,
+    out: &Path,
+    args: &SearchConfig,
+    force: bool,
+) -> Result<()> {
+    output::write_atomic(out, found.file.to_json().as_bytes(), force)?;
+    eprintln!("wrote {}", out.display());
+    if let Some(cv) = &args.export_control_vector {
+        write_control_vector(found, cv, force)?;
+    }
+    Ok(())
+}
+
+pub fn write_control_vector(found: &Found, cv: &Path, force: bool) -> Result<()> {
+    let result = &found.result;
+    let bytes =
+        control_vector::encode(&found.arch, result.n_layer, result.layer, &result.direction)?;
+    output::write_atomic(cv, &bytes, force)?;
+    eprintln!(
+        "wrote {} (llama-cli --control-vector-scaled {}:-1)",
+        cv.display(),
+        cv.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,276 @@
+//! The whole job, in data-flow order: prompts → direction (search or file)
+//! → apply → verify → report. `cli.rs` only turns arguments into the
+//! configurations here.
+
+mod find;
+mod modelfile;
+
+pub use find::{
+    find_direction, load_prompts, write_control_vector, write_direction_outputs, Found,
+};
+pub use modelfile::write_modelfile;
+
+use crate::apply::{self, ApplyOptions};
+use crate::direction::{self, DirectionFile, SearchOptions};
+use crate::prompts::Kind;
+use crate::verify::Verification;
+use crate::{output, verify};
+use anyhow::Result;
+use std::path::PathBuf;
+
+/// What the direction search needs besides the model.
+#[derive(Clone, Debug)]
+pub struct SearchConfig {
+    pub export_control_vector: Option<PathBuf>,
+    pub harmful: Option<PathBuf>,
+    pub harmless: Option<PathBuf>,
+    pub column: Option<String>,
+    pub n_train: usize,
+    pub n_val: usize,
+    pub layer: Option<usize>,
+    pub position: Option<usize>,
+    pub chat_template: Option<String>,
+    pub kl_threshold: f64,
+    pub top_k: usize,
+    pub rank_prompts: usize,
+    pub n_gpu_layers: i32,
+    pub seed: Option<u64>,
+    pub threads: Option<usize>,
+}
+
+impl Default for SearchConfig {
+    fn default() -> Self {
+        let d = SearchOptions::default();
+        SearchConfig {
+            export_control_vector: None,
+            harmful: None,
+            harmless: None,
+            column: None,
+            n_train: d.n_train,
+            n_val: d.n_val,
+            layer: None,
+            position: None,
+            chat_template: None,
+            kl_threshold: d.kl_threshold,
+            top_k: d.top_k,
+            rank_prompts: d.rank_prompts,
+            n_gpu_layers: 0,
+            seed: None,
+            threads: None,
+        }
+    }
+}
+
+impl SearchConfig {
+    /// llama.cpp threads: the option, or every core.
+    pub fn llama_threads(&self) -> i32 {
+        self.threads
+            .map_or_else(direction::default_threads, |t| t as i32)
+    }
+}
+
+/// Edit options shared by the main command and `apply`.
+#[derive(Clone, Debug, Default)]
+pub struct EditConfig {
+    /// None: the share the search chose (main command) or 1 (`apply`).
+    pub scale: Option<f32>,
+    pub skip_embeddings: bool,
+    pub force: bool,
+    pub quiet: bool,
+}
+
+/// The main command's configuration.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub input: PathBuf,
+    pub output: PathBuf,
+    pub direction: Option<PathBuf>,
+    pub no_verify: bool,
+    pub report: Option<PathBuf>,
+    pub ollama: bool,
+    pub verify_tokens: usize,
+    pub edit: EditConfig,
+    pub search: SearchConfig,
+}
+
+/// Sets rayon's global pool size (once per process).
+pub fn set_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(n) = threads {
+        use anyhow::Context;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build_global()
+            .context("setting up threads")?;
+    }
+    Ok(())
+}
+
+/// `gguf-abliterate apply --direction DIR.json IN OUT`.
+pub fn run_apply(
+    direction: &std::path::Path,
+    input: &std::path::Path,
+    out: &std::path::Path,
+    edit: &EditConfig,
+    threads: Option<usize>,
+) -> Result<()> {
+    set_threads(threads)?;
+    let dir = DirectionFile::read(direction)?;
+    let opts = ApplyOptions {
+        scale: edit.scale.unwrap_or(1.0),
+        skip_embeddings: edit.skip_embeddings,
+        force: edit.force,
+        provenance: dir.provenance_kvs(),
+        progress: !edit.quiet,
+    };
+    let report = apply::apply(input, out, &dir.direction, &opts)?;
+    for out in &report.outputs {
+        eprintln!(
+            "wrote {} ({} tensors edited)",
+            out.display(),
+            report.tensors.len()
+        );
+    }
+    Ok(())
+}
+
+/// Direction (search or file) → apply → verify → report.
+pub fn run_all(cfg: &RunConfig) -> Result<()> {
+    set_threads(cfg.search.threads)?;
+    let (input, output) = (&cfg.input, &cfg.output);
+    let started = std::time::Instant::now();
+    let progress = !cfg.edit.quiet;
+    // Check the paths before spending minutes on the search.
+    output::check_output_path(output, &[input], cfg.edit.force)?;
+
+    let (file, search) = match &cfg.direction {
+        Some(path) => (DirectionFile::read(path)?, None),
+        None => {
+            let found = find_direction(input, &cfg.search, progress)?;
+            if let Some(cv) = &cfg.search.export_control_vector {
+                write_control_vector(&found, cv, cfg.edit.force)?;
+            }
+            (found.file, Some(found.result))
+        }
+    };
+    let chosen_scale = file
+        .provenance
+        .get("scale")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(1.0) as f32;
+    let scale = cfg.edit.scale.unwrap_or(chosen_scale);
+    let chosen_skip = file
+        .provenance
+        .get("skip_embeddings")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    let skip_embeddings = cfg.edit.skip_embeddings || (cfg.edit.scale.is_none() && chosen_skip);
+    let opts = ApplyOptions {
+        scale,
+        skip_embeddings,
+        force: cfg.edit.force,
+        provenance: file.provenance_kvs(),
+        progress,
+    };
+    let applied = apply::apply(input, output, &file.direction, &opts)?;
+    eprintln!(
+        "wrote {} ({} tensors edited, scale {scale}{})",
+        output.display(),
+        applied.tensors.len(),
+        if skip_embeddings {
+            ", token_embd kept"
+        } else {
+            ""
+        }
+    );
+
+    let verification = if cfg.no_verify {
+        None
+    } else {
+        let v = verify::verify(
+            input,
+            output,
+            cfg.search.chat_template.as_deref(),
+            &held_back(&cfg.search, Kind::Harmful)?,
+            &held_back(&cfg.search, Kind::Harmless)?,
+            cfg.verify_tokens,
+            cfg.search.n_gpu_layers,
+            cfg.search.llama_threads(),
+        )?;
+        print_table(&v);
+        Some(v)
+    };
+    if cfg.ollama {
+        write_modelfile(input, output, cfg.edit.force)?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!("done in {seconds:.0} s");
+    if let Some(path) = &cfg.report {
+        let mut provenance = file.provenance.clone();
+        provenance.remove("search");
+        let report = serde_json::json!({
+            "tool": format!("gguf-abliterate {}", env!("CARGO_PKG_VERSION")),
+            "input": input,
+            "output": applied.outputs,
+            "scale": scale,
+            "direction": provenance,
+            "search": search,
+            "apply": applied,
+            "verification": verification,
+            "seconds": seconds,
+        });
+        output::write_atomic(
+            path,
+            serde_json::to_string_pretty(&report)?.as_bytes(),
+            true,
+        )?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Validation prompts the search did not use; all of them if it used them all.
+fn held_back(search: &SearchConfig, kind: Kind) -> Result<Vec<String>> {
+    let file = if kind == Kind::Harmful {
+        &search.harmful
+    } else {
+        &search.harmless
+    };
+    let set = load_prompts(kind, file, search.column.as_deref(), None)?;
+    let rest: Vec<String> = set
+        .val
+        .iter()
+        .skip(search.n_val)
+        .map(|p| p.text.clone())
+        .collect();
+    Ok(if rest.is_empty() {
+        set.val.iter().map(|p| p.text.clone()).collect()
+    } else {
+        rest
+    })
+}
+
+fn print_table(v: &Verification) {
+    let pct = |x: f64| format!("{:.0}%", 100.0 * x);
+    println!(
+        "{:<44} {:>8} {:>8}",
+        "held-back validation prompts", "before", "after"
+    );
+    println!(
+        "{:<44} {:>8} {:>8}",
+        format!("refusals on harmful prompts ({})", v.n_harmful),
+        pct(v.harmful_refusal_before),
+        pct(v.harmful_refusal_after)
+    );
+    println!(
+        "{:<44} {:>8} {:>8}",
+        format!("refusals on harmless prompts ({})", v.n_harmless),
+        pct(v.harmless_refusal_before),
+        pct(v.harmless_refusal_after)
+    );
+    println!(
+        "{:<44} {:>8} {:>8.3}",
+        format!("first-token KL, answered harmless ({})", v.n_answered),
+        "-",
+        v.kl_harmless_answered
+    );
+}
