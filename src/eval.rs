@@ -164,6 +164,21 @@ pub struct Runner<'m> {
 impl<'m> Runner<'m> {
     /// `n_batch` tokens per decode (also the longest prompt accepted).
     pub fn new(model: &'m Model, n_batch: usize, threads: i32) -> Result<Runner<'m>> {
+        Runner::with_callback(model, n_batch, threads, true)
+    }
+
+    /// A runner with no eval callback installed: a plain llama.cpp decode,
+    /// for baselines. Only [`NoHook`] may be passed to it.
+    pub fn plain(model: &'m Model, n_batch: usize, threads: i32) -> Result<Runner<'m>> {
+        Runner::with_callback(model, n_batch, threads, false)
+    }
+
+    fn with_callback(
+        model: &'m Model,
+        n_batch: usize,
+        threads: i32,
+        eval_callback: bool,
+    ) -> Result<Runner<'m>> {
         let n_batch = n_batch.min(model.n_ctx_train().max(512));
         // llama.cpp sizes its output buffer for at least n_seq outputs, which must fit in n_batch.
         let n_seq = n_batch.min(64) as u32;
@@ -172,11 +187,21 @@ impl<'m> Runner<'m> {
             n_batch: n_batch as u32,
             n_seq,
             threads,
+            eval_callback,
         };
         Ok(Runner {
             ctx: Context::new(model, opts)?,
             batch: Batch::new(n_batch),
         })
+    }
+
+    /// Decodes the current batch; a plain runner has no callback to hook.
+    fn decode(&mut self, hook: &mut dyn BatchHook) -> Result<()> {
+        if self.ctx.options().eval_callback {
+            self.ctx.decode_with(&self.batch, hook)
+        } else {
+            self.ctx.decode(&self.batch)
+        }
     }
 
     pub fn max_tokens(&self) -> usize {
@@ -228,7 +253,7 @@ impl<'m> Runner<'m> {
             }
             self.ctx.clear();
             hook.begin(&entries);
-            self.ctx.decode_with(&self.batch, hook)?;
+            self.decode(hook)?;
             read(&self.ctx, &entries)?;
         }
         self.ctx.clear();
@@ -342,7 +367,7 @@ impl<'m> Runner<'m> {
                 last_row.push(self.batch.len() - 1);
             }
             hook.begin(&entries);
-            self.ctx.decode_with(&self.batch, hook)?;
+            self.decode(hook)?;
             let mut logits: Vec<Vec<f32>> = last_row
                 .iter()
                 .map(|&row| self.ctx.logits(row).map(<[f32]>::to_vec))
@@ -379,7 +404,7 @@ impl<'m> Runner<'m> {
                     break;
                 }
                 hook.begin(&step_entries);
-                self.ctx.decode_with(&self.batch, hook)?;
+                self.decode(hook)?;
                 for &(seq, row) in &still {
                     logits[seq] = self.ctx.logits(row)?.to_vec();
                 }

@@ -385,6 +385,9 @@ pub struct ContextOptions {
     pub n_batch: u32,
     pub n_seq: u32,
     pub threads: i32,
+    /// Install the eval callback that hooks run in. Off only for baselines:
+    /// ggml's scheduler asks the callback about every node once it is set.
+    pub eval_callback: bool,
 }
 
 /// A decoding context with a residual-stream hook point.
@@ -422,8 +425,10 @@ impl<'m> Context<'m> {
             // Unified KV keeps a multi-sequence batch in one ubatch in order.
             p.kv_unified = true;
             p.no_perf = true;
-            p.cb_eval = Some(eval_callback);
-            p.cb_eval_user_data = (&mut *slot as *mut HookSlot).cast();
+            if opts.eval_callback {
+                p.cb_eval = Some(eval_callback);
+                p.cb_eval_user_data = (&mut *slot as *mut HookSlot).cast();
+            }
             sys::llama_init_from_model(model.ptr.as_ptr(), p)
         };
         let ptr = NonNull::new(ptr)
@@ -463,6 +468,9 @@ impl<'m> Context<'m> {
 
     /// Decodes a batch while `hook` sees (and may rewrite) the residual stream.
     pub fn decode_with(&mut self, batch: &Batch, hook: &mut dyn ResidualHook) -> Result<()> {
+        if !self.opts.eval_callback {
+            bail!("internal error: a hook needs a context with the eval callback");
+        }
         // SAFETY (lifetime erasure): the pointer is cleared before returning,
         // so the callback never sees the hook after this borrow ends.
         let hook: *mut (dyn ResidualHook + '_) = hook;

@@ -141,6 +141,14 @@ pub fn run_all(cfg: &RunConfig) -> Result<()> {
     let progress = !cfg.edit.quiet;
     // Check the paths before spending minutes on the search.
     output::check_output_path(output, &[input], cfg.edit.force)?;
+    let held_back = if cfg.no_verify {
+        None
+    } else {
+        Some((
+            held_back(&cfg.search, Kind::Harmful)?,
+            held_back(&cfg.search, Kind::Harmless)?,
+        ))
+    };
 
     let (file, search) = match &cfg.direction {
         Some(path) => (DirectionFile::read(path)?, None),
@@ -183,21 +191,21 @@ pub fn run_all(cfg: &RunConfig) -> Result<()> {
         }
     );
 
-    let verification = if cfg.no_verify {
-        None
-    } else {
+    let verification = if let Some((harmful, harmless)) = &held_back {
         let v = verify::verify(
             input,
             output,
             cfg.search.chat_template.as_deref(),
-            &held_back(&cfg.search, Kind::Harmful)?,
-            &held_back(&cfg.search, Kind::Harmless)?,
+            harmful,
+            harmless,
             cfg.verify_tokens,
             cfg.search.n_gpu_layers,
             cfg.search.llama_threads(),
         )?;
         print_table(&v);
         Some(v)
+    } else {
+        None
     };
     if cfg.ollama {
         write_modelfile(input, output, cfg.edit.force)?;
@@ -228,7 +236,12 @@ pub fn run_all(cfg: &RunConfig) -> Result<()> {
     Ok(())
 }
 
-/// Validation prompts the search did not use; all of them if it used them all.
+/// Held-back prompts per set below which verification would not be worth its name.
+const MIN_HELD_BACK: usize = 4;
+
+/// Validation prompts the search never sees (it takes the first `n_val`).
+/// Too few of them is an error, not a silent fall-back to prompts the
+/// search used.
 fn held_back(search: &SearchConfig, kind: Kind) -> Result<Vec<String>> {
     let file = if kind == Kind::Harmful {
         &search.harmful
@@ -242,11 +255,22 @@ fn held_back(search: &SearchConfig, kind: Kind) -> Result<Vec<String>> {
         .skip(search.n_val)
         .map(|p| p.text.clone())
         .collect();
-    Ok(if rest.is_empty() {
-        set.val.iter().map(|p| p.text.clone()).collect()
-    } else {
-        rest
-    })
+    if rest.len() < MIN_HELD_BACK {
+        let name = if kind == Kind::Harmful {
+            "harmful"
+        } else {
+            "harmless"
+        };
+        anyhow::bail!(
+            "--n-val {} leaves {} of the {} {name} validation prompts ({}) for verification, which needs \
+             at least {MIN_HELD_BACK} the search never saw: lower --n-val, give more prompts, or pass --no-verify",
+            search.n_val,
+            rest.len(),
+            set.val.len(),
+            set.source
+        );
+    }
+    Ok(rest)
 }
 
 fn print_table(v: &Verification) {
