@@ -2,7 +2,7 @@
 //! along the refusal direction. Tensors are streamed one at a time:
 //! dequantize → orthogonalize → requantize to the same type.
 
-use crate::edit::{self, EditPlan, PlannedEdit};
+use crate::edit::{self, EditPlan, EditWeights, PlannedEdit};
 use crate::gguf::{self, shards, GgufFile, TensorInfo, Value};
 use crate::output::PendingFile;
 use crate::rewrite;
@@ -19,10 +19,23 @@ pub struct ApplyOptions {
     /// Share of the component to remove: 1.0 removes it entirely.
     pub scale: f32,
     pub skip_embeddings: bool,
+    /// Per-component, per-layer weights (times `scale`).
+    pub weights: EditWeights,
     pub force: bool,
     /// Extra provenance (layer, model, …) stored as `abliterate.*` keys.
     pub provenance: Vec<(String, Value)>,
     pub progress: bool,
+}
+
+impl ApplyOptions {
+    /// The weights with `skip_embeddings` folded in.
+    pub fn effective_weights(&self) -> EditWeights {
+        let mut w = self.weights;
+        if self.skip_embeddings {
+            w.embeddings = 0.0;
+        }
+        w
+    }
 }
 
 impl Default for ApplyOptions {
@@ -30,6 +43,7 @@ impl Default for ApplyOptions {
         ApplyOptions {
             scale: 1.0,
             skip_embeddings: false,
+            weights: EditWeights::default(),
             force: false,
             provenance: Vec::new(),
             progress: true,
@@ -45,6 +59,8 @@ pub struct TensorReport {
     pub max_before: f64,
     pub max_after: f64,
     pub post_norm: Option<String>,
+    /// Share of the component removed (`scale` × the tensor's weight).
+    pub removed: f32,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -66,7 +82,7 @@ pub fn apply(
         bail!("--scale must be in (0, 1], got {}", opts.scale);
     }
     let shards = gguf::open_model(input)?;
-    let plan = edit::plan_edits(&shards, direction, opts.skip_embeddings)
+    let plan = edit::plan_edits(&shards, direction, &opts.effective_weights())
         .with_context(|| format!("planning the edit of {}", input.display()))?;
     check_rewritable(&shards, &plan)?;
 
@@ -96,15 +112,20 @@ pub fn apply(
                 .iter()
                 .find(|e| e.name == t.name)
                 .expect("edited tensor is planned");
-            let (bytes, report) = edit_tensor(shard, t, e, opts.scale)?;
+            let (bytes, report) = edit_tensor(shard, t, e, opts.scale * e.weight)?;
             let line = format!(
-                "[{:>4}/{n_edits}] {:<32} {:>7} {:>18}  max|rᵀW| {:.4} -> {:.4}{}",
+                "[{:>4}/{n_edits}] {:<32} {:>7} {:>18}  max|rᵀW| {:.4} -> {:.4}{}{}",
                 reports.len() + 1,
                 t.name,
                 report.ggml_type,
                 t.shape_string(),
                 report.max_before,
                 report.max_after,
+                if report.removed == 1.0 {
+                    String::new()
+                } else {
+                    format!("  ({:.0}% removed)", 100.0 * report.removed)
+                },
                 report
                     .post_norm
                     .as_deref()
@@ -131,7 +152,7 @@ pub fn apply(
         outputs: out_paths,
         tensors: reports,
         tied_embeddings: plan.tied_embeddings,
-        embeddings_edited: !opts.skip_embeddings,
+        embeddings_edited: opts.effective_weights().embeddings > 0.0,
     })
 }
 
@@ -181,6 +202,7 @@ fn edit_tensor(
         max_before: out.max_before,
         max_after: out.max_after,
         post_norm: e.post_norm.clone(),
+        removed: scale,
     };
     Ok((out.bytes, report))
 }
@@ -193,7 +215,14 @@ fn provenance_kvs(plan: &EditPlan, direction: &[f32], opts: &ApplyOptions) -> Ve
             Value::String(format!("gguf-abliterate {}", env!("CARGO_PKG_VERSION"))),
         ),
         (key("scale"), Value::F32(opts.scale)),
-        (key("embeddings_edited"), Value::Bool(!opts.skip_embeddings)),
+        (
+            key("embeddings_edited"),
+            Value::Bool(opts.effective_weights().embeddings > 0.0),
+        ),
+        (
+            key("weights"),
+            Value::String(serde_json::to_string(&opts.effective_weights()).expect("serializable")),
+        ),
         (
             key("edited_tensors"),
             Value::Array(

@@ -86,9 +86,14 @@ struct SearchArgs {
     /// A llama.cpp built-in chat template name or a template file, for models without one.
     #[arg(long, value_name = "NAME|FILE")]
     chat_template: Option<String>,
-    /// Discard candidates whose first-token KL on harmless prompts exceeds this.
-    #[arg(long, default_value_t = SearchOptions::default().kl_threshold, value_name = "KL")]
+    /// First-token KL on answered harmless prompts the edit may cost: candidates
+    /// above it are discarded, and the pick is the fewest refusals within it.
+    #[arg(long, visible_alias = "kl-target", default_value_t = SearchOptions::default().kl_threshold, value_name = "KL")]
     kl_threshold: f64,
+    /// TPE trials refining the chosen direction's edit (per-layer weights,
+    /// direction index, biprojection); 0 keeps the first stage's choice.
+    #[arg(long, default_value_t = SearchOptions::default().trials, value_name = "N")]
+    trials: usize,
     /// Candidates fully evaluated after the cheap ranking.
     #[arg(long, default_value_t = SearchOptions::default().top_k, value_name = "K")]
     top_k: usize,
@@ -213,6 +218,7 @@ impl SearchArgs {
             position: self.position,
             chat_template: self.chat_template.clone(),
             kl_threshold: self.kl_threshold,
+            trials: self.trials,
             top_k: self.top_k,
             rank_prompts: self.rank_prompts,
             n_gpu_layers: self.n_gpu_layers,

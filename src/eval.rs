@@ -2,7 +2,7 @@
 //! optional residual-stream interventions: the measuring instrument that
 //! capture, direction selection and verification share.
 
-use crate::edit;
+use crate::edit::{self, Component, EditWeights};
 use crate::ffi::{Batch, Context, ContextOptions, Model, Node, ResidualHook};
 use anyhow::{bail, Result};
 
@@ -55,10 +55,15 @@ impl BatchHook for NoHook {}
 /// component on the way in, and with tied embeddings (`unembedding`) the
 /// logits are those of `E' h = E (h − s u uᵀh)`, i.e. the final normalised
 /// state loses a share s of its component.
+///
+/// `weights` give each writer its own share (`scale × weight`), as
+/// `apply` does per tensor: a mid-layer node carries layer N's attention
+/// write, a layer output its MLP write.
 pub struct AblateHook {
     pub direction: Vec<f32>,
     /// Share of each write's component removed, as `apply --scale`.
     pub scale: f32,
+    pub weights: EditWeights,
     pub embeddings: bool,
     pub unembedding: bool,
     /// Component along u of each batch row after the previous node.
@@ -73,11 +78,23 @@ impl AblateHook {
         edit::normalized(direction).map(|direction| AblateHook {
             direction,
             scale: 1.0,
+            weights: EditWeights::default(),
             embeddings: true,
             unembedding: false,
             carried: Vec::new(),
             output_rows: Vec::new(),
         })
+    }
+}
+
+impl AblateHook {
+    /// Share of the token embeddings' component removed.
+    fn embedding_share(&self) -> f32 {
+        if self.embeddings {
+            self.scale * self.weights.embeddings
+        } else {
+            0.0
+        }
     }
 }
 
@@ -92,15 +109,16 @@ impl ResidualHook for AblateHook {
         let n_rows = rows.len() / n_embd;
         let u = &self.direction;
         if node == Node::FinalNorm {
-            edit::orthogonalize_rows_seq(rows, u, self.scale);
+            edit::orthogonalize_rows_seq(rows, u, self.embedding_share());
             return true;
         }
-        let keep = 1.0 - self.scale;
         // Scaling the embeddings writes nothing new: its component is just carried.
         let keep_here = match node {
-            Node::Embeddings if !self.embeddings => 1.0,
+            Node::Embeddings => 1.0 - self.embedding_share(),
             Node::ScaledEmbeddings => 1.0,
-            _ => keep,
+            Node::MidLayer(l) => 1.0 - self.scale * self.weights.weight(Component::Attention(l)),
+            Node::LayerOut(l) => 1.0 - self.scale * self.weights.weight(Component::Mlp(l)),
+            Node::FinalNorm => unreachable!("handled above"),
         };
         for (i, row) in rows.chunks_exact_mut(n_embd).enumerate() {
             // Last-layer nodes hold only the output rows, in batch order.

@@ -5,6 +5,8 @@ mod common;
 use common::*;
 use gguf_abliterate::activations::capture_means;
 use gguf_abliterate::chat::ChatFormat;
+use gguf_abliterate::direction::refine::{point_direction, EditPoint};
+use gguf_abliterate::edit::{EditWeights, Kernel};
 use gguf_abliterate::eval::{AblateHook, AddHook, NoHook, Runner};
 use gguf_abliterate::ffi::{self, Model};
 use indicatif::ProgressBar;
@@ -148,19 +150,57 @@ fn ablation_hook_predicts_the_weight_edit_at_any_scale() {
         .map(|(x, y)| (x - y) as f32)
         .collect();
     let plain = runner.first_token_logprobs(&p, &mut NoHook).unwrap();
+    // The refined edit space: a fractional, biprojected direction with
+    // heretic kernels per component and a partial token_embd weight.
+    let point = EditPoint {
+        direction_index: 11.4,
+        position: 0,
+        biprojected: true,
+        scale: 1.0,
+        weights: EditWeights {
+            attention: Some(Kernel {
+                max_weight: 1.3,
+                max_weight_position: 14.0,
+                min_weight: 0.3,
+                min_weight_distance: 9.0,
+            }),
+            mlp: Some(Kernel {
+                max_weight: 0.9,
+                max_weight_position: 20.0,
+                min_weight: 0.0,
+                min_weight_distance: 12.0,
+            }),
+            embeddings: 0.6,
+        },
+    };
+    let refined = point_direction(&a, &b, &point).unwrap();
+    let uniform = EditWeights::default();
     let dir = tempfile::tempdir().unwrap();
-    for (scale, skip_embeddings) in [(1.0, false), (0.5, false), (0.5, true)] {
-        let out = dir.path().join(format!("s{scale}-{skip_embeddings}.gguf"));
+    let cases = [
+        ("scale 1", &r, 1.0, false, uniform),
+        ("scale 0.5", &r, 0.5, false, uniform),
+        ("scale 0.5, token_embd kept", &r, 0.5, true, uniform),
+        (
+            "kernel-weighted, biprojected",
+            &refined,
+            1.0,
+            false,
+            point.weights,
+        ),
+    ];
+    for (i, (what, r, scale, skip_embeddings, weights)) in cases.into_iter().enumerate() {
+        let out = dir.path().join(format!("case{i}.gguf"));
         let opts = ApplyOptions {
             scale,
             skip_embeddings,
+            weights,
             progress: false,
             ..Default::default()
         };
-        apply(&fixture(), &out, &r, &opts).unwrap();
-        let mut hook = AblateHook::new(&r).unwrap();
-        (hook.scale, hook.embeddings, hook.unembedding) =
-            (scale, !skip_embeddings, !skip_embeddings);
+        apply(&fixture(), &out, r, &opts).unwrap();
+        let mut hook = AblateHook::new(r).unwrap();
+        (hook.scale, hook.weights, hook.embeddings, hook.unembedding) =
+            (scale, weights, !skip_embeddings, true);
         let predicted = runner.first_token_logprobs(&p, &mut hook).unwrap();
         let edited_model = Model::load(&out, 0).unwrap();
         let mut edited_runner = Runner::new(&edited_model, 512, 2).unwrap();
@@ -173,13 +213,14 @@ fn ablation_hook_predicts_the_weight_edit_at_any_scale() {
                 / x.len() as f64
         };
         let (effect, error) = (kl(&plain, &edited), kl(&predicted, &edited));
+        eprintln!("{what}: edit KL {effect:.4}, hook vs edit KL {error:.5}");
         assert!(
             effect > 0.05,
-            "scale {scale}: the edit should matter (KL {effect})"
+            "{what}: the edit should matter (KL {effect})"
         );
         assert!(
             error < 0.15 * effect,
-            "scale {scale} skip {skip_embeddings}: hook vs edit KL {error} against effect {effect}"
+            "{what}: hook vs edit KL {error} against effect {effect}"
         );
     }
 }

@@ -1,5 +1,6 @@
 //! The direction file: `{"direction": [n_embd floats], …provenance}`.
 
+use crate::edit::EditWeights;
 use crate::gguf::Value;
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value as Json};
@@ -54,6 +55,31 @@ impl DirectionFile {
             Json::from(self.direction.iter().map(|&x| x as f64).collect::<Vec<_>>()),
         );
         serde_json::to_string_pretty(&Json::Object(map)).expect("serializable")
+    }
+
+    /// The recorded edit: the chosen scale (1 if none), whether `token_embd`
+    /// was left alone, and the per-layer weights (uniform if none).
+    pub fn recorded_edit(&self) -> Result<(f32, bool, EditWeights)> {
+        let scale = self
+            .provenance
+            .get("scale")
+            .and_then(Json::as_f64)
+            .unwrap_or(1.0) as f32;
+        let skip = self
+            .provenance
+            .get("skip_embeddings")
+            .and_then(Json::as_bool)
+            .unwrap_or(false);
+        let weights = match self.provenance.get("weights") {
+            None => EditWeights::default(),
+            Some(w) => serde_json::from_value::<EditWeights>(w.clone())
+                .context("\"weights\" is not a valid edit parametrization")?,
+        };
+        weights.validate()?;
+        if !(scale > 0.0 && scale <= 1.0) {
+            bail!("\"scale\" must be in (0, 1], got {scale}");
+        }
+        Ok((scale, skip, weights))
     }
 
     /// Scalar provenance as GGUF metadata (`abliterate.<key>`); nested

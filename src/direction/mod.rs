@@ -3,6 +3,7 @@
 
 pub mod control_vector;
 mod file;
+pub mod refine;
 mod search;
 
 pub use file::DirectionFile;

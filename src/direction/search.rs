@@ -9,17 +9,22 @@
 //!    KL (first-token drift on harmless prompts the model answers);
 //! 4. discard layers ≥ 0.8 L, induce ≤ 0, KL > threshold; take the lowest bypass.
 
+use super::refine::{self, EditPoint, Optimizer, Space, Trial};
 use crate::activations::{capture, Means};
 use crate::chat::ChatFormat;
 use crate::eval::{kl_divergence, refusal_score, AblateHook, AddHook, NoHook, Runner};
 use crate::ffi::Model;
 use crate::prompts::PromptSet;
-use crate::verify::{detokenize, judge, Verdict};
+use crate::verify::{detokenize, judge_answer, Verdict};
 
 /// Bisection steps when searching the largest scale within the KL threshold.
 const SCALE_STEPS: usize = 5;
-/// Tokens generated per reply when judging refusals during the search.
-const JUDGE_TOKENS: usize = 16;
+/// Tokens generated per reply when judging refusals during the search:
+/// enough for the judge to see whether a reply answers the request.
+const JUDGE_TOKENS: usize = 24;
+/// Trials whose KL exceeds this multiple of the target are not worth
+/// generating replies for.
+const PRUNE_KL: f64 = 1.2;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -41,6 +46,9 @@ pub struct SearchOptions {
     pub progress: bool,
     /// The model has no `output.weight`: editing `token_embd` edits the unembedding too.
     pub tied_embeddings: bool,
+    /// TPE trials refining the chosen direction's edit (0: none).
+    pub trials: usize,
+    pub seed: u64,
 }
 
 impl Default for SearchOptions {
@@ -50,12 +58,14 @@ impl Default for SearchOptions {
             n_val: 32,
             layer: None,
             position: None,
-            kl_threshold: 0.35,
-            top_k: 6,
+            kl_threshold: 0.25,
+            top_k: 3,
             rank_prompts: 3,
             threads: default_threads(),
             progress: true,
             tied_embeddings: false,
+            trials: 48,
+            seed: 0,
         }
     }
 }
@@ -103,6 +113,13 @@ pub struct SearchResult {
     pub scale: f32,
     /// Leave `token_embd` unedited (measured to be better).
     pub skip_embeddings: bool,
+    /// The chosen point of the edit space (direction index, biprojection,
+    /// per-layer weights).
+    pub point: EditPoint,
+    /// Every refinement trial, the first stage's choice first.
+    pub trials: Vec<Trial>,
+    /// Indices into `trials` of the refusals/KL Pareto front, by rising KL.
+    pub front: Vec<usize>,
     pub n_layer: usize,
     pub refusal_tokens: Vec<RefusalToken>,
     /// Mean refusal score of the unedited model on the validation prompts.
@@ -118,6 +135,8 @@ pub struct SearchResult {
     pub n_train: usize,
     pub n_val: usize,
     pub seconds: f64,
+    /// Wall time of each stage: capture, rank, evaluate, refine.
+    pub stage_seconds: Vec<(String, f64)>,
 }
 
 fn bar(progress: bool, len: u64, what: &str) -> ProgressBar {
@@ -181,6 +200,12 @@ pub fn search(
     opts: &SearchOptions,
 ) -> Result<SearchResult> {
     let started = Instant::now();
+    let mut stages: Vec<(String, f64)> = Vec::new();
+    let mut stage_start = Instant::now();
+    let mut stage_done = |name: &str| {
+        stages.push((name.into(), stage_start.elapsed().as_secs_f64()));
+        stage_start = Instant::now();
+    };
     let n_layer = model.n_layer();
     let n_post = fmt.n_post();
     let take = |v: &[crate::prompts::Prompt], n: usize| v[..n.min(v.len())].to_vec();
@@ -218,11 +243,12 @@ pub fn search(
     let (harm_means, lp_harm) = capture(&mut runner, &harm_train, capture_layers, n_post, &pb)?;
     let (safe_means, lp_safe) = capture(&mut runner, &safe_train, capture_layers, n_post, &pb)?;
     pb.finish_and_clear();
+    stage_done("capture");
 
     // Refusal tokens: those whose first-token probability most separates
     // harmful from harmless training prompts (from the capture's logits).
     let refusal_ids = refusal_tokens(&lp_harm, &lp_safe)?;
-    drop((lp_harm, lp_safe));
+    drop(lp_harm);
     let refusal: Vec<RefusalToken> = refusal_ids
         .iter()
         .map(|&id| RefusalToken {
@@ -246,8 +272,22 @@ pub fn search(
             "the model refuses every harmless validation prompt; there is nothing to measure KL on"
         );
     }
-    let safe_answered: Vec<Vec<i32>> = answered.iter().map(|&i| safe_val[i].clone()).collect();
-    let base_answered: Vec<Vec<f32>> = answered.iter().map(|&i| base_safe[i].clone()).collect();
+    let mut safe_answered: Vec<Vec<i32>> = answered.iter().map(|&i| safe_val[i].clone()).collect();
+    let mut base_answered: Vec<Vec<f32>> = answered.iter().map(|&i| base_safe[i].clone()).collect();
+    // KL is cheap (first tokens only) and noisy on a few prompts: the
+    // refinement's many trials would fit its noise. So it is also measured
+    // on answered training prompts (up to as many again), whose first-token
+    // distributions the capture already computed.
+    let train_answered: Vec<usize> = score(&lp_safe)
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| **s < 0.0)
+        .map(|(i, _)| i)
+        .take(safe_val.len())
+        .collect();
+    safe_answered.extend(train_answered.iter().map(|&i| safe_train[i].clone()));
+    base_answered.extend(train_answered.iter().map(|&i| lp_safe[i].clone()));
+    drop(lp_safe);
 
     // 2. Candidates.
     let max_layer = ((0.8 * n_layer as f64).ceil() as usize).min(capture_layers);
@@ -290,6 +330,7 @@ pub fn search(
             let r = direction_of(layer, position);
             let (rank_bypass, rank_kl) = match AblateHook::new(&r) {
                 Some(mut hook) => {
+                    hook.unembedding = opts.tied_embeddings;
                     let lps = runner.first_token_logprobs(&rank_batch, &mut hook)?;
                     let (harm, safe) = lps.split_at(r_harm.len());
                     (mean(&score(harm)), mean_kl(safe, &rank_base))
@@ -328,12 +369,18 @@ pub fn search(
     // 3b. Full evaluation of the top K. KL first (cheap); where it is over
     // the threshold, remove less of the direction (scale < 1) until it is
     // not; then judge generated replies at that scale.
+    stage_done("rank");
     let k = opts.top_k.max(1).min(candidates.len());
     let induce_set = &safe_val[..safe_val.len().div_ceil(2)];
     let pb = bar(opts.progress, k as u64, "evaluate");
+    let harm_texts: Vec<String> = take(&harmful.val, opts.n_val)
+        .into_iter()
+        .map(|p| p.text)
+        .collect();
     let measure = Measure {
         model,
         harm_val: &harm_val,
+        harm_texts: &harm_texts,
         safe_answered: &safe_answered,
         base_answered: &base_answered,
         refusal_ids: &refusal_ids,
@@ -399,6 +446,7 @@ pub fn search(
         let mut without = best.clone();
         let mut ablate =
             AblateHook::new(&direction_of(best.layer, best.position)).context("zero direction")?;
+        // Keeping token_embd keeps the tied unembedding too.
         ablate.embeddings = false;
         measure.ablation(&mut runner, &mut ablate, &mut without)?;
         without.skip_embeddings = true;
@@ -412,13 +460,90 @@ pub fn search(
     }
 
     let frontier = frontier(&candidates[..k]);
+
+    stage_done("evaluate");
+
+    // 5. Refine the edit around the chosen direction with TPE.
+    let first = EditPoint {
+        direction_index: best.layer as f32,
+        position: best.position,
+        biprojected: false,
+        scale: best.scale,
+        weights: crate::edit::EditWeights::uniform(!best.skip_embeddings),
+    };
+    let mut trials = Vec::new();
+    let mut chosen_point = first.clone();
+    if opts.trials > 0 && opts.layer.is_none() {
+        let space = Space {
+            n_layer,
+            direction_layers: (
+                best.layer.saturating_sub(4),
+                (best.layer + 2).min(max_layer.max(1) - 1),
+            ),
+            position: best.position,
+        };
+        let mut optimizer = Optimizer::new(space, opts.seed)?;
+        let pb = bar(opts.progress, opts.trials as u64 + 1, "refine");
+        let run_trial = |point: &EditPoint, runner: &mut Runner, best: f64| -> Result<Trial> {
+            let r = refine::point_direction(&harm_means, &safe_means, point)?;
+            let mut hook = AblateHook::new(&r).context("zero refined direction")?;
+            hook.scale = point.scale;
+            hook.weights = point.weights;
+            hook.unembedding = opts.tied_embeddings;
+            let (refusal_rate, kl) = measure.trial(runner, &mut hook, best)?;
+            pb.inc(1);
+            Ok(Trial {
+                point: point.clone(),
+                refusal_rate,
+                kl,
+            })
+        };
+        let t = run_trial(&first, &mut runner, 1.0)?;
+        optimizer.tell(
+            &optimizer.raw_of(&first),
+            refine::objective(t.refusal_rate, t.kl, opts.kl_threshold),
+        )?;
+        trials.push(t);
+        for i in 0..opts.trials {
+            let (point, raw) = if i < refine::STARTUP_TRIALS {
+                optimizer.ask_random()
+            } else {
+                optimizer.ask()?
+            };
+            let best = trials
+                .iter()
+                .filter(|t: &&Trial| t.kl <= opts.kl_threshold)
+                .filter_map(|t| t.refusal_rate)
+                .fold(1.0, f64::min);
+            let t = run_trial(&point, &mut runner, best)?;
+            optimizer.tell(
+                &raw,
+                refine::objective(t.refusal_rate, t.kl, opts.kl_threshold),
+            )?;
+            trials.push(t);
+        }
+        pb.finish_and_clear();
+        if let Some(i) = refine::pick(&trials, opts.kl_threshold) {
+            chosen_point = trials[i].point.clone();
+        }
+    }
+    stage_done("refine");
+    let front = refine::pareto_front(&trials);
+    let direction = if chosen_point == first {
+        direction_of(best.layer, best.position)
+    } else {
+        refine::point_direction(&harm_means, &safe_means, &chosen_point)?
+    };
     Ok(SearchResult {
         frontier,
-        direction: direction_of(best.layer, best.position),
-        layer: best.layer,
+        direction,
+        layer: chosen_point.direction_index.round() as usize,
         position: best.position,
-        scale: best.scale,
-        skip_embeddings: best.skip_embeddings,
+        scale: chosen_point.scale,
+        skip_embeddings: chosen_point.weights.embeddings == 0.0,
+        point: chosen_point,
+        trials,
+        front,
         n_layer,
         refusal_tokens: refusal,
         baseline_harmful: mean(&score(&base_harm)),
@@ -430,6 +555,7 @@ pub fn search(
         n_train: harm_train.len(),
         n_val: harm_val.len(),
         seconds: started.elapsed().as_secs_f64(),
+        stage_seconds: stages,
     })
 }
 
@@ -480,6 +606,7 @@ fn frontier(evaluated: &[CandidateScores]) -> Vec<CandidateScores> {
 struct Measure<'a> {
     model: &'a Model,
     harm_val: &'a [Vec<i32>],
+    harm_texts: &'a [String],
     safe_answered: &'a [Vec<i32>],
     base_answered: &'a [Vec<f32>],
     refusal_ids: &'a [i32],
@@ -518,14 +645,66 @@ impl Measure<'_> {
         }
         hook.scale = scale;
         (c.scale, c.kl) = (scale, Some(kl));
+        let (rate, bypass) = self.refusals(runner, hook)?;
+        (c.refusal_rate, c.bypass) = (Some(rate), Some(bypass));
+        Ok(())
+    }
+
+    /// Share of harmful validation replies that are not real answers, and
+    /// the mean first-token refusal score.
+    fn refusals(&self, runner: &mut Runner, hook: &mut AblateHook) -> Result<(f64, f64)> {
         let replies = runner.generate(self.harm_val, JUDGE_TOKENS, hook)?;
         let refused = replies
             .iter()
-            .filter(|g| judge(&detokenize(self.model, &g.tokens), &g.tokens) != Verdict::Complied)
+            .zip(self.harm_texts)
+            .filter(|(g, request)| {
+                judge_answer(request, &detokenize(self.model, &g.tokens), &g.tokens)
+                    != Verdict::Complied
+            })
             .count();
-        c.refusal_rate = Some(refused as f64 / replies.len() as f64);
         let scores = refusal_scores(replies.iter().map(|g| &g.first_log_probs), self.refusal_ids);
-        c.bypass = Some(mean(&scores));
-        Ok(())
+        Ok((refused as f64 / replies.len() as f64, mean(&scores)))
+    }
+
+    /// One refinement trial: KL first, replies only when KL is near the
+    /// target, and the second half of them only when the first half does
+    /// not already lose to `best` (the fewest refusals seen so far).
+    fn trial(
+        &self,
+        runner: &mut Runner,
+        hook: &mut AblateHook,
+        best: f64,
+    ) -> Result<(Option<f64>, f64)> {
+        let kl = self.kl(runner, hook)?;
+        if kl > PRUNE_KL * self.kl_threshold {
+            return Ok((None, kl));
+        }
+        let half = self.harm_val.len() / 2;
+        let first = self.refused(runner, hook, 0..half)?;
+        let n = self.harm_val.len() as f64;
+        // Even with every other reply an answer, it cannot beat `best` by much.
+        if half > 0 && first as f64 / n > best + 0.1 {
+            return Ok((Some(2.0 * first as f64 / n), kl));
+        }
+        let second = self.refused(runner, hook, half..self.harm_val.len())?;
+        Ok((Some((first + second) as f64 / n), kl))
+    }
+
+    /// Harmful validation replies in `range` that are not real answers.
+    fn refused(
+        &self,
+        runner: &mut Runner,
+        hook: &mut AblateHook,
+        range: std::ops::Range<usize>,
+    ) -> Result<usize> {
+        let replies = runner.generate(&self.harm_val[range.clone()], JUDGE_TOKENS, hook)?;
+        Ok(replies
+            .iter()
+            .zip(&self.harm_texts[range])
+            .filter(|(g, request)| {
+                judge_answer(request, &detokenize(self.model, &g.tokens), &g.tokens)
+                    != Verdict::Complied
+            })
+            .count())
     }
 }

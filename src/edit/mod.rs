@@ -6,7 +6,10 @@
 //! out of the output side, `W' = W - s u (uᵀW)`, is therefore:
 //! `v = Σ_i u_i row_i`, then `row_i -= s u_i v`.
 
+mod params;
 mod plan;
+
+pub use params::{Component, EditWeights, Kernel, MAX_WEIGHT};
 
 pub use plan::{classify, plan_edits, EditKind, EditPlan, PlannedEdit, POST_NORM_ARCHS};
 

@@ -2,6 +2,7 @@
 //! each must be edited.
 
 use super::normalized;
+use super::params::{Component, EditWeights};
 use crate::gguf::GgufFile;
 use anyhow::{bail, Context, Result};
 use std::sync::Arc;
@@ -31,6 +32,8 @@ pub struct PlannedEdit {
     pub direction: Arc<Vec<f32>>,
     /// The post-norm weight the direction was scaled by, if any.
     pub post_norm: Option<String>,
+    /// This tensor's edit weight (times the global scale: the share removed).
+    pub weight: f32,
 }
 
 pub struct EditPlan {
@@ -67,12 +70,14 @@ pub fn classify(arch: &str, name: &str) -> Option<(EditKind, Option<String>)> {
 }
 
 /// Plans the edit of every residual-writing tensor across `shards`
-/// (the first shard carries the model metadata).
+/// (the first shard carries the model metadata). Tensors whose weight is 0
+/// are left out: they are copied unchanged.
 pub fn plan_edits(
     shards: &[GgufFile],
     direction: &[f32],
-    skip_embeddings: bool,
+    weights: &EditWeights,
 ) -> Result<EditPlan> {
+    weights.validate()?;
     let meta = &shards[0];
     let arch = meta.architecture().context("no general.architecture key")?;
     let n_embd = meta
@@ -97,7 +102,8 @@ pub fn plan_edits(
             let Some((kind, post_norm)) = classify(arch, &t.name) else {
                 continue;
             };
-            if kind == EditKind::EmbeddingRows && skip_embeddings {
+            let weight = Component::of(&t.name).map_or(1.0, |c| weights.weight(c));
+            if weight == 0.0 {
                 continue;
             }
             let out_axis = match kind {
@@ -139,6 +145,7 @@ pub fn plan_edits(
                 kind,
                 direction,
                 post_norm,
+                weight,
             });
         }
     }

@@ -74,6 +74,8 @@ pub fn find_direction(input: &Path, args: &SearchConfig, progress: bool) -> Resu
         threads: args.llama_threads(),
         progress,
         tied_embeddings,
+        trials: args.trials,
+        seed: args.seed.unwrap_or(0),
     };
     let result = direction::search(&model, &fmt, &harmful, &harmless, &opts)?;
     let c = &result.chosen;
@@ -114,6 +116,8 @@ pub fn find_direction(input: &Path, args: &SearchConfig, progress: bool) -> Resu
         );
     }
 
+    print_front(&result);
+
     let mut provenance = serde_json::Map::new();
     provenance.insert("model".into(), name.into());
     provenance.insert("architecture".into(), arch.clone().into());
@@ -121,6 +125,15 @@ pub fn find_direction(input: &Path, args: &SearchConfig, progress: bool) -> Resu
     provenance.insert("position".into(), result.position.into());
     provenance.insert("scale".into(), (result.scale as f64).into());
     provenance.insert("skip_embeddings".into(), result.skip_embeddings.into());
+    provenance.insert(
+        "direction_index".into(),
+        (result.point.direction_index as f64).into(),
+    );
+    provenance.insert("biprojected".into(), result.point.biprojected.into());
+    provenance.insert(
+        "weights".into(),
+        serde_json::to_value(result.point.weights)?,
+    );
     provenance.insert("chat_template".into(), fmt.origin.clone().into());
     provenance.insert("harmful_prompts".into(), harmful.source.clone().into());
     provenance.insert("harmless_prompts".into(), harmless.source.clone().into());
@@ -161,4 +174,54 @@ pub fn write_control_vector(found: &Found, cv: &Path, force: bool) -> Result<()>
         cv.display()
     );
     Ok(())
+}
+
+/// The refinement's Pareto front, as a table.
+fn print_front(result: &SearchResult) {
+    if result.trials.is_empty() {
+        return;
+    }
+    eprintln!(
+        "refined the edit with {} trials; refusals/KL Pareto front (* = chosen):",
+        result.trials.len() - 1
+    );
+    eprintln!(
+        "  {:>3} {:>8} {:>6}  {:>5} {:>5} {:>5}  {:<28} {:<28}",
+        "#",
+        "refusals",
+        "KL",
+        "index",
+        "biprj",
+        "embd",
+        "attention max@pos min/dist",
+        "mlp max@pos min/dist"
+    );
+    let kernel = |k: Option<crate::edit::Kernel>| match k {
+        Some(k) => format!(
+            "{:.2}@{:.1} {:.2}/{:.1}",
+            k.max_weight, k.max_weight_position, k.min_weight, k.min_weight_distance
+        ),
+        None => "uniform".into(),
+    };
+    for (n, &i) in result.front.iter().enumerate() {
+        let t = &result.trials[i];
+        let p = &t.point;
+        eprintln!(
+            "{} {:>3} {:>7.0}% {:>6.3}  {:>5.2} {:>5} {:>5.2}  {:<28} {:<28}{}",
+            if *p == result.point { "*" } else { " " },
+            n,
+            100.0 * t.refusal_rate.unwrap_or(f64::NAN),
+            t.kl,
+            p.direction_index,
+            if p.biprojected { "yes" } else { "no" },
+            p.weights.embeddings * p.scale,
+            kernel(p.weights.attention),
+            kernel(p.weights.mlp),
+            if p.scale == 1.0 {
+                String::new()
+            } else {
+                format!("  scale {:.2}", p.scale)
+            }
+        );
+    }
 }

@@ -15,7 +15,7 @@ use crate::direction::{self, DirectionFile, SearchOptions};
 use crate::prompts::Kind;
 use crate::verify::Verification;
 use crate::{output, verify};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use std::path::PathBuf;
 
 /// What the direction search needs besides the model.
@@ -31,6 +31,7 @@ pub struct SearchConfig {
     pub position: Option<usize>,
     pub chat_template: Option<String>,
     pub kl_threshold: f64,
+    pub trials: usize,
     pub top_k: usize,
     pub rank_prompts: usize,
     pub n_gpu_layers: i32,
@@ -52,6 +53,7 @@ impl Default for SearchConfig {
             position: None,
             chat_template: None,
             kl_threshold: d.kl_threshold,
+            trials: d.trials,
             top_k: d.top_k,
             rank_prompts: d.rank_prompts,
             n_gpu_layers: 0,
@@ -96,7 +98,6 @@ pub struct RunConfig {
 /// Sets rayon's global pool size (once per process).
 pub fn set_threads(threads: Option<usize>) -> Result<()> {
     if let Some(n) = threads {
-        use anyhow::Context;
         rayon::ThreadPoolBuilder::new()
             .num_threads(n.max(1))
             .build_global()
@@ -115,9 +116,13 @@ pub fn run_apply(
 ) -> Result<()> {
     set_threads(threads)?;
     let dir = DirectionFile::read(direction)?;
+    let (recorded_scale, recorded_skip, weights) = dir
+        .recorded_edit()
+        .with_context(|| format!("{} is not a valid direction file", direction.display()))?;
     let opts = ApplyOptions {
-        scale: edit.scale.unwrap_or(1.0),
-        skip_embeddings: edit.skip_embeddings,
+        scale: edit.scale.unwrap_or(recorded_scale),
+        skip_embeddings: edit.skip_embeddings || (edit.scale.is_none() && recorded_skip),
+        weights,
         force: edit.force,
         provenance: dir.provenance_kvs(),
         progress: !edit.quiet,
@@ -160,21 +165,13 @@ pub fn run_all(cfg: &RunConfig) -> Result<()> {
             (found.file, Some(found.result))
         }
     };
-    let chosen_scale = file
-        .provenance
-        .get("scale")
-        .and_then(|v| v.as_f64())
-        .unwrap_or(1.0) as f32;
+    let (chosen_scale, chosen_skip, weights) = file.recorded_edit()?;
     let scale = cfg.edit.scale.unwrap_or(chosen_scale);
-    let chosen_skip = file
-        .provenance
-        .get("skip_embeddings")
-        .and_then(|v| v.as_bool())
-        .unwrap_or(false);
     let skip_embeddings = cfg.edit.skip_embeddings || (cfg.edit.scale.is_none() && chosen_skip);
     let opts = ApplyOptions {
         scale,
         skip_embeddings,
+        weights,
         force: cfg.edit.force,
         provenance: file.provenance_kvs(),
         progress,

@@ -1,0 +1,353 @@
+//! Refining the chosen direction's edit with a TPE search over the edit
+//! space: a fractional direction index, optional orthogonalization against
+//! the harmless mean ("biprojection"), heretic's per-layer kernels for
+//! attention and MLP writes, and the `token_embd` weight.
+//!
+//! Optimizer: the `tpe` crate (Tree-structured Parzen Estimator, one
+//! estimator per parameter, as Optuna's default independent sampler). TPE is
+//! what heretic uses through Optuna, copes with a dozen bounded parameters
+//! and a few dozen noisy trials, and needs no gradient. Its objective is
+//! scalar, so the two objectives are folded: refusals, plus a steep
+//! penalty for KL beyond the target. Every trial is kept, and the Pareto
+//! front over (refusals, KL) is reported from all of them.
+
+use crate::activations::Means;
+use crate::edit::{normalized, EditWeights, Kernel};
+use anyhow::{Context, Result};
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+/// One point of the edit space.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EditPoint {
+    /// Fractional layer: the direction interpolates between the two
+    /// neighbouring layers' (normalized) differences of means.
+    pub direction_index: f32,
+    pub position: usize,
+    /// Orthogonalized against the harmless mean at that layer.
+    pub biprojected: bool,
+    /// Global share (`apply --scale`); the weights carry the rest.
+    pub scale: f32,
+    pub weights: EditWeights,
+}
+
+/// A measured point.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Trial {
+    pub point: EditPoint,
+    /// Share of harmful validation replies judged refusals; None when the
+    /// trial was pruned on its KL alone.
+    pub refusal_rate: Option<f64>,
+    pub kl: f64,
+}
+
+/// The direction a point uses (not normalized to unit length by callers:
+/// `AblateHook` and `apply` normalize).
+pub fn point_direction(harmful: &Means, harmless: &Means, point: &EditPoint) -> Result<Vec<f32>> {
+    let last = harmful.n_layers - 1;
+    let index = point.direction_index.clamp(0.0, last as f32);
+    let lo = index.floor() as usize;
+    let hi = (lo + 1).min(last);
+    let t = index - lo as f32;
+    let unit = |l: usize| -> Result<Vec<f32>> {
+        let d: Vec<f32> = harmful
+            .at(l, point.position)
+            .iter()
+            .zip(harmless.at(l, point.position))
+            .map(|(a, b)| (a - b) as f32)
+            .collect();
+        normalized(&d).with_context(|| format!("zero difference of means at layer {l}"))
+    };
+    let (a, b) = (unit(lo)?, unit(hi)?);
+    let mut r: Vec<f32> = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (1.0 - t) * x + t * y)
+        .collect();
+    if point.biprojected {
+        let mean_at = |l: usize| -> Vec<f32> {
+            harmless
+                .at(l, point.position)
+                .iter()
+                .map(|&x| x as f32)
+                .collect()
+        };
+        let (ga, gb) = (mean_at(lo), mean_at(hi));
+        let g: Vec<f32> = ga
+            .iter()
+            .zip(&gb)
+            .map(|(x, y)| (1.0 - t) * x + t * y)
+            .collect();
+        if let Some(g) = normalized(&g) {
+            let along = crate::edit::dot(&r, &g) as f32;
+            r.iter_mut().zip(&g).for_each(|(x, gi)| *x -= along * gi);
+        }
+    }
+    normalized(&r).context("the refined direction is zero")
+}
+
+/// The search space, given the model's depth and the layers the direction
+/// may come from.
+pub struct Space {
+    pub n_layer: usize,
+    /// Direction indices searched: the first stage's layer, a few either side.
+    pub direction_layers: (usize, usize),
+    pub position: usize,
+}
+
+/// Trials sampled uniformly before TPE takes over (TPE needs a few
+/// observations to split into better and worse).
+pub const STARTUP_TRIALS: usize = 8;
+
+/// TPE over the edit space.
+pub struct Optimizer {
+    space: Space,
+    params: Vec<tpe::TpeOptimizer>,
+    /// Each numeric parameter's half-open range (the categorical one last).
+    bounds: Vec<(f64, f64)>,
+    rng: rand::rngs::StdRng,
+}
+
+/// Parameter order in `Optimizer::params`.
+const N_PARAMS: usize = 11;
+
+impl Optimizer {
+    pub fn new(space: Space, seed: u64) -> Result<Optimizer> {
+        let last = (space.n_layer - 1) as f64;
+        let (dir_min, dir_max) = (
+            space.direction_layers.0 as f64,
+            space.direction_layers.1 as f64,
+        );
+        let r = |a: f64, b: f64| (a, b.max(a + 1e-3));
+        let kernel = || {
+            [
+                r(0.5, 1.5),           // max_weight
+                r(0.0, last),          // max_weight_position
+                r(0.0, 1.0),           // min_weight, as a share of max_weight
+                r(1.0, last.max(1.0)), // min_weight_distance
+            ]
+        };
+        let mut bounds = vec![r(dir_min, dir_max)];
+        bounds.extend(kernel());
+        bounds.extend(kernel());
+        bounds.push(r(0.0, 1.0)); // token_embd weight
+        let mut params: Vec<tpe::TpeOptimizer> = bounds
+            .iter()
+            .map(|&(a, b)| {
+                tpe::TpeOptimizer::new(
+                    tpe::parzen_estimator(),
+                    tpe::range(a, b).expect("valid range"),
+                )
+            })
+            .collect();
+        params.push(tpe::TpeOptimizer::new(
+            tpe::histogram_estimator(),
+            tpe::categorical_range(2).expect("valid range"),
+        ));
+        debug_assert_eq!(params.len(), N_PARAMS + 1);
+        Ok(Optimizer {
+            space,
+            params,
+            bounds,
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+        })
+    }
+
+    /// A point drawn uniformly from the space.
+    pub fn ask_random(&mut self) -> (EditPoint, Vec<f64>) {
+        use rand::Rng;
+        let mut raw: Vec<f64> = self
+            .bounds
+            .iter()
+            .map(|&(a, b)| self.rng.gen_range(a..b))
+            .collect();
+        raw.push(if self.rng.gen_bool(0.5) { 1.0 } else { 0.0 });
+        (self.point_of(&raw), raw)
+    }
+
+    /// The next point to measure, with its raw parameter values.
+    pub fn ask(&mut self) -> Result<(EditPoint, Vec<f64>)> {
+        let mut raw = Vec::with_capacity(self.params.len());
+        for p in &mut self.params {
+            raw.push(
+                p.ask(&mut self.rng)
+                    .map_err(|e| anyhow::anyhow!("TPE: {e}"))?,
+            );
+        }
+        Ok((self.point_of(&raw), raw))
+    }
+
+    /// Records a measured objective for the raw parameters of `ask`.
+    pub fn tell(&mut self, raw: &[f64], objective: f64) -> Result<()> {
+        for (i, (p, &x)) in self.params.iter_mut().zip(raw).enumerate() {
+            // A point told from outside may sit on a range's open end.
+            let x = match self.bounds.get(i) {
+                Some(&(a, b)) => x.clamp(a, b - 1e-6 * (b - a)),
+                None => x,
+            };
+            p.tell(x, objective)
+                .map_err(|e| anyhow::anyhow!("TPE: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Raw parameters describing a point (to tell the optimizer about a
+    /// point it did not propose, such as the first stage's choice).
+    pub fn raw_of(&self, point: &EditPoint) -> Vec<f64> {
+        let last = (self.space.n_layer - 1) as f32;
+        let kernel = |k: Option<Kernel>| match k {
+            Some(k) => [
+                k.max_weight,
+                k.max_weight_position,
+                if k.max_weight > 0.0 {
+                    k.min_weight / k.max_weight
+                } else {
+                    0.0
+                },
+                k.min_weight_distance,
+            ],
+            // Uniform: a flat kernel as wide as the model.
+            None => [1.0, last / 2.0, 1.0, last.max(1.0)],
+        };
+        let kernel = |k: Option<Kernel>| {
+            let mut raw = kernel(k);
+            raw[0] *= point.scale;
+            raw
+        };
+        let mut raw = vec![point.direction_index as f64];
+        raw.extend(kernel(point.weights.attention).map(f64::from));
+        raw.extend(kernel(point.weights.mlp).map(f64::from));
+        raw.push(point.weights.embeddings as f64);
+        raw.push(if point.biprojected { 1.0 } else { 0.0 });
+        raw
+    }
+
+    fn point_of(&self, raw: &[f64]) -> EditPoint {
+        let kernel = |k: &[f64]| Kernel {
+            max_weight: k[0] as f32,
+            max_weight_position: k[1] as f32,
+            min_weight: (k[2] * k[0]) as f32,
+            min_weight_distance: k[3] as f32,
+        };
+        EditPoint {
+            direction_index: raw[0] as f32,
+            position: self.space.position,
+            biprojected: raw[10] >= 0.5,
+            scale: 1.0,
+            weights: EditWeights {
+                attention: Some(kernel(&raw[1..5])),
+                mlp: Some(kernel(&raw[5..9])),
+                embeddings: raw[9] as f32,
+            },
+        }
+    }
+}
+
+/// The scalar TPE minimizes: refusals, plus a penalty that makes any point
+/// beyond the KL target worse than every point within it.
+pub fn objective(refusal_rate: Option<f64>, kl: f64, kl_target: f64) -> f64 {
+    let over = (kl - kl_target).max(0.0) / kl_target;
+    match refusal_rate {
+        Some(r) if over == 0.0 => r + 0.05 * kl / kl_target,
+        Some(r) => 1.0 + r + over,
+        None => 2.0 + over,
+    }
+}
+
+/// Trials not beaten on both refusals and KL, by rising KL.
+pub fn pareto_front(trials: &[Trial]) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..trials.len())
+        .filter(|&i| trials[i].refusal_rate.is_some())
+        .collect();
+    idx.sort_by(|&a, &b| {
+        trials[a].kl.total_cmp(&trials[b].kl).then(
+            trials[a]
+                .refusal_rate
+                .unwrap()
+                .total_cmp(&trials[b].refusal_rate.unwrap()),
+        )
+    });
+    let mut best = f64::INFINITY;
+    let mut front = Vec::new();
+    for i in idx {
+        let r = trials[i].refusal_rate.unwrap();
+        if r < best {
+            best = r;
+            front.push(i);
+        }
+    }
+    front
+}
+
+/// The default pick: the fewest refusals within the KL target, then the
+/// lowest KL.
+pub fn pick(trials: &[Trial], kl_target: f64) -> Option<usize> {
+    (0..trials.len())
+        .filter(|&i| trials[i].refusal_rate.is_some() && trials[i].kl <= kl_target)
+        .min_by(|&a, &b| {
+            let key = |i: usize| (trials[i].refusal_rate.unwrap(), trials[i].kl);
+            key(a)
+                .partial_cmp(&key(b))
+                .unwrap_or(std::cmp::Ordering::Equal)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trial(r: Option<f64>, kl: f64) -> Trial {
+        Trial {
+            point: EditPoint {
+                direction_index: 0.0,
+                position: 0,
+                biprojected: false,
+                scale: 1.0,
+                weights: EditWeights::default(),
+            },
+            refusal_rate: r,
+            kl,
+        }
+    }
+
+    #[test]
+    fn front_and_pick() {
+        let t = vec![
+            trial(Some(0.5), 0.1),
+            trial(Some(0.3), 0.2),
+            trial(Some(0.4), 0.25),
+            trial(None, 0.05),
+            trial(Some(0.1), 0.5),
+        ];
+        assert_eq!(pareto_front(&t), vec![0, 1, 4]);
+        assert_eq!(pick(&t, 0.3), Some(1));
+        assert_eq!(pick(&t, 0.05), None);
+        assert!(objective(Some(1.0), 0.1, 0.3) < objective(Some(0.0), 0.31, 0.3));
+    }
+
+    #[test]
+    fn optimizer_round_trips_points() {
+        let mut o = Optimizer::new(
+            Space {
+                n_layer: 30,
+                direction_layers: (0, 23),
+                position: 3,
+            },
+            7,
+        )
+        .unwrap();
+        let (p, raw) = o.ask().unwrap();
+        assert_eq!(p.position, 3);
+        assert!((0.0..=23.0).contains(&p.direction_index));
+        p.weights.validate().unwrap();
+        let again = o.raw_of(&p);
+        for (a, b) in raw.iter().zip(&again) {
+            // The categorical parameter comes back as 0 or 1.
+            assert!(
+                (a - b).abs() < 1e-4 || (a.round() - b).abs() < 1e-9,
+                "{raw:?} vs {again:?}"
+            );
+        }
+        o.tell(&raw, 0.5).unwrap();
+    }
+}
