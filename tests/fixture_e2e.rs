@@ -155,11 +155,11 @@ fn direction_search_bad_input() {
         &[&a, &b, n_val[0], n_val[1]],
         "the context holds",
     );
-    // An architecture llama.cpp does not know.
+    // An architecture outside the table (docs/architectures.md).
     let odd = dir.path().join("odd.gguf");
     let r = unit(&noise(256, 1));
     SynthModel::new("notanarch", 256, GgmlType::F32, &r).write(&odd);
-    direction_fails_with(&odd, &out, &[], "could not load");
+    direction_fails_with(&odd, &out, &[], "'notanarch' is not supported");
     assert!(!out.exists());
 }
 

@@ -41,6 +41,8 @@ pub struct SearchOptions {
     pub progress: bool,
     /// The model has no `output.weight`: editing `token_embd` edits the unembedding too.
     pub tied_embeddings: bool,
+    /// Post-norm weights, so that the ablation acts where the edit does.
+    pub post_norms: crate::edit::PostNorms,
 }
 
 impl Default for SearchOptions {
@@ -56,6 +58,7 @@ impl Default for SearchOptions {
             threads: default_threads(),
             progress: true,
             tied_embeddings: false,
+            post_norms: Default::default(),
         }
     }
 }
@@ -288,14 +291,15 @@ pub fn search(
     for &layer in &layers {
         for &position in &positions {
             let r = direction_of(layer, position);
-            let (rank_bypass, rank_kl) = match AblateHook::new(&r) {
-                Some(mut hook) => {
-                    let lps = runner.first_token_logprobs(&rank_batch, &mut hook)?;
-                    let (harm, safe) = lps.split_at(r_harm.len());
-                    (mean(&score(harm)), mean_kl(safe, &rank_base))
-                }
-                None => (f64::INFINITY, f64::INFINITY),
-            };
+            let (rank_bypass, rank_kl) =
+                match AblateHook::new(&r).map(|h| h.with_post_norms(&opts.post_norms)) {
+                    Some(mut hook) => {
+                        let lps = runner.first_token_logprobs(&rank_batch, &mut hook)?;
+                        let (harm, safe) = lps.split_at(r_harm.len());
+                        (mean(&score(harm)), mean_kl(safe, &rank_base))
+                    }
+                    None => (f64::INFINITY, f64::INFINITY),
+                };
             candidates.push(CandidateScores {
                 layer,
                 position,
@@ -341,7 +345,9 @@ pub fn search(
     };
     for c in candidates.iter_mut().take(k) {
         let r = direction_of(c.layer, c.position);
-        let mut ablate = AblateHook::new(&r).context("zero candidate direction")?;
+        let mut ablate = AblateHook::new(&r)
+            .context("zero candidate direction")?
+            .with_post_norms(&opts.post_norms);
         ablate.unembedding = opts.tied_embeddings;
         measure.ablation(&mut runner, &mut ablate, c)?;
         let mut add = AddHook {
@@ -397,8 +403,9 @@ pub fn search(
     let mut best = best;
     if best.rejected.is_none() {
         let mut without = best.clone();
-        let mut ablate =
-            AblateHook::new(&direction_of(best.layer, best.position)).context("zero direction")?;
+        let mut ablate = AblateHook::new(&direction_of(best.layer, best.position))
+            .context("zero direction")?
+            .with_post_norms(&opts.post_norms);
         ablate.embeddings = false;
         measure.ablation(&mut runner, &mut ablate, &mut without)?;
         without.skip_embeddings = true;
