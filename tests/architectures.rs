@@ -8,6 +8,7 @@ mod common;
 mod synth;
 
 use common::{noise, unit};
+use gguf_abliterate::activations::capture_means;
 use gguf_abliterate::apply::{apply, ApplyOptions};
 use gguf_abliterate::edit::{plan_edits, PostNorms, SUPPORTED_ARCHS};
 use gguf_abliterate::eval::{kl_divergence, AblateHook, BatchHook, NoHook, Runner};
@@ -71,9 +72,15 @@ fn capture_sees_every_layer(fam: &Family, path: &Path) {
         expected.push(format!("LayerOut({l})"));
     }
     for name in &expected {
-        assert!(
-            seen.contains(name),
-            "{}: the hook never sees {name}; it saw {seen:?}",
+        // The prompts fit one decode: each node once, never twice.
+        let times = rec
+            .seen
+            .iter()
+            .filter(|(n, _)| format!("{n:?}") == *name)
+            .count();
+        assert_eq!(
+            times, 1,
+            "{}: the hook sees {name} {times} times; it saw {seen:?}",
             fam.label
         );
     }
@@ -95,6 +102,20 @@ fn capture_sees_every_layer(fam: &Family, path: &Path) {
             );
         } else {
             assert_eq!(*rows, n_tokens, "{}: {node:?}", fam.label);
+        }
+    }
+    // Capture proper: a mean for every layer but the last (whose node
+    // holds only output rows), at the last two positions.
+    let bar = indicatif::ProgressBar::hidden();
+    let means = capture_means(&mut runner, &prompts, N_LAYER - 1, 2, &bar).unwrap();
+    for layer in 0..N_LAYER - 1 {
+        for pos in 0..2 {
+            let m = means.at(layer, pos);
+            assert!(
+                m.iter().all(|x| x.is_finite()) && m.iter().any(|x| x.abs() > 1e-3),
+                "{}: no activations captured at layer {layer} position {pos}",
+                fam.label
+            );
         }
     }
 }
@@ -318,7 +339,6 @@ fn the_table_in_the_docs_is_the_table_in_the_code_and_every_row_names_a_test() {
 /// edited file up to requantization.
 #[test]
 fn gemma3_270m_hook_predicts_the_edit() {
-    use gguf_abliterate::activations::capture_means;
     use gguf_abliterate::chat::ChatFormat;
     ffi::init_backend(false);
     let path = common::real_model("gemma-3-270m-Q4_K_M.gguf");
@@ -358,6 +378,7 @@ fn gemma3_270m_hook_predicts_the_edit() {
         .collect();
     let shards = gguf_abliterate::gguf::open_model(&path).unwrap();
     let norms = PostNorms::read(&shards).unwrap();
+    let tied = !shards.iter().any(|s| s.tensor("output.weight").is_some());
     assert_eq!(norms.weights.len(), 2 * model.n_layer());
     let plain = runner.first_token_logprobs(&harmless, &mut NoHook).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -377,7 +398,7 @@ fn gemma3_270m_hook_predicts_the_edit() {
             .unwrap();
         let predict = |hook: AblateHook, runner: &mut Runner| {
             let mut hook = hook;
-            (hook.scale, hook.unembedding) = (scale, true);
+            (hook.scale, hook.unembedding) = (scale, tied);
             runner.first_token_logprobs(&harmless, &mut hook).unwrap()
         };
         let before_norm = predict(
