@@ -55,6 +55,8 @@ pub struct Family {
     pub post_norms: bool,
     pub qk_norm: QkNorm,
     pub qkv_bias: bool,
+    /// `attn_output.bias` and `ffn_down.bias`: residual writers too.
+    pub out_bias: bool,
     pub ffn: Ffn,
 }
 
@@ -66,12 +68,16 @@ const BASE: Family = Family {
     post_norms: false,
     qk_norm: QkNorm::None,
     qkv_bias: false,
+    out_bias: false,
     ffn: Ffn::Gated,
 };
 
 /// Every family the tests build, in the order of docs/architectures.md.
 pub const FAMILIES: &[Family] = &[
-    BASE,
+    Family {
+        out_bias: true,
+        ..BASE
+    },
     Family {
         label: "llama-moe",
         ffn: Ffn::Moe { shared: false },
@@ -183,6 +189,10 @@ impl Family {
         let mut names = vec!["token_embd.weight".to_string()];
         for l in 0..N_LAYER {
             names.push(format!("blk.{l}.attn_output.weight"));
+            if self.out_bias {
+                names.push(format!("blk.{l}.attn_output.bias"));
+                names.push(format!("blk.{l}.ffn_down.bias"));
+            }
             match self.ffn {
                 Ffn::Moe { shared } => {
                     names.push(format!("blk.{l}.ffn_down_exps.weight"));
@@ -237,6 +247,10 @@ impl Family {
                 }
             }
             b.projection(&t("attn_output.weight"), &[q, e], r);
+            if self.out_bias {
+                b.bias(&t("attn_output.bias"), e, r);
+                b.bias(&t("ffn_down.bias"), e, r);
+            }
             if self.post_norms {
                 b.norm(&t("post_attention_norm.weight"), e);
                 b.norm(&t("post_ffw_norm.weight"), e);
@@ -365,6 +379,17 @@ impl Builder {
             row.iter_mut().zip(r).for_each(|(x, ri)| *x += c * ri);
         }
         self.push(name, &[e, v], values);
+    }
+
+    /// A bias added to the residual: small noise plus a component along `r`.
+    fn bias(&mut self, name: &str, e: u64, r: &[f32]) {
+        let values = self
+            .noise(e)
+            .iter()
+            .zip(r)
+            .map(|(x, ri)| 0.2 * x + 0.5 * ri)
+            .collect();
+        self.push(name, &[e], values);
     }
 
     /// A residual writer (`dims[1]` = n_embd outputs, per expert for 3-D):
