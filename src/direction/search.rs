@@ -291,15 +291,15 @@ pub fn search(
     for &layer in &layers {
         for &position in &positions {
             let r = direction_of(layer, position);
-            let (rank_bypass, rank_kl) =
-                match AblateHook::new(&r).map(|h| h.with_post_norms(&opts.post_norms)) {
-                    Some(mut hook) => {
-                        let lps = runner.first_token_logprobs(&rank_batch, &mut hook)?;
-                        let (harm, safe) = lps.split_at(r_harm.len());
-                        (mean(&score(harm)), mean_kl(safe, &rank_base))
-                    }
-                    None => (f64::INFINITY, f64::INFINITY),
-                };
+            let hook = AblateHook::new(&r).map(|h| h.with_post_norms(&opts.post_norms));
+            let (rank_bypass, rank_kl) = match hook {
+                Some(mut hook) => {
+                    let lps = runner.first_token_logprobs(&rank_batch, &mut hook)?;
+                    let (harm, safe) = lps.split_at(r_harm.len());
+                    (mean(&score(harm)), mean_kl(safe, &rank_base))
+                }
+                None => (f64::INFINITY, f64::INFINITY),
+            };
             candidates.push(CandidateScores {
                 layer,
                 position,
