@@ -70,6 +70,10 @@ pub struct AblateHook {
     carried: Vec<f32>,
     /// Batch rows that produce outputs (the rows of a last-layer node).
     output_rows: Vec<usize>,
+    /// Post-norm families only: the unit direction removed from each
+    /// projection's output *before* its post-norm, keyed by
+    /// `Node::AttnProj(l)` / `Node::FfnProj(l)` (see `with_post_norms`).
+    pre_norm: Vec<(Node, Vec<f32>)>,
 }
 
 impl AblateHook {
@@ -83,7 +87,36 @@ impl AblateHook {
             unembedding: false,
             carried: Vec::new(),
             output_rows: Vec::new(),
+            pre_norm: Vec::new(),
         })
+    }
+
+    /// For a post-norm family, the weight edit removes `g ⊙ r` from a
+    /// projection's output before the post-norm `g ⊙ x / rms(x)`, which then
+    /// rescales the whole write. Removing `r` from the residual afterwards
+    /// is a different operation; so the hook acts where the edit does, on
+    /// the projection's output, and the residual nodes of those layers
+    /// only carry the component along.
+    pub fn with_post_norms(mut self, norms: &edit::PostNorms) -> AblateHook {
+        self.pre_norm = norms
+            .weights
+            .iter()
+            .filter_map(|(layer, proj, g)| {
+                let node = match proj {
+                    edit::Projection::Attention => Node::AttnProj(*layer),
+                    edit::Projection::Mlp => Node::FfnProj(*layer),
+                };
+                edit::post_norm_direction(g, &self.direction).map(|u| (node, u))
+            })
+            .collect();
+        self
+    }
+
+    fn pre_norm_direction(&self, node: Node) -> Option<&[f32]> {
+        self.pre_norm
+            .iter()
+            .find(|(n, _)| *n == node)
+            .map(|(_, u)| u.as_slice())
     }
 }
 
@@ -100,25 +133,47 @@ impl AblateHook {
 
 impl ResidualHook for AblateHook {
     fn wants(&mut self, node: Node) -> bool {
-        node != Node::FinalNorm || self.unembedding
+        match node {
+            Node::FinalNorm => self.unembedding,
+            Node::AttnProj(_) | Node::FfnProj(_) => self.pre_norm_direction(node).is_some(),
+            _ => true,
+        }
     }
     fn visit(&mut self, node: Node, rows: &mut [f32], n_embd: usize) -> bool {
         if n_embd != self.direction.len() {
             return false;
         }
         let n_rows = rows.len() / n_embd;
+        if let Node::AttnProj(_) | Node::FfnProj(_) = node {
+            // A fresh write, row for row: no component to carry.
+            let share = match node {
+                Node::AttnProj(l) => self.scale * self.weights.weight(Component::Attention(l)),
+                Node::FfnProj(l) => self.scale * self.weights.weight(Component::Mlp(l)),
+                _ => unreachable!("matched above"),
+            };
+            return match self.pre_norm_direction(node) {
+                Some(u) => {
+                    edit::orthogonalize_rows_seq(rows, u, share);
+                    true
+                }
+                None => false,
+            };
+        }
         let u = &self.direction;
         if node == Node::FinalNorm {
             edit::orthogonalize_rows_seq(rows, u, self.embedding_share());
             return true;
         }
-        // Scaling the embeddings writes nothing new: its component is just carried.
+        // Scaling the embeddings writes nothing new: its component is just
+        // carried; so does a post-normed write, already ablated before its norm.
         let keep_here = match node {
             Node::Embeddings => 1.0 - self.embedding_share(),
             Node::ScaledEmbeddings => 1.0,
+            Node::MidLayer(l) if self.pre_norm_direction(Node::AttnProj(l)).is_some() => 1.0,
+            Node::LayerOut(l) if self.pre_norm_direction(Node::FfnProj(l)).is_some() => 1.0,
             Node::MidLayer(l) => 1.0 - self.scale * self.weights.weight(Component::Attention(l)),
             Node::LayerOut(l) => 1.0 - self.scale * self.weights.weight(Component::Mlp(l)),
-            Node::FinalNorm => unreachable!("handled above"),
+            Node::FinalNorm | Node::AttnProj(_) | Node::FfnProj(_) => unreachable!("handled above"),
         };
         for (i, row) in rows.chunks_exact_mut(n_embd).enumerate() {
             // Last-layer nodes hold only the output rows, in batch order.

@@ -49,6 +49,8 @@ pub struct SearchOptions {
     /// TPE trials refining the chosen direction's edit (0: none).
     pub trials: usize,
     pub seed: u64,
+    /// Post-norm weights, so that the ablation acts where the edit does.
+    pub post_norms: crate::edit::PostNorms,
 }
 
 impl Default for SearchOptions {
@@ -64,8 +66,9 @@ impl Default for SearchOptions {
             threads: default_threads(),
             progress: true,
             tied_embeddings: false,
-            trials: 48,
+            trials: 32,
             seed: 0,
+            post_norms: Default::default(),
         }
     }
 }
@@ -328,7 +331,8 @@ pub fn search(
     for &layer in &layers {
         for &position in &positions {
             let r = direction_of(layer, position);
-            let (rank_bypass, rank_kl) = match AblateHook::new(&r) {
+            let hook = AblateHook::new(&r).map(|h| h.with_post_norms(&opts.post_norms));
+            let (rank_bypass, rank_kl) = match hook {
                 Some(mut hook) => {
                     hook.unembedding = opts.tied_embeddings;
                     let lps = runner.first_token_logprobs(&rank_batch, &mut hook)?;
@@ -388,7 +392,9 @@ pub fn search(
     };
     for c in candidates.iter_mut().take(k) {
         let r = direction_of(c.layer, c.position);
-        let mut ablate = AblateHook::new(&r).context("zero candidate direction")?;
+        let mut ablate = AblateHook::new(&r)
+            .context("zero candidate direction")?
+            .with_post_norms(&opts.post_norms);
         ablate.unembedding = opts.tied_embeddings;
         measure.ablation(&mut runner, &mut ablate, c)?;
         let mut add = AddHook {
@@ -444,8 +450,9 @@ pub fn search(
     let mut best = best;
     if best.rejected.is_none() {
         let mut without = best.clone();
-        let mut ablate =
-            AblateHook::new(&direction_of(best.layer, best.position)).context("zero direction")?;
+        let mut ablate = AblateHook::new(&direction_of(best.layer, best.position))
+            .context("zero direction")?
+            .with_post_norms(&opts.post_norms);
         // Keeping token_embd keeps the tied unembedding too.
         ablate.embeddings = false;
         measure.ablation(&mut runner, &mut ablate, &mut without)?;
@@ -486,7 +493,9 @@ pub fn search(
         let pb = bar(opts.progress, opts.trials as u64 + 1, "refine");
         let run_trial = |point: &EditPoint, runner: &mut Runner, best: f64| -> Result<Trial> {
             let r = refine::point_direction(&harm_means, &safe_means, point)?;
-            let mut hook = AblateHook::new(&r).context("zero refined direction")?;
+            let mut hook = AblateHook::new(&r)
+                .context("zero refined direction")?
+                .with_post_norms(&opts.post_norms);
             hook.scale = point.scale;
             hook.weights = point.weights;
             hook.unembedding = opts.tied_embeddings;

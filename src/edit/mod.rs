@@ -11,7 +11,10 @@ mod plan;
 
 pub use params::{Component, EditWeights, Kernel, MAX_WEIGHT};
 
-pub use plan::{classify, plan_edits, EditKind, EditPlan, PlannedEdit, POST_NORM_ARCHS};
+pub use plan::{
+    check_supported, classify, plan_edits, post_norm_direction, EditKind, EditPlan, PlannedEdit,
+    PostNorms, Projection, POST_NORM_ARCHS, SUPPORTED_ARCHS,
+};
 
 use rayon::prelude::*;
 

@@ -22,6 +22,27 @@ pub enum EditKind {
 /// (qwen3next, gpt-oss, …) a tensor of that name is a pre-FFN norm.
 pub const POST_NORM_ARCHS: &[&str] = &["gemma2", "gemma3", "olmo2", "exaone4", "glm4"];
 
+/// Architecture families whose residual nodes, residual writers and
+/// post-norms have been checked on a model llama.cpp loads
+/// (docs/architectures.md, `tests/architectures.rs`). Any other family
+/// could write into the residual stream through a tensor this tool does
+/// not know, so it is refused rather than edited in part.
+pub const SUPPORTED_ARCHS: &[&str] = &[
+    "llama", "mistral3", "smollm3", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "phi3", "gemma",
+    "gemma2", "gemma3", "olmo2", "glm4", "exaone4",
+];
+
+/// Fails with one line naming `arch` unless it is in [`SUPPORTED_ARCHS`].
+pub fn check_supported(arch: &str) -> Result<()> {
+    if !SUPPORTED_ARCHS.contains(&arch) {
+        bail!(
+            "architecture '{arch}' is not supported (supported: {}; see docs/architectures.md)",
+            SUPPORTED_ARCHS.join(", ")
+        );
+    }
+    Ok(())
+}
+
 #[derive(Clone, Debug)]
 pub struct PlannedEdit {
     /// Index of the shard holding the tensor.
@@ -69,6 +90,60 @@ pub fn classify(arch: &str, name: &str) -> Option<(EditKind, Option<String>)> {
     Some((kind, post_norm))
 }
 
+/// The unit direction to remove from a projection's output so that, after
+/// a post-norm of weight `g`, its write has no component along `r`:
+/// `g ⊙ r`, normalised.
+pub fn post_norm_direction(g: &[f32], r: &[f32]) -> Option<Vec<f32>> {
+    let scaled: Vec<f32> = g.iter().zip(r).map(|(g, r)| g * r).collect();
+    normalized(&scaled)
+}
+
+/// Which projection a post-norm follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Projection {
+    /// `attn_output`, followed by `post_attention_norm`.
+    Attention,
+    /// `ffn_down`, followed by `post_ffw_norm`.
+    Mlp,
+}
+
+/// The post-norm weights of a post-norm family ([`POST_NORM_ARCHS`]), per
+/// layer: what the run-time ablation needs to act on each projection's
+/// output before its post-norm, exactly as the edit does. Empty elsewhere.
+#[derive(Clone, Debug, Default)]
+pub struct PostNorms {
+    pub weights: Vec<(usize, Projection, Vec<f32>)>,
+}
+
+impl PostNorms {
+    pub fn read(shards: &[GgufFile]) -> Result<PostNorms> {
+        let arch = shards[0].architecture().unwrap_or_default();
+        let mut weights = Vec::new();
+        if !POST_NORM_ARCHS.contains(&arch) {
+            return Ok(PostNorms { weights });
+        }
+        for s in shards {
+            for t in &s.tensors {
+                let Some((layer, norm)) = t
+                    .name
+                    .strip_prefix("blk.")
+                    .and_then(|rest| rest.split_once('.'))
+                else {
+                    continue;
+                };
+                let proj = match norm {
+                    "post_attention_norm.weight" => Projection::Attention,
+                    "post_ffw_norm.weight" => Projection::Mlp,
+                    _ => continue,
+                };
+                let Ok(layer) = layer.parse() else { continue };
+                weights.push((layer, proj, s.read_f32(t)?));
+            }
+        }
+        Ok(PostNorms { weights })
+    }
+}
+
 /// Plans the edit of every residual-writing tensor across `shards`
 /// (the first shard carries the model metadata). Tensors whose weight is 0
 /// are left out: they are copied unchanged.
@@ -80,6 +155,7 @@ pub fn plan_edits(
     weights.validate()?;
     let meta = &shards[0];
     let arch = meta.architecture().context("no general.architecture key")?;
+    check_supported(arch)?;
     let n_embd = meta
         .arch_u64("embedding_length")
         .with_context(|| format!("no {arch}.embedding_length key"))? as usize;
@@ -133,8 +209,7 @@ pub fn plan_edits(
                                 g.len()
                             );
                         }
-                        let scaled: Vec<f32> = g.iter().zip(r.iter()).map(|(g, r)| g * r).collect();
-                        let u = normalized(&scaled)
+                        let u = post_norm_direction(&g, &r)
                             .with_context(|| format!("{norm_name} ⊙ r is zero"))?;
                         (Arc::new(u), Some(norm_name))
                     }
@@ -206,6 +281,19 @@ mod tests {
             "blk.x.ffn_down.weight",
         ] {
             assert_eq!(classify("llama", untouched), None, "{untouched}");
+        }
+    }
+
+    #[test]
+    fn only_the_table_is_supported() {
+        assert!(check_supported("qwen2").is_ok());
+        let err = check_supported("mamba").unwrap_err().to_string();
+        assert!(
+            err.contains("'mamba' is not supported") && err.contains("docs/architectures.md"),
+            "{err}"
+        );
+        for arch in POST_NORM_ARCHS {
+            assert!(SUPPORTED_ARCHS.contains(arch), "{arch}");
         }
     }
 }

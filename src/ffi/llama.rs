@@ -273,6 +273,12 @@ pub enum Node {
     LayerOut(usize),
     /// The final normalised hidden state that meets the unembedding (`result_norm`).
     FinalNorm,
+    /// Layer N's attention projection output (`attn_output.weight` times
+    /// its input), before any post-norm: the unnamed `mul_mat`.
+    AttnProj(usize),
+    /// Layer N's dense MLP output (`ffn_down.weight` times its input),
+    /// before any post-norm: the unnamed `mul_mat`.
+    FfnProj(usize),
 }
 
 impl Node {
@@ -285,7 +291,57 @@ impl Node {
             let table_name = unsafe { CStr::from_ptr(table.name.as_ptr()) };
             return (table_name.to_bytes() == b"token_embd.weight").then_some(Node::Embeddings);
         }
-        Node::from_name(name)
+        if t.op == sys::GGML_OP_MUL_MAT {
+            return Node::projection(t);
+        }
+        Node::from_name(name).or_else(|| Node::unnamed_mid_layer(t))
+    }
+
+    /// A `mul_mat` by a residual writer's weight: `blk.N.attn_output.weight`
+    /// or `blk.N.ffn_down.weight`.
+    fn projection(t: &sys::ggml_tensor) -> Option<Node> {
+        // SAFETY: as in `of`.
+        let weight = unsafe { t.src[0].as_ref() }?;
+        let name = unsafe { CStr::from_ptr(weight.name.as_ptr()) }
+            .to_str()
+            .ok()?;
+        let (layer, proj) = name.strip_prefix("blk.")?.split_once('.')?;
+        let layer = layer.parse().ok()?;
+        match proj {
+            "attn_output.weight" => Some(Node::AttnProj(layer)),
+            "ffn_down.weight" => Some(Node::FfnProj(layer)),
+            _ => None,
+        }
+    }
+
+    /// Phi-3's residual between attention and MLP is an unnamed `add` of
+    /// the attention projection (row-selected on the last layer) and the
+    /// residual: recognised by that projection among its sources. A bias
+    /// add (`attn_output.bias`) is not a residual.
+    fn unnamed_mid_layer(t: &sys::ggml_tensor) -> Option<Node> {
+        if t.op != sys::GGML_OP_ADD {
+            return None;
+        }
+        // SAFETY: as in `of`.
+        let srcs = unsafe { [t.src[0].as_ref()?, t.src[1].as_ref()?] };
+        let is_weight = |s: &sys::ggml_tensor| {
+            let name = unsafe { CStr::from_ptr(s.name.as_ptr()) }.to_bytes();
+            name.ends_with(b".weight") || name.ends_with(b".bias")
+        };
+        if srcs.iter().any(|s| is_weight(s)) {
+            return None;
+        }
+        srcs.iter().find_map(|s| {
+            let s = if s.op == sys::GGML_OP_GET_ROWS {
+                unsafe { s.src[0].as_ref() }?
+            } else {
+                s
+            };
+            match (s.op == sys::GGML_OP_MUL_MAT).then(|| Node::projection(s))?? {
+                Node::AttnProj(layer) => Some(Node::MidLayer(layer)),
+                _ => None,
+            }
+        })
     }
 
     fn from_name(name: &str) -> Option<Node> {

@@ -58,8 +58,11 @@ pub fn find_direction(input: &Path, args: &SearchConfig, progress: bool) -> Resu
     // Read the header ourselves first: a clear error for a bad file beats llama.cpp's log.
     let shards = crate::gguf::open_model(input)?;
     let arch = shards[0].architecture().unwrap_or("unknown").to_string();
+    // Before any search: an unsupported family could only be edited in part.
+    crate::edit::check_supported(&arch)?;
     let name = shards[0].get_str("general.name").unwrap_or("").to_string();
     let tied_embeddings = !shards.iter().any(|s| s.tensor("output.weight").is_some());
+    let post_norms = crate::edit::PostNorms::read(&shards)?;
     drop(shards);
     let model = ffi::Model::load(input, args.n_gpu_layers)?;
     let fmt = ChatFormat::resolve(&model, args.chat_template.as_deref())?;
@@ -76,6 +79,7 @@ pub fn find_direction(input: &Path, args: &SearchConfig, progress: bool) -> Resu
         tied_embeddings,
         trials: args.trials,
         seed: args.seed.unwrap_or(0),
+        post_norms,
     };
     let result = direction::search(&model, &fmt, &harmful, &harmless, &opts)?;
     let c = &result.chosen;
