@@ -247,7 +247,9 @@ const INTERESTING_U64: &[u64] = &[
 fn put(b: &mut [u8], pos: usize, len: usize, value: u64) {
     let bytes = value.to_le_bytes();
     let n = len.min(8);
-    b[pos..pos + n].copy_from_slice(&bytes[..n]);
+    if let Some(target) = b.get_mut(pos..pos + n) {
+        target.copy_from_slice(&bytes[..n]);
+    }
 }
 
 /// Applies one structure-aware mutation chosen by `u`.
@@ -745,8 +747,15 @@ fn fuzz_every_reader() {
         panics: Vec::new(),
         largest_alloc: (0, 0),
     };
-    let previous_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
+    // Panics inside a case are caught and reported below; any other panic
+    // (in the harness itself) still prints as usual.
+    let previous_hook = std::sync::Arc::new(std::panic::take_hook());
+    let fallback = previous_hook.clone();
+    std::panic::set_hook(Box::new(move |info| {
+        if !TRACK.with(Cell::get) {
+            fallback(info)
+        }
+    }));
     let start = std::time::Instant::now();
 
     // Deterministic part: every seed cut at every field boundary.
@@ -891,7 +900,7 @@ fn fuzz_every_reader() {
             stats.record("name", case, name.as_bytes(), r, alloc);
         }
     }
-    std::panic::set_hook(previous_hook);
+    let _ = std::panic::take_hook();
     eprintln!(
         "fuzz: {} cases in {:.1} s (seed {seed}), {} GGUFs parsed, largest allocation {} bytes (for a {}-byte input), {} failures",
         stats.cases,
