@@ -12,7 +12,7 @@ done_cases=0
 failures=0
 # The test binary itself, copied, so that rebuilding meanwhile is harmless.
 exe=$(nice -n 15 cargo test --release --test fuzz --no-run --message-format=json 2>/dev/null |
-  sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+  grep '"name":"fuzz"' | grep '"test":true' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
 harness=$(mktemp /tmp/fuzz-harness.XXXXXX)
 cp "$exe" "$harness" && chmod +x "$harness"
 trap 'rm -f "$harness"' EXIT

@@ -87,9 +87,17 @@ pub fn install() {
         let _ = ctrlc::set_handler(|| {
             remove_temp_files();
             eprintln!("\ninterrupted: no output written");
-            std::process::exit(130);
+            // _exit, not exit: llama.cpp's worker threads are still running
+            // and its static destructors must not race them.
+            // SAFETY: ends the process; nothing is left to clean up.
+            unsafe { libc::_exit(130) };
         });
         install_sigbus_handler();
+        // A file-size limit (`ulimit -f`) would otherwise kill us with
+        // SIGXFSZ, leaving the temporary file; ignored, the write fails with
+        // EFBIG and the run cleans up like on a full disk.
+        // SAFETY: setting a signal to SIG_IGN has no preconditions.
+        unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     });
 }
 
