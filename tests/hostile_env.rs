@@ -53,7 +53,8 @@ fn apply_cmd(direction: &Path, input: &Path, out: &Path, extra: &[&str]) -> Comm
 
 /// The fixture applied at `scale`, computed once per scale.
 fn reference(scale: &str) -> Vec<u8> {
-    static REFS: OnceLock<std::sync::Mutex<Vec<(String, Vec<u8>)>>> = OnceLock::new();
+    type Outputs = std::sync::Mutex<Vec<(String, Vec<u8>)>>;
+    static REFS: OnceLock<Outputs> = OnceLock::new();
     let refs = REFS.get_or_init(Default::default);
     let mut refs = refs.lock().unwrap();
     if let Some((_, bytes)) = refs.iter().find(|(s, _)| s == scale) {
@@ -530,6 +531,7 @@ fn sigterm_in_every_phase() {
 }
 
 /// Peak RSS in MiB and the output of a child, waited for with wait4.
+#[allow(clippy::zombie_processes)] // reaped by wait4, which also gives its rusage
 fn run_measured(mut cmd: Command) -> (u64, Output) {
     let child = cmd
         .stdout(Stdio::piped())
