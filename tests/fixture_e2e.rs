@@ -170,7 +170,6 @@ fn interrupting_the_run_leaves_nothing_behind() {
     let direction = dir.path().join("dir.json");
     write_direction(&direction, &unit(&noise(640, 5)));
     let out = dir.path().join("out.gguf");
-    let tmp = dir.path().join("out.gguf.tmp");
     let mut child = bin()
         .arg(&model)
         .arg(&out)
@@ -181,6 +180,7 @@ fn interrupting_the_run_leaves_nothing_behind() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let tmp = dir.path().join(format!("out.gguf.tmp.{}", child.id()));
     let started = std::time::Instant::now();
     while !tmp.exists() {
         assert!(

@@ -48,6 +48,9 @@ impl DirectionFile {
                 direction[i]
             );
         }
+        if direction.iter().all(|&x| x == 0.0) {
+            bail!("\"direction\" is all zeros");
+        }
         let norm = direction
             .iter()
             .map(|&x| f64::from(x).powi(2))
