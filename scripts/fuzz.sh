@@ -28,6 +28,7 @@ while [ "$done_cases" -lt "$total" ]; do
     failures=$((failures + 1))
   else
     echo "$line"
+    grep -E '^[a-z]+ case [0-9]+:' <<<"$log" || true
     ran=$(sed -E 's/^fuzz: ([0-9]+) cases.*/\1/' <<<"$line")
     done_cases=$((done_cases + ran))
   fi

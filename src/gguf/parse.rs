@@ -122,7 +122,14 @@ impl<'a> Cursor<'a> {
                 {
                     bail!("array of {n} elements runs past the end of the file");
                 }
-                let mut items = Vec::with_capacity(bounded_capacity::<Value>(n, self.remaining()));
+                if let Some(size) = scalar_size(elem_ty)? {
+                    // Checked above: n * size fits in what is left.
+                    let bytes = self.take(n * size)?;
+                    return Ok(Value::ScalarArray(elem_ty, bytes.to_vec()));
+                }
+                // Strings (8 bytes at least each, checked above): n fits,
+                // so the vector is reserved once and never grows.
+                let mut items = Vec::with_capacity(bounded_capacity::<u64>(n, self.remaining()));
                 for _ in 0..n {
                     items.push(self.value(elem_ty, depth + 1)?);
                 }
