@@ -21,4 +21,5 @@ pub mod pipeline;
 pub mod prompts;
 pub mod quant;
 pub mod rewrite;
+pub mod signals;
 pub mod verify;

@@ -1,58 +1,60 @@
-//! Output files that appear only when complete: data goes to `OUT.tmp`,
-//! renamed over `OUT` at the end. A failed run, or one interrupted by
-//! Ctrl-C, removes its temporary files and never touches the input.
+//! Output files that appear only when complete: data goes to a temporary
+//! file beside OUT (`OUT.tmp.<pid>`, created exclusively, so it is on OUT's
+//! filesystem and no two runs share one), renamed over `OUT` at the end.
+//! Without `--force` the rename refuses to replace a file that appeared in
+//! the meantime (another run finishing first). A failed run, or one
+//! stopped by a signal, removes its temporary files and never touches the
+//! input.
 
+use crate::signals::{self, TempRegistration};
 use anyhow::{bail, Context, Result};
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, Once};
 
-/// Temporary files to delete if the process is interrupted.
-static PENDING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
-
-/// Makes SIGINT/SIGTERM delete pending temporary files before exiting.
+/// Makes SIGINT/SIGTERM/SIGHUP and SIGBUS delete pending temporary files
+/// before exiting.
 pub fn install_interrupt_cleanup() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let _ = ctrlc::set_handler(|| {
-            let pending = PENDING.lock().map(|p| p.clone()).unwrap_or_default();
-            for path in pending {
-                let _ = std::fs::remove_file(path);
-            }
-            eprintln!("\ninterrupted: no output written");
-            std::process::exit(130);
-        });
-    });
+    signals::install();
 }
 
 /// Where a finished file should end up, and where it is written meanwhile.
 pub struct PendingFile {
     pub path: PathBuf,
     pub tmp: PathBuf,
+    force: bool,
+    registration: TempRegistration,
     committed: bool,
 }
 
 impl PendingFile {
     /// Checks `path` may be written (`force` allows replacing it) and that it
-    /// is not one of `inputs`, then creates `path.tmp`.
+    /// is not one of `inputs`, then creates `path.tmp.<pid>`.
     pub fn create(path: &Path, inputs: &[&Path], force: bool) -> Result<(PendingFile, File)> {
         check_output_path(path, inputs, force)?;
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        PENDING.lock().expect("pending list").push(tmp.clone());
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()));
-        let pending = PendingFile {
+        let tmp = temp_path(path);
+        // Registered before it exists, so a signal between the two still
+        // removes it.
+        let registration = signals::register_temp(&tmp);
+        let mut pending = PendingFile {
             path: path.to_path_buf(),
             tmp,
+            force,
+            registration,
             committed: false,
         };
-        Ok((pending, file?))
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&pending.tmp)
+        {
+            Ok(file) => Ok((pending, file)),
+            Err(err) => {
+                // Not ours (it existed already): leave it alone.
+                pending.registration.unregister();
+                pending.committed = true;
+                Err(err).with_context(|| format!("cannot create {}", pending.tmp.display()))
+            }
+        }
     }
 
     /// Flushes to disk and renames the temporary file into place.
@@ -60,15 +62,9 @@ impl PendingFile {
         file.sync_all()
             .with_context(|| format!("writing {}", self.tmp.display()))?;
         drop(file);
-        std::fs::rename(&self.tmp, &self.path).with_context(|| {
-            format!(
-                "cannot rename {} to {}",
-                self.tmp.display(),
-                self.path.display()
-            )
-        })?;
+        rename_into_place(&self.tmp, &self.path, self.force)?;
         self.committed = true;
-        forget(&self.tmp);
+        self.registration.unregister();
         Ok(())
     }
 }
@@ -77,15 +73,70 @@ impl Drop for PendingFile {
     fn drop(&mut self) {
         if !self.committed {
             let _ = std::fs::remove_file(&self.tmp);
-            forget(&self.tmp);
+            self.registration.unregister();
         }
     }
 }
 
-fn forget(tmp: &Path) {
-    if let Ok(mut pending) = PENDING.lock() {
-        pending.retain(|p| p != tmp);
+/// `OUT.tmp.<pid>`, beside OUT.
+pub fn temp_path(path: &Path) -> PathBuf {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp.{}", std::process::id()));
+    PathBuf::from(tmp)
+}
+
+/// Renames `tmp` to `path`; without `force`, fails rather than replace a
+/// file that appeared since the run started.
+fn rename_into_place(tmp: &Path, path: &Path, force: bool) -> Result<()> {
+    let result = if force {
+        std::fs::rename(tmp, path)
+    } else {
+        rename_noreplace(tmp, path)
+    };
+    result.map_err(|err| {
+        if err.kind() == std::io::ErrorKind::AlreadyExists {
+            anyhow::anyhow!(
+                "{} appeared while this run was writing it (another run?); not replaced (use --force to overwrite)",
+                path.display()
+            )
+        } else {
+            anyhow::Error::new(err).context(format!(
+                "cannot rename {} to {}",
+                tmp.display(),
+                path.display()
+            ))
+        }
+    })
+}
+
+/// `renameat2(RENAME_NOREPLACE)`; where the filesystem or kernel lacks it,
+/// `link` + `unlink`, which also fails when the target exists.
+fn rename_noreplace(tmp: &Path, path: &Path) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes());
+        let (from, to) = (c(tmp)?, c(path)?);
+        // SAFETY: two valid NUL-terminated paths relative to the cwd.
+        let rc = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        if !matches!(err.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) {
+            return Err(err);
+        }
     }
+    std::fs::hard_link(tmp, path)?;
+    std::fs::remove_file(tmp)
 }
 
 /// Fails if `path` is one of `inputs`, exists without `force`, or is a directory.
@@ -96,14 +147,15 @@ pub fn check_output_path(path: &Path, inputs: &[&Path], force: bool) -> Result<(
             path.display()
         );
     }
-    if path.exists() && !force {
+    if path.is_dir() {
+        bail!("{} is a directory", path.display());
+    }
+    // symlink_metadata: a dangling symlink is still in the way.
+    if path.symlink_metadata().is_ok() && !force {
         bail!(
             "{} already exists (use --force to overwrite)",
             path.display()
         );
-    }
-    if path.is_dir() {
-        bail!("{} is a directory", path.display());
     }
     Ok(())
 }
@@ -144,12 +196,24 @@ mod tests {
         assert!(PendingFile::create(&out, &[], false).is_err());
         {
             let (_pending, _file) = PendingFile::create(&out, &[], true).unwrap();
-            assert!(dir.path().join("out.gguf.tmp").exists());
+            assert!(temp_path(&out).exists());
         } // dropped uncommitted
-        assert!(!dir.path().join("out.gguf.tmp").exists());
+        assert!(!temp_path(&out).exists());
         assert_eq!(std::fs::read(&out).unwrap(), b"old");
         write_atomic(&out, b"new", true).unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), b"new");
+    }
+
+    #[test]
+    fn commit_without_force_never_replaces_a_file_that_appeared() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.gguf");
+        let (pending, file) = PendingFile::create(&out, &[], false).unwrap();
+        std::fs::write(&out, b"winner").unwrap(); // another run finished first
+        let err = pending.commit(file).unwrap_err().to_string();
+        assert!(err.contains("appeared while this run"), "{err}");
+        assert_eq!(std::fs::read(&out).unwrap(), b"winner");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

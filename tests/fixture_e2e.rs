@@ -68,6 +68,10 @@ fn main_command_finds_applies_and_verifies_on_the_fixture() {
     // machines, depending on the CPU's floating-point path; the bound keeps
     // a margin over that, at a first-token KL of at most 0.3 on the
     // harmless prompts the model answered.
+    eprintln!(
+        "fixture, held-back: harmful refusals {before:.2} -> {after:.2}, KL {:.3}, harmless refusals {} -> {}, {:.0} s",
+        v["kl_harmless_answered"], v["harmless_refusal_before"], v["harmless_refusal_after"], r["seconds"].as_f64().unwrap_or(f64::NAN)
+    );
     assert!(before >= 0.7, "fixture refusal rate {before}");
     assert!(
         after <= 0.5 && after <= before - 0.3,
@@ -179,7 +183,6 @@ fn interrupting_the_run_leaves_nothing_behind() {
     let direction = dir.path().join("dir.json");
     write_direction(&direction, &unit(&noise(640, 5)));
     let out = dir.path().join("out.gguf");
-    let tmp = dir.path().join("out.gguf.tmp");
     let mut child = bin()
         .arg(&model)
         .arg(&out)
@@ -190,6 +193,7 @@ fn interrupting_the_run_leaves_nothing_behind() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let tmp = dir.path().join(format!("out.gguf.tmp.{}", child.id()));
     let started = std::time::Instant::now();
     while !tmp.exists() {
         assert!(

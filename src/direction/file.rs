@@ -33,18 +33,36 @@ impl DirectionFile {
             .map(|v| v.as_f64().map(|x| x as f32))
             .collect::<Option<Vec<f32>>>()
             .context("\"direction\" must contain only numbers")?;
+        Self::new(direction, map)
+    }
+
+    /// A direction file, provided the vector can be projected out: not
+    /// empty, every value finite (an f32 overflow or a poisoned activation
+    /// gives Inf/NaN) and a norm that is finite and non-zero.
+    pub fn new(direction: Vec<f32>, provenance: Map<String, Json>) -> Result<DirectionFile> {
         if direction.is_empty() {
             bail!("\"direction\" is empty");
         }
-        if direction.iter().any(|x| !x.is_finite()) {
-            bail!("\"direction\" contains a non-finite value");
+        if let Some(i) = direction.iter().position(|x| !x.is_finite()) {
+            bail!(
+                "\"direction\" holds a non-finite value ({} at index {i}); the model's activations may hold NaN/Inf",
+                direction[i]
+            );
         }
         if direction.iter().all(|&x| x == 0.0) {
             bail!("\"direction\" is all zeros");
         }
+        let norm = direction
+            .iter()
+            .map(|&x| f64::from(x).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        if !(norm.is_finite() && norm > 1e-30) {
+            bail!("\"direction\" has norm {norm:e}; it cannot be normalised");
+        }
         Ok(DirectionFile {
             direction,
-            provenance: map,
+            provenance,
         })
     }
 
@@ -117,6 +135,9 @@ mod tests {
             r#"[1,2]"#,
             r#"{"direction":[]}"#,
             r#"{"direction":[0,0]}"#,
+            r#"{"direction":[1e-45,0]}"#,
+            r#"{"direction":[1e39,1]}"#,
+            r#"{"direction":[1,null]}"#,
             r#"{"direction":["a"]}"#,
             r#"{"dir":[1]}"#,
             "{",

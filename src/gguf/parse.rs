@@ -122,7 +122,14 @@ impl<'a> Cursor<'a> {
                 {
                     bail!("array of {n} elements runs past the end of the file");
                 }
-                let mut items = Vec::with_capacity(n as usize);
+                if let Some(size) = scalar_size(elem_ty)? {
+                    // Checked above: n * size fits in what is left.
+                    let bytes = self.take(n * size)?;
+                    return Ok(Value::ScalarArray(elem_ty, bytes.to_vec()));
+                }
+                // Strings (8 bytes at least each, checked above): n fits,
+                // so the vector is reserved once and never grows.
+                let mut items = Vec::with_capacity(bounded_capacity::<u64>(n, self.remaining()));
                 for _ in 0..n {
                     items.push(self.value(elem_ty, depth + 1)?);
                 }
@@ -165,7 +172,7 @@ impl GgufFile {
             bail!("header claims {n_kv} metadata entries and {n_tensors} tensors, more than the file can hold");
         }
 
-        let mut kvs = Vec::with_capacity(n_kv as usize);
+        let mut kvs = Vec::with_capacity(bounded_capacity::<KvEntry>(n_kv, c.remaining()));
         let mut keys = HashSet::new();
         for i in 0..n_kv {
             let start = c.pos;
@@ -193,7 +200,8 @@ impl GgufFile {
         };
 
         let info_start = c.pos;
-        let mut tensors = Vec::with_capacity(n_tensors as usize);
+        let mut tensors =
+            Vec::with_capacity(bounded_capacity::<TensorInfo>(n_tensors, c.remaining()));
         let mut names = HashSet::new();
         for i in 0..n_tensors {
             let name = c.string().with_context(|| format!("tensor info {i}"))?;
@@ -306,6 +314,14 @@ impl GgufFile {
     }
 }
 
+/// Capacity to reserve for `claimed` items: never more bytes of memory than
+/// the file has left, so a forged count cannot force a large allocation
+/// before the items it claims have been read.
+fn bounded_capacity<T>(claimed: u64, remaining: usize) -> usize {
+    let fit = remaining / std::mem::size_of::<T>().max(1);
+    claimed.min(fit as u64) as usize
+}
+
 fn parse_tensor_info(c: &mut Cursor, name: String) -> Result<TensorInfo> {
     let n_dims = c.u32()?;
     if !(1..=4).contains(&n_dims) {
@@ -319,6 +335,15 @@ fn parse_tensor_info(c: &mut Cursor, name: String) -> Result<TensorInfo> {
     let offset = c.u64()?;
     if !ty.is_known() {
         bail!("unknown ggml type id {}", ty.0);
+    }
+    // A zero-sized axis has no rows to rewrite and breaks row chunking;
+    // llama.cpp's reader rejects it too.
+    if let Some(axis) = dims.iter().position(|&d| d == 0) {
+        bail!("dimension {axis} is zero");
+    }
+    let n_elements = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
+    if n_elements.is_none_or(|n| n > i64::MAX as u64) {
+        bail!("element count overflows");
     }
     let n_rows = dims[1..]
         .iter()

@@ -30,6 +30,10 @@ pub enum Value {
     Bool(bool),
     String(String),
     Array(u32, Vec<Value>),
+    /// An array of fixed-size scalars (element type, little-endian bytes as
+    /// in the file): as compact in memory as on disk, where a `Vec<Value>`
+    /// would take 32 bytes per one-byte element.
+    ScalarArray(u32, Vec<u8>),
     U64(u64),
     I64(i64),
     F64(f64),
@@ -59,7 +63,7 @@ impl Value {
             Value::F32(_) => T_F32,
             Value::Bool(_) => T_BOOL,
             Value::String(_) => T_STRING,
-            Value::Array(..) => T_ARRAY,
+            Value::Array(..) | Value::ScalarArray(..) => T_ARRAY,
             Value::U64(_) => T_U64,
             Value::I64(_) => T_I64,
             Value::F64(_) => T_F64,
@@ -107,10 +111,35 @@ impl Value {
                     item.encode(out);
                 }
             }
+            Value::ScalarArray(ty, bytes) => {
+                let size = scalar_size(*ty).ok().flatten().unwrap_or(1).max(1);
+                out.extend(ty.to_le_bytes());
+                out.extend((bytes.len() as u64 / size).to_le_bytes());
+                out.extend(bytes);
+            }
             Value::U64(v) => out.extend(v.to_le_bytes()),
             Value::I64(v) => out.extend(v.to_le_bytes()),
             Value::F64(v) => out.extend(v.to_le_bytes()),
         }
+    }
+
+    /// Decodes one fixed-size scalar of type `ty` from its bytes.
+    pub fn scalar_from_le(ty: u32, b: &[u8]) -> Option<Value> {
+        let arr = |n: usize| b.get(..n);
+        Some(match ty {
+            T_U8 => Value::U8(*b.first()?),
+            T_I8 => Value::I8(*b.first()? as i8),
+            T_BOOL => Value::Bool(*b.first()? != 0),
+            T_U16 => Value::U16(u16::from_le_bytes(arr(2)?.try_into().ok()?)),
+            T_I16 => Value::I16(i16::from_le_bytes(arr(2)?.try_into().ok()?)),
+            T_U32 => Value::U32(u32::from_le_bytes(arr(4)?.try_into().ok()?)),
+            T_I32 => Value::I32(i32::from_le_bytes(arr(4)?.try_into().ok()?)),
+            T_F32 => Value::F32(f32::from_le_bytes(arr(4)?.try_into().ok()?)),
+            T_U64 => Value::U64(u64::from_le_bytes(arr(8)?.try_into().ok()?)),
+            T_I64 => Value::I64(i64::from_le_bytes(arr(8)?.try_into().ok()?)),
+            T_F64 => Value::F64(f64::from_le_bytes(arr(8)?.try_into().ok()?)),
+            _ => return None,
+        })
     }
 
     /// Short human-readable form; long arrays are summarised.
@@ -123,6 +152,18 @@ impl Value {
             Value::Array(_, items) if items.len() > 8 => format!("[{} items]", items.len()),
             Value::Array(_, items) => {
                 let parts: Vec<String> = items.iter().map(Value::display_short).collect();
+                format!("[{}]", parts.join(", "))
+            }
+            Value::ScalarArray(ty, bytes) => {
+                let size = scalar_size(*ty).ok().flatten().unwrap_or(1).max(1) as usize;
+                if bytes.len() / size > 8 {
+                    return format!("[{} items]", bytes.len() / size);
+                }
+                let parts: Vec<String> = bytes
+                    .chunks(size)
+                    .filter_map(|b| Value::scalar_from_le(*ty, b))
+                    .map(|v| v.display_short())
+                    .collect();
                 format!("[{}]", parts.join(", "))
             }
             Value::U8(v) => v.to_string(),

@@ -5,7 +5,7 @@ use crate::chat::ChatFormat;
 use crate::direction::{self, control_vector, DirectionFile, SearchOptions, SearchResult};
 use crate::prompts::{Kind, PromptSet};
 use crate::{ffi, output};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
 /// A direction found by search, with what is needed to record it.
@@ -146,10 +146,10 @@ pub fn find_direction(input: &Path, args: &SearchConfig, progress: bool) -> Resu
         format!("gguf-abliterate {}", env!("CARGO_PKG_VERSION")).into(),
     );
     provenance.insert("search".into(), serde_json::to_value(&result)?);
-    let file = DirectionFile {
-        direction: result.direction.clone(),
-        provenance,
-    };
+    // Checked before anything is written: NaN/Inf or a zero difference of
+    // means would otherwise become a corrupted model.
+    let file = DirectionFile::new(result.direction.clone(), provenance)
+        .context("the search produced an unusable direction")?;
     Ok(Found { result, file, arch })
 }
 

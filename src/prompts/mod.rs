@@ -61,6 +61,18 @@ impl PromptSet {
     /// column `column`, or the first of instruction/prompt/goal/text).
     /// Every fourth instruction goes to validation, the rest to training.
     pub fn from_file(path: &Path, column: Option<&str>) -> Result<PromptSet> {
+        // Bounded memory: a prompt file is read whole, so cap its size.
+        let size = std::fs::metadata(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .len();
+        if size > MAX_PROMPT_FILE_BYTES {
+            bail!(
+                "{} is {} MiB; prompt files are limited to {} MiB",
+                path.display(),
+                size >> 20,
+                MAX_PROMPT_FILE_BYTES >> 20
+            );
+        }
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
         let ext = path
@@ -105,6 +117,9 @@ impl PromptSet {
         Ok(set)
     }
 }
+
+/// Far more than any instruction set needs (100,000 lines are ~6 MiB).
+pub const MAX_PROMPT_FILE_BYTES: u64 = 256 << 20;
 
 const COLUMN_GUESSES: &[&str] = &["instruction", "prompt", "goal", "text", "question"];
 
