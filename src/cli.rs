@@ -92,8 +92,9 @@ struct SearchArgs {
     kl_threshold: f64,
     /// TPE trials refining the chosen direction's edit (per-layer weights,
     /// direction index, biprojection); 0 keeps the first stage's choice.
-    #[arg(long, default_value_t = SearchOptions::default().trials, value_name = "N")]
-    trials: usize,
+    /// Default: 32 for models up to 150 MB, fewer for larger ones (at least 8).
+    #[arg(long, value_name = "N")]
+    trials: Option<usize>,
     /// Candidates fully evaluated after the cheap ranking.
     #[arg(long, default_value_t = SearchOptions::default().top_k, value_name = "K")]
     top_k: usize,

@@ -641,7 +641,7 @@ fn exercise_gguf(path: &Path, out: &Path) -> bool {
 fn exercise_direction(path: &Path, bytes: &[u8]) {
     if let Ok(text) = std::str::from_utf8(bytes) {
         if let Ok(f) = DirectionFile::parse(text) {
-            let _ = (f.provenance_kvs(), f.to_json());
+            let _ = (f.provenance_kvs(), f.to_json(), f.recorded_edit());
         }
     }
     let _ = DirectionFile::read(path);

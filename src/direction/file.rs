@@ -145,4 +145,31 @@ mod tests {
             assert!(DirectionFile::parse(bad).is_err(), "{bad}");
         }
     }
+
+    #[test]
+    fn recorded_edit_round_trips_and_rejects_bad_weights() {
+        let f = DirectionFile::parse(
+            r#"{"direction":[1,0],"scale":0.5,"skip_embeddings":true,
+               "weights":{"attention":{"max_weight":1.2,"max_weight_position":3.5,"min_weight":0.1,"min_weight_distance":4},"mlp":null,"embeddings":0}}"#,
+        )
+        .unwrap();
+        let (scale, skip, w) = f.recorded_edit().unwrap();
+        assert_eq!((scale, skip), (0.5, true));
+        assert_eq!(w.attention.unwrap().max_weight_position, 3.5);
+        assert!(w.mlp.is_none());
+        let plain = DirectionFile::parse(r#"{"direction":[1,0]}"#).unwrap();
+        assert_eq!(
+            plain.recorded_edit().unwrap(),
+            (1.0, false, EditWeights::default())
+        );
+        for bad in [
+            r#"{"direction":[1],"weights":{"attention":null,"mlp":null,"embeddings":-1}}"#,
+            r#"{"direction":[1],"weights":{"attention":null,"mlp":null,"embeddings":9}}"#,
+            r#"{"direction":[1],"weights":"x"}"#,
+            r#"{"direction":[1],"scale":2}"#,
+        ] {
+            let f = DirectionFile::parse(bad).unwrap();
+            assert!(f.recorded_edit().is_err(), "{bad}");
+        }
+    }
 }

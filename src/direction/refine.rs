@@ -121,7 +121,7 @@ impl Optimizer {
         let r = |a: f64, b: f64| (a, b.max(a + 1e-3));
         let kernel = || {
             [
-                r(0.5, 1.5),           // max_weight
+                r(0.8, 1.5),           // max_weight (heretic's range)
                 r(0.0, last),          // max_weight_position
                 r(0.0, 1.0),           // min_weight, as a share of max_weight
                 r(1.0, last.max(1.0)), // min_weight_distance

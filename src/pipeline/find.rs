@@ -62,6 +62,10 @@ pub fn find_direction(input: &Path, args: &SearchConfig, progress: bool) -> Resu
     crate::edit::check_supported(&arch)?;
     let name = shards[0].get_str("general.name").unwrap_or("").to_string();
     let tied_embeddings = !shards.iter().any(|s| s.tensor("output.weight").is_some());
+    let model_bytes: u64 = shards
+        .iter()
+        .map(|s| s.tensors.iter().map(|t| t.size).sum::<u64>())
+        .sum();
     let post_norms = crate::edit::PostNorms::read(&shards)?;
     drop(shards);
     let model = ffi::Model::load(input, args.n_gpu_layers)?;
@@ -77,7 +81,7 @@ pub fn find_direction(input: &Path, args: &SearchConfig, progress: bool) -> Resu
         threads: args.llama_threads(),
         progress,
         tied_embeddings,
-        trials: args.trials,
+        trials: args.trials.unwrap_or_else(|| default_trials(model_bytes)),
         seed: args.seed.unwrap_or(0),
         post_norms,
     };
@@ -180,6 +184,14 @@ pub fn write_control_vector(found: &Found, cv: &Path, force: bool) -> Result<()>
     Ok(())
 }
 
+/// Refinement trials when `--trials` is not given: a trial costs about as
+/// much as a few forward passes over the validation prompts, so the budget
+/// shrinks with the model (32 up to 150 MB of weights, never under 8).
+pub fn default_trials(model_bytes: u64) -> usize {
+    let full = SearchOptions::default().trials;
+    ((full as u64 * 150_000_000) / model_bytes.max(1)).clamp(8, full as u64) as usize
+}
+
 /// The refinement's Pareto front, as a table.
 fn print_front(result: &SearchResult) {
     if result.trials.is_empty() {
@@ -227,5 +239,15 @@ fn print_front(result: &SearchResult) {
                 format!("  scale {:.2}", p.scale)
             }
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn trial_budget_shrinks_with_the_model() {
+        assert_eq!(super::default_trials(145_000_000), 32);
+        assert_eq!(super::default_trials(491_400_064), 9);
+        assert_eq!(super::default_trials(4_000_000_000), 8);
     }
 }

@@ -31,7 +31,8 @@ pub struct SearchConfig {
     pub position: Option<usize>,
     pub chat_template: Option<String>,
     pub kl_threshold: f64,
-    pub trials: usize,
+    /// None: sized from the model (`default_trials`).
+    pub trials: Option<usize>,
     pub top_k: usize,
     pub rank_prompts: usize,
     pub n_gpu_layers: i32,
@@ -53,7 +54,7 @@ impl Default for SearchConfig {
             position: None,
             chat_template: None,
             kl_threshold: d.kl_threshold,
-            trials: d.trials,
+            trials: None,
             top_k: d.top_k,
             rank_prompts: d.rank_prompts,
             n_gpu_layers: 0,
