@@ -170,6 +170,10 @@ struct EditArgs {
     /// Leave token_embd untouched (with tied embeddings it is also the unembedding).
     #[arg(long)]
     skip_embeddings: bool,
+    /// Apply point N of the saved Pareto front (numbered as printed) instead
+    /// of the chosen one: from the direction file, or the search just run.
+    #[arg(long, value_name = "N")]
+    pick: Option<usize>,
     /// Overwrite OUT if it exists.
     #[arg(short, long)]
     force: bool,
@@ -234,6 +238,7 @@ impl EditArgs {
         EditConfig {
             scale: self.scale,
             skip_embeddings: self.skip_embeddings,
+            pick: self.pick,
             force: self.force,
             quiet: self.quiet,
         }

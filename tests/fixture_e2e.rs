@@ -79,6 +79,8 @@ fn main_command_finds_applies_and_verifies_on_the_fixture() {
     );
     let front = search["front"].as_array().unwrap();
     assert!(!front.is_empty(), "the refinement reports its Pareto front");
+    let plot = std::fs::read_to_string(report.with_extension("svg")).unwrap();
+    assert!(plot.starts_with("<svg") && plot.contains("<polyline"));
     let kl = v["kl_harmless_answered"].as_f64().unwrap();
     assert!(kl <= 0.30, "first-token KL {kl}");
     // Refusals of harmless prompts do not go up.

@@ -25,6 +25,12 @@ impl DirectionFile {
         let Json::Object(mut map) = json else {
             bail!("expected a JSON object")
         };
+        // A report (`--report`) holds the direction file as its "direction".
+        if let Some(Json::Object(inner)) = map.get("direction") {
+            if map.contains_key("verification") || map.contains_key("apply") {
+                map = inner.clone();
+            }
+        }
         let Some(Json::Array(values)) = map.remove("direction") else {
             bail!("missing \"direction\": [numbers]");
         };
@@ -98,6 +104,51 @@ impl DirectionFile {
             bail!("\"scale\" must be in (0, 1], got {scale}");
         }
         Ok((scale, skip, weights))
+    }
+
+    /// The direction file of point `n` of the saved Pareto front (as the
+    /// main command prints it): its direction and parametrization replace
+    /// the chosen one's, everything else is kept.
+    pub fn pick(&self, n: usize) -> Result<DirectionFile> {
+        let front = match self.provenance.get("front") {
+            Some(Json::Array(front)) if !front.is_empty() => front,
+            _ => bail!("it holds no Pareto front to pick from (written by an older version, or with --trials 0)"),
+        };
+        let entry = front.get(n).with_context(|| {
+            format!(
+                "--pick {n}: the front has {} points (0 to {})",
+                front.len(),
+                front.len() - 1
+            )
+        })?;
+        let point: crate::direction::refine::EditPoint =
+            serde_json::from_value(entry["point"].clone())
+                .with_context(|| format!("front point {n} is not a valid edit point"))?;
+        let direction =
+            DirectionFile::parse(&serde_json::json!({"direction": entry["direction"]}).to_string())
+                .with_context(|| format!("front point {n} has no valid direction"))?
+                .direction;
+        point.weights.validate()?;
+        let mut provenance = self.provenance.clone();
+        let index = point.direction_index;
+        for (k, v) in [
+            ("layer", Json::from(index.round() as u64)),
+            ("position", Json::from(point.position)),
+            ("scale", Json::from(point.scale as f64)),
+            (
+                "skip_embeddings",
+                Json::from(point.weights.embeddings == 0.0),
+            ),
+            ("direction_index", Json::from(index as f64)),
+            ("biprojected", Json::from(point.biprojected)),
+            ("weights", serde_json::to_value(point.weights)?),
+        ] {
+            provenance.insert(k.into(), v);
+        }
+        Ok(DirectionFile {
+            direction,
+            provenance,
+        })
     }
 
     /// Scalar provenance as GGUF metadata (`abliterate.<key>`); nested

@@ -123,6 +123,9 @@ pub struct SearchResult {
     pub trials: Vec<Trial>,
     /// Indices into `trials` of the refusals/KL Pareto front, by rising KL.
     pub front: Vec<usize>,
+    /// The direction of each front point, in `front`'s order (for `--pick`).
+    #[serde(skip)]
+    pub front_directions: Vec<Vec<f32>>,
     pub n_layer: usize,
     pub refusal_tokens: Vec<RefusalToken>,
     /// Mean refusal score of the unedited model on the validation prompts.
@@ -538,11 +541,20 @@ pub fn search(
     }
     stage_done("refine");
     let front = refine::pareto_front(&trials);
-    let direction = if chosen_point == first {
-        direction_of(best.layer, best.position)
-    } else {
-        refine::point_direction(&harm_means, &safe_means, &chosen_point)?
+    // One function for the chosen point and the front, so that `--pick`
+    // of the chosen point reproduces it exactly.
+    let direction_for = |point: &EditPoint| -> Result<Vec<f32>> {
+        if *point == first {
+            Ok(direction_of(best.layer, best.position))
+        } else {
+            refine::point_direction(&harm_means, &safe_means, point)
+        }
     };
+    let direction = direction_for(&chosen_point)?;
+    let front_directions = front
+        .iter()
+        .map(|&i| direction_for(&trials[i].point))
+        .collect::<Result<Vec<_>>>()?;
     Ok(SearchResult {
         frontier,
         direction,
@@ -553,6 +565,7 @@ pub fn search(
         point: chosen_point,
         trials,
         front,
+        front_directions,
         n_layer,
         refusal_tokens: refusal,
         baseline_harmful: mean(&score(&base_harm)),

@@ -142,6 +142,23 @@ pub fn find_direction(input: &Path, args: &SearchConfig, progress: bool) -> Resu
         "weights".into(),
         serde_json::to_value(result.point.weights)?,
     );
+    // The front, each point with its direction, so that `--pick N` can
+    // apply another point without searching again.
+    let front: Vec<serde_json::Value> = result
+        .front
+        .iter()
+        .zip(&result.front_directions)
+        .map(|(&i, direction)| {
+            let t = &result.trials[i];
+            serde_json::json!({
+                "refusal_rate": t.refusal_rate,
+                "kl": t.kl,
+                "point": t.point,
+                "direction": direction,
+            })
+        })
+        .collect();
+    provenance.insert("front".into(), front.into());
     provenance.insert("chat_template".into(), fmt.origin.clone().into());
     provenance.insert("harmful_prompts".into(), harmful.source.clone().into());
     provenance.insert("harmless_prompts".into(), harmless.source.clone().into());

@@ -4,6 +4,7 @@
 
 mod find;
 mod modelfile;
+mod svg;
 
 pub use find::{
     find_direction, load_prompts, write_control_vector, write_direction_outputs, Found,
@@ -78,6 +79,8 @@ pub struct EditConfig {
     /// None: the share the search chose (main command) or 1 (`apply`).
     pub scale: Option<f32>,
     pub skip_embeddings: bool,
+    /// Apply this point of the saved Pareto front instead of the chosen one.
+    pub pick: Option<usize>,
     pub force: bool,
     pub quiet: bool,
 }
@@ -116,7 +119,8 @@ pub fn run_apply(
     threads: Option<usize>,
 ) -> Result<()> {
     set_threads(threads)?;
-    let dir = DirectionFile::read(direction)?;
+    let dir = picked(DirectionFile::read(direction)?, edit.pick)
+        .with_context(|| format!("picking from {}", direction.display()))?;
     let (recorded_scale, recorded_skip, weights) = dir
         .recorded_edit()
         .with_context(|| format!("{} is not a valid direction file", direction.display()))?;
@@ -166,6 +170,7 @@ pub fn run_all(cfg: &RunConfig) -> Result<()> {
             (found.file, Some(found.result))
         }
     };
+    let file = picked(file, cfg.edit.pick)?;
     let (chosen_scale, chosen_skip, weights) = file.recorded_edit()?;
     let scale = cfg.edit.scale.unwrap_or(chosen_scale);
     let skip_embeddings = cfg.edit.skip_embeddings || (cfg.edit.scale.is_none() && chosen_skip);
@@ -211,8 +216,18 @@ pub fn run_all(cfg: &RunConfig) -> Result<()> {
     let seconds = started.elapsed().as_secs_f64();
     eprintln!("done in {seconds:.0} s");
     if let Some(path) = &cfg.report {
+        // The direction file without the search's tables: `--direction
+        // REPORT.json [--pick N]` reads it back.
         let mut provenance = file.provenance.clone();
         provenance.remove("search");
+        provenance.insert(
+            "direction".into(),
+            file.direction
+                .iter()
+                .map(|&x| x as f64)
+                .collect::<Vec<_>>()
+                .into(),
+        );
         let report = serde_json::json!({
             "tool": format!("gguf-abliterate {}", env!("CARGO_PKG_VERSION")),
             "input": input,
@@ -230,8 +245,35 @@ pub fn run_all(cfg: &RunConfig) -> Result<()> {
             true,
         )?;
         eprintln!("wrote {}", path.display());
+        if let Some(plot) = search.as_ref().and_then(svg::front_svg) {
+            let svg_path = path.with_extension("svg");
+            output::write_atomic(&svg_path, plot.as_bytes(), true)?;
+            eprintln!("wrote {} (the refusals/KL front)", svg_path.display());
+        }
     }
     Ok(())
+}
+
+/// The direction file itself, or point `pick` of its saved front.
+fn picked(file: DirectionFile, pick: Option<usize>) -> Result<DirectionFile> {
+    match pick {
+        None => Ok(file),
+        Some(n) => {
+            let p = file.pick(n)?;
+            eprintln!(
+                "picked front point {n}: direction index {}, {}",
+                p.provenance
+                    .get("direction_index")
+                    .and_then(|v| v.as_f64())
+                    .unwrap_or(f64::NAN),
+                p.provenance
+                    .get("weights")
+                    .map(|w| w.to_string())
+                    .unwrap_or_default()
+            );
+            Ok(p)
+        }
+    }
 }
 
 /// Held-back prompts per set below which verification would not be worth its name.

@@ -1,0 +1,147 @@
+//! `--pick N` and `apply --direction` reproduce a point of the saved Pareto
+//! front byte for byte, without searching again.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+
+fn run_ok(cmd: &mut std::process::Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn main_with(dir: &Path, out: &Path, pick: Option<usize>) {
+    let mut cmd = bin();
+    cmd.arg(fixture())
+        .arg(out)
+        .arg("--direction")
+        .arg(dir)
+        .args(["--no-verify", "-q"]);
+    if let Some(n) = pick {
+        cmd.args(["--pick", &n.to_string()]);
+    }
+    run_ok(&mut cmd);
+}
+
+#[test]
+fn pick_and_apply_reproduce_front_points_byte_for_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dir.json");
+    // A small search: one position, few prompts and trials.
+    run_ok(
+        bin()
+            .arg("direction")
+            .arg(fixture())
+            .arg("-o")
+            .arg(&dir)
+            .args([
+                "--position",
+                "5",
+                "--n-train",
+                "32",
+                "--n-val",
+                "16",
+                "--top-k",
+                "1",
+                "--trials",
+                "6",
+                "-q",
+            ]),
+    );
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&dir).unwrap()).unwrap();
+    let front = json["front"]
+        .as_array()
+        .expect("the direction file saves the front");
+    assert!(!front.is_empty());
+    for p in front {
+        assert_eq!(
+            p["direction"].as_array().unwrap().len(),
+            576,
+            "each front point carries its direction"
+        );
+    }
+
+    // The chosen point, applied from the file, equals --pick of its front index.
+    let chosen = tmp.path().join("chosen.gguf");
+    main_with(&dir, &chosen, None);
+    let same_point = |p: &serde_json::Value| {
+        p["point"]["weights"] == json["weights"]
+            && p["point"]["direction_index"].as_f64() == json["direction_index"].as_f64()
+    };
+    let index = front.iter().position(same_point);
+    let index = index.expect("the chosen point is on the front");
+    let picked = tmp.path().join("picked.gguf");
+    main_with(&dir, &picked, Some(index));
+    assert!(
+        std::fs::read(&chosen).unwrap() == std::fs::read(&picked).unwrap(),
+        "--pick {index} differs from the chosen point"
+    );
+
+    // Another point: the main command and apply agree byte for byte.
+    let last = front.len() - 1;
+    let (by_main, by_apply) = (tmp.path().join("main.gguf"), tmp.path().join("apply.gguf"));
+    main_with(&dir, &by_main, Some(last));
+    run_ok(
+        bin()
+            .arg("apply")
+            .arg("--direction")
+            .arg(&dir)
+            .args(["--pick", &last.to_string(), "-q"])
+            .arg(fixture())
+            .arg(&by_apply),
+    );
+    assert!(std::fs::read(&by_main).unwrap() == std::fs::read(&by_apply).unwrap());
+    // A report written by the main command serves as the direction file too.
+    let (report, via_report) = (tmp.path().join("report.json"), tmp.path().join("r.gguf"));
+    run_ok(
+        bin()
+            .arg(fixture())
+            .arg(tmp.path().join("with-report.gguf"))
+            .arg("--direction")
+            .arg(&dir)
+            .args(["--no-verify", "-q", "--report"])
+            .arg(&report),
+    );
+    run_ok(
+        bin()
+            .arg("apply")
+            .arg("--direction")
+            .arg(&report)
+            .args(["--pick", &last.to_string(), "-q"])
+            .arg(fixture())
+            .arg(&via_report),
+    );
+    assert!(std::fs::read(&via_report).unwrap() == std::fs::read(&by_apply).unwrap());
+    if last != index {
+        assert!(std::fs::read(&by_main).unwrap() != std::fs::read(&chosen).unwrap());
+    }
+
+    // Out of range: one clean error, nothing written.
+    let bad = tmp.path().join("bad.gguf");
+    let o = bin()
+        .arg(fixture())
+        .arg(&bad)
+        .arg("--direction")
+        .arg(&dir)
+        .args(["--no-verify", "--pick", &front.len().to_string()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        stderr
+            .trim_end()
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("error: ")
+            && stderr.contains("the front has"),
+        "{stderr}"
+    );
+    assert!(!bad.exists());
+}
