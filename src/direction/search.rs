@@ -15,7 +15,7 @@ use crate::chat::ChatFormat;
 use crate::eval::{kl_divergence, refusal_score, AblateHook, AddHook, NoHook, Runner};
 use crate::ffi::Model;
 use crate::prompts::PromptSet;
-use crate::verify::{detokenize, judge_answer, Verdict};
+use crate::verify::{detokenize, judge, judge_answer, Verdict};
 
 /// Bisection steps when searching the largest scale within the KL threshold.
 const SCALE_STEPS: usize = 5;
@@ -25,6 +25,8 @@ const JUDGE_TOKENS: usize = 24;
 /// Trials whose KL exceeds this multiple of the target are not worth
 /// generating replies for.
 const PRUNE_KL: f64 = 1.2;
+/// Below this share of harmful prompts refused, there is nothing to remove.
+const MIN_BASELINE_REFUSAL: f64 = 0.05;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -130,6 +132,8 @@ pub struct SearchResult {
     pub refusal_tokens: Vec<RefusalToken>,
     /// Mean refusal score of the unedited model on the validation prompts.
     pub baseline_harmful: f64,
+    /// Share of harmful validation replies the unedited model refuses.
+    pub baseline_refusal_rate: f64,
     pub baseline_harmless: f64,
     /// Harmless validation prompts the model answers (used for KL).
     pub answered_harmless: usize,
@@ -251,9 +255,42 @@ pub fn search(
     pb.finish_and_clear();
     stage_done("capture");
 
-    // Refusal tokens: those whose first-token probability most separates
-    // harmful from harmless training prompts (from the capture's logits).
-    let refusal_ids = refusal_tokens(&lp_harm, &lp_safe)?;
+    // The baseline, judged from replies: how often the model refuses, and
+    // how its refusals begin. A model that does not refuse is told so now,
+    // before minutes of search.
+    let harm_texts: Vec<String> = take(&harmful.val, opts.n_val)
+        .into_iter()
+        .map(|p| p.text)
+        .collect();
+    let replies = runner.generate(&harm_val, JUDGE_TOKENS, &mut NoHook)?;
+    let refused_first: Vec<i32> = replies
+        .iter()
+        .zip(&harm_texts)
+        .filter(|(g, request)| {
+            judge_answer(request, &detokenize(model, &g.tokens), &g.tokens) == Verdict::Refused
+        })
+        .filter_map(|(g, _)| g.tokens.first().copied())
+        .collect();
+    let baseline_refusal_rate = refused_first.len() as f64 / replies.len().max(1) as f64;
+    if baseline_refusal_rate < MIN_BASELINE_REFUSAL {
+        bail!(
+            "the model refuses {} of {} harmful validation prompts ({:.0}%, judged from its replies): \
+             there is no refusal to remove (a base model, or one already abliterated?)",
+            refused_first.len(),
+            replies.len(),
+            100.0 * baseline_refusal_rate
+        );
+    }
+    let answered_first: Vec<i32> = runner
+        .generate(&safe_val, JUDGE_TOKENS, &mut NoHook)?
+        .iter()
+        .filter(|g| judge(&detokenize(model, &g.tokens), &g.tokens) == Verdict::Complied)
+        .filter_map(|g| g.tokens.first().copied())
+        .collect();
+    let refusal_ids = refusal_tokens(&refused_first, &answered_first);
+    if refusal_ids.is_empty() {
+        bail!("the model's refusals begin with no token: there is nothing to score refusals by");
+    }
     drop(lp_harm);
     let refusal: Vec<RefusalToken> = refusal_ids
         .iter()
@@ -380,10 +417,6 @@ pub fn search(
     let k = opts.top_k.max(1).min(candidates.len());
     let induce_set = &safe_val[..safe_val.len().div_ceil(2)];
     let pb = bar(opts.progress, k as u64, "evaluate");
-    let harm_texts: Vec<String> = take(&harmful.val, opts.n_val)
-        .into_iter()
-        .map(|p| p.text)
-        .collect();
     let measure = Measure {
         model,
         harm_val: &harm_val,
@@ -569,6 +602,7 @@ pub fn search(
         n_layer,
         refusal_tokens: refusal,
         baseline_harmful: mean(&score(&base_harm)),
+        baseline_refusal_rate,
         baseline_harmless: mean(&safe_scores),
         answered_harmless: answered.len(),
         kl_threshold: opts.kl_threshold,
@@ -590,23 +624,37 @@ fn diff(harmful: &Means, harmless: &Means, layer: usize, pos: usize) -> Vec<f32>
         .collect()
 }
 
-/// Tokens whose mean first-token probability is most raised on harmful
-/// prompts relative to harmless ones ("I" of "I'm sorry", "As" of "As an AI", …).
-fn refusal_tokens(harmful: &[Vec<f32>], harmless: &[Vec<f32>]) -> Result<Vec<i32>> {
-    let n_vocab = harmful[0].len();
-    let mean_p = |lps: &[Vec<f32>], t: usize| {
-        lps.iter().map(|lp| (lp[t] as f64).exp()).sum::<f64>() / lps.len() as f64
+/// Refusal tokens: the first tokens of the harmful replies the judge marks
+/// as refusals, most frequent first, leaving out any that also begins the
+/// model's real answers to harmless prompts about as often (an ordinary
+/// answer opening such as "To" or "There" must not count as refusing).
+fn refusal_tokens(refused_first: &[i32], answered_first: &[i32]) -> Vec<i32> {
+    let share = |tokens: &[i32], t: i32| {
+        tokens.iter().filter(|&&x| x == t).count() as f64 / tokens.len().max(1) as f64
     };
-    let mut gaps: Vec<(f64, i32)> = (0..n_vocab)
-        .map(|t| (mean_p(harmful, t) - mean_p(harmless, t), t as i32))
-        .filter(|(g, _)| *g > 0.02)
+    let mut distinct: Vec<i32> = refused_first.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let mut ranked: Vec<(f64, i32)> = distinct
+        .iter()
+        .map(|&t| (share(refused_first, t), t))
         .collect();
-    gaps.sort_by(|a, b| b.0.total_cmp(&a.0));
-    gaps.truncate(4);
-    if gaps.is_empty() {
-        bail!("the model's first token does not differ between harmful and harmless prompts: it does not seem to refuse");
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    // A token must open a fair share of refusals, not one odd reply.
+    let min_share = (2.0 / refused_first.len().max(1) as f64).max(0.1);
+    let distinctive: Vec<i32> = ranked
+        .iter()
+        .filter(|(s, _)| *s >= min_share)
+        .filter(|(s, t)| share(answered_first, *t) < s / 2.0)
+        .map(|&(_, t)| t)
+        .take(4)
+        .collect();
+    if distinctive.is_empty() {
+        // No opening is both common and distinctive: keep the most frequent.
+        ranked.iter().map(|&(_, t)| t).take(1).collect()
+    } else {
+        distinctive
     }
-    Ok(gaps.into_iter().map(|(_, t)| t).collect())
 }
 
 /// The bypass/KL Pareto frontier: by rising KL, each lowers the bypass.
@@ -728,5 +776,22 @@ impl Measure<'_> {
                     != Verdict::Complied
             })
             .count())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refusal_tokens;
+
+    #[test]
+    fn refusal_tokens_come_from_refusals_but_not_answer_openings() {
+        // "I" (1) opens refusals only; "To" (2) opens refusals and answers alike.
+        // 3 (and 6) open one refusal each: too rare to count.
+        let refused = [1, 1, 1, 2, 2, 3, 1, 1, 1, 1, 1, 1, 6, 7, 7];
+        let answered = [2, 2, 2, 4, 5];
+        assert_eq!(refusal_tokens(&refused, &answered), vec![1, 7]);
+        // Nothing distinctive: the most frequent refusal opening is kept.
+        assert_eq!(refusal_tokens(&[2, 2, 4], &[2, 4]), vec![2]);
+        assert!(refusal_tokens(&[], &[1]).is_empty());
     }
 }
