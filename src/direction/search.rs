@@ -218,6 +218,16 @@ pub fn search(
     let (harm_means, lp_harm) = capture(&mut runner, &harm_train, capture_layers, n_post, &pb)?;
     let (safe_means, lp_safe) = capture(&mut runner, &safe_train, capture_layers, n_post, &pb)?;
     pb.finish_and_clear();
+    // A corrupted tensor (NaN/Inf weights, an F16 overflow) poisons every
+    // later activation: say so here, before it becomes a NaN direction.
+    for (set, means) in [("harmful", &harm_means), ("harmless", &safe_means)] {
+        if let Some(i) = means.values.iter().position(|x| !x.is_finite()) {
+            bail!(
+                "the model's activations on {set} prompts hold NaN/Inf (first at layer {}); is a tensor corrupted?",
+                i / (means.n_pos * means.n_embd).max(1)
+            );
+        }
+    }
 
     // Refusal tokens: those whose first-token probability most separates
     // harmful from harmless training prompts (from the capture's logits).
