@@ -290,6 +290,11 @@ fn read_only_output_directory() {
             assert_eq!(left_in(&out), "");
             out
         }
+        None if is_root() => {
+            // Root without mount rights: permissions would not stop it.
+            eprintln!("root without a private mount: skipped");
+            return;
+        }
         None => {
             std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
             let out = apply_cmd(&direction, &model, &ro.join("out.gguf"), &[])
