@@ -254,6 +254,16 @@ pub fn search(
     let (safe_means, lp_safe) = capture(&mut runner, &safe_train, capture_layers, n_post, &pb)?;
     pb.finish_and_clear();
     stage_done("capture");
+    // A corrupted tensor (NaN/Inf weights, an F16 overflow) poisons every
+    // later activation: say so here, before it becomes a NaN direction.
+    for (set, means) in [("harmful", &harm_means), ("harmless", &safe_means)] {
+        if let Some(i) = means.values.iter().position(|x| !x.is_finite()) {
+            bail!(
+                "the model's activations on {set} prompts hold NaN/Inf (first at layer {}); is a tensor corrupted?",
+                i / (means.n_pos * means.n_embd).max(1)
+            );
+        }
+    }
 
     // The baseline, judged from replies: how often the model refuses, and
     // how its refusals begin. A model that does not refuse is told so now,
