@@ -55,6 +55,7 @@ pub fn model_if_present(path: PathBuf, how_to_get_it: &str) -> Option<PathBuf> {
 /// The model a test needs, or the end of the test (see [`model_if_present`]):
 /// `let m = require_model!("SmolLM2-135M-Instruct.Q4_1.gguf");` for a file in
 /// `models/`, `require_model!(fixture);` for the shared refusal fixture.
+#[allow(unused_macros)]
 macro_rules! require_model {
     (fixture) => {
         match $crate::common::model_if_present(
@@ -75,6 +76,7 @@ macro_rules! require_model {
         }
     };
 }
+#[allow(unused_imports)]
 pub(crate) use require_model;
 
 pub fn models_dir() -> PathBuf {
