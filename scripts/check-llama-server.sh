@@ -82,7 +82,7 @@ else
   # the advertised limit (scripts/vk-storage-range.c).
   shim=$dir/vk-storage-range.so
   if [ ! -f "$shim" ] || [ scripts/vk-storage-range.c -nt "$shim" ]; then
-    cc -shared -fPIC -O2 -o "$shim" scripts/vk-storage-range.c -ldl
+    "$(command -v cc || command -v clang)" -shared -fPIC -O2 -o "$shim" scripts/vk-storage-range.c -ldl
   fi
   env_vars+=(LD_PRELOAD="$(realpath "$shim")")
   backend+=", maxStorageBufferRange raised"
