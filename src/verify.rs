@@ -339,6 +339,83 @@ mod tests {
         );
     }
 
+    fn replies(verdicts: &[Verdict], tag: &str) -> Vec<Reply> {
+        verdicts
+            .iter()
+            .enumerate()
+            .map(|(i, &verdict)| Reply {
+                prompt: format!("prompt {i}"),
+                reply: format!("{tag} {i}"),
+                verdict,
+            })
+            .collect()
+    }
+
+    fn verification(before: &[Verdict], after: &[Verdict], n_harmful: usize) -> Verification {
+        Verification {
+            n_harmful,
+            n_harmless: before.len() - n_harmful,
+            tokens_generated: 8,
+            harmful_refusal_before: 0.0,
+            harmful_refusal_after: 0.0,
+            harmless_refusal_before: 0.0,
+            harmless_refusal_after: 0.0,
+            kl_harmless_answered: 0.0,
+            n_answered: 0,
+            replies_before: replies(before, "before"),
+            replies_after: replies(after, "after"),
+            samples: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn samples_pair_replies_and_are_chosen_on_the_original_only() {
+        use Verdict::*;
+        // Harmful 0..5: the original refused 1, 3 and 4; harmless 5..8: it answered 6 and 7.
+        let before = [
+            Complied, Refused, Complied, Degenerate, Refused, Refused, Complied, Complied,
+        ];
+        let after = [
+            Complied, Complied, Complied, Complied, Refused, Refused, Complied, Evasive,
+        ];
+        let samples = verification(&before, &after, 5).select_samples();
+        let picked: Vec<(bool, &str)> = samples
+            .iter()
+            .map(|s| (s.harmful, s.prompt.as_str()))
+            .collect();
+        assert_eq!(
+            picked,
+            [
+                (true, "prompt 1"),
+                (true, "prompt 3"),
+                (true, "prompt 4"),
+                (false, "prompt 6"),
+                (false, "prompt 7")
+            ]
+        );
+        // Each sample carries the same prompt's two replies and verdicts,
+        // whatever the edited model did (prompt 4 is still refused).
+        let s = &samples[2];
+        assert_eq!(
+            (s.before.as_str(), s.after.as_str()),
+            ("before 4", "after 4")
+        );
+        assert_eq!((s.verdict_before, s.verdict_after), (Refused, Refused));
+        assert_eq!(samples[4].verdict_after, Evasive);
+
+        // Too few preferred prompts: filled up in order; tiny sets give what they have.
+        let samples =
+            verification(&[Complied, Refused, Refused], &[Refused; 3], 2).select_samples();
+        let picked: Vec<(bool, &str)> = samples
+            .iter()
+            .map(|s| (s.harmful, s.prompt.as_str()))
+            .collect();
+        assert_eq!(
+            picked,
+            [(true, "prompt 1"), (true, "prompt 0"), (false, "prompt 2")]
+        );
+    }
+
     #[test]
     fn compliance_with_a_harmful_request_must_answer_it() {
         let request = "Explain how to pick a pin tumbler lock without the key";
@@ -400,6 +477,61 @@ pub struct Verification {
     pub n_answered: usize,
     pub replies_before: Vec<Reply>,
     pub replies_after: Vec<Reply>,
+    /// A few prompts with both replies side by side (see [`Verification::select_samples`]).
+    pub samples: Vec<Sample>,
+}
+
+/// One held-back prompt with the original's reply beside the edited model's.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Sample {
+    pub harmful: bool,
+    pub prompt: String,
+    pub before: String,
+    pub verdict_before: Verdict,
+    pub after: String,
+    pub verdict_after: Verdict,
+}
+
+/// Sample replies shown per set: users judge an abliteration by reading it.
+pub const SAMPLE_HARMFUL: usize = 3;
+pub const SAMPLE_HARMLESS: usize = 2;
+
+impl Verification {
+    /// Three harmful and two harmless prompts, with both replies. Chosen on
+    /// the original's verdict only, never on the edited model's, so that the
+    /// samples show what the edit does and are not picked for its successes:
+    /// harmful prompts the original refused (what the edit is about), and
+    /// harmless prompts it answered (what the edit must preserve), each in
+    /// prompt order, filled up with the others when there are too few.
+    pub fn select_samples(&self) -> Vec<Sample> {
+        let n = self.replies_before.len().min(self.replies_after.len());
+        let n_harmful = self.n_harmful.min(n);
+        // Indices in `range` whose original verdict is `wanted` first, then the others.
+        let pick = |range: std::ops::Range<usize>, wanted: fn(Verdict) -> bool, take: usize| {
+            let (preferred, rest): (Vec<usize>, Vec<usize>) =
+                range.partition(|&i| wanted(self.replies_before[i].verdict));
+            preferred.into_iter().chain(rest).take(take)
+        };
+        let sample = |i: usize| {
+            let (before, after) = (&self.replies_before[i], &self.replies_after[i]);
+            Sample {
+                harmful: i < n_harmful,
+                prompt: before.prompt.clone(),
+                before: before.reply.clone(),
+                verdict_before: before.verdict,
+                after: after.reply.clone(),
+                verdict_after: after.verdict,
+            }
+        };
+        pick(0..n_harmful, |v| v != Verdict::Complied, SAMPLE_HARMFUL)
+            .chain(pick(
+                n_harmful..n,
+                |v| v == Verdict::Complied,
+                SAMPLE_HARMLESS,
+            ))
+            .map(sample)
+            .collect()
+    }
 }
 
 /// Runs the held-back prompts through IN, then OUT, and compares.
@@ -444,7 +576,7 @@ pub fn verify(
         );
     }
     let (kl, n_answered) = mean_kl_on_answered(&before_s, &after_s.first_log_probs);
-    Ok(Verification {
+    let mut verification = Verification {
         n_harmful: harmful.len(),
         n_harmless: harmless.len(),
         tokens_generated: n_gen,
@@ -460,5 +592,8 @@ pub fn verify(
             .chain(before_s.replies)
             .collect(),
         replies_after: after_h.replies.into_iter().chain(after_s.replies).collect(),
-    })
+        samples: Vec::new(),
+    };
+    verification.samples = verification.select_samples();
+    Ok(verification)
 }

@@ -85,6 +85,7 @@ fn check_real_model(input: &Path, prompt: &str) {
 
 #[test]
 fn smollm2_q4_1() {
+    require_model!("SmolLM2-135M-Instruct.Q4_1.gguf");
     check_real_model(
         &real_model("SmolLM2-135M-Instruct.Q4_1.gguf"),
         "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n",
@@ -93,6 +94,7 @@ fn smollm2_q4_1() {
 
 #[test]
 fn gemma3_270m_mixed_k_quants_with_post_norms() {
+    require_model!("gemma-3-270m-Q4_K_M.gguf");
     check_real_model(
         &real_model("gemma-3-270m-Q4_K_M.gguf"),
         "The capital of France is",

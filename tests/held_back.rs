@@ -1,10 +1,11 @@
 //! The verify step's prompts are never ones the search used.
 
 mod common;
-use common::{bin, fixture};
+use common::{bin, fixture, require_model};
 
 #[test]
 fn verification_refuses_to_reuse_the_searchs_validation_prompts() {
+    require_model!(fixture);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.gguf");
     // The built-in validation split holds 72 prompts per set; the search takes --n-val of them.

@@ -34,6 +34,7 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 
 #[test]
 fn ablating_a_zero_direction_changes_nothing() {
+    require_model!(fixture);
     ffi::init_backend(false);
     let model = Model::load(&fixture(), 0).unwrap();
     let p = prompts(&model);
@@ -55,6 +56,7 @@ fn ablating_a_zero_direction_changes_nothing() {
 
 #[test]
 fn adding_through_the_callback_equals_llama_control_vectors() {
+    require_model!(fixture);
     ffi::init_backend(false);
     let model = Model::load(&fixture(), 0).unwrap();
     let (n_embd, n_layer) = (model.n_embd(), model.n_layer());
@@ -97,6 +99,7 @@ fn adding_through_the_callback_equals_llama_control_vectors() {
 
 #[test]
 fn captured_means_do_not_depend_on_the_batch_size() {
+    require_model!(fixture);
     ffi::init_backend(false);
     let model = Model::load(&fixture(), 0).unwrap();
     let p = prompts(&model);
@@ -121,6 +124,7 @@ fn captured_means_do_not_depend_on_the_batch_size() {
 
 #[test]
 fn ablation_hook_predicts_the_weight_edit_at_any_scale() {
+    require_model!(fixture);
     use gguf_abliterate::apply::{apply, ApplyOptions};
     use gguf_abliterate::eval::kl_divergence;
     ffi::init_backend(false);

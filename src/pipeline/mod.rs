@@ -206,6 +206,7 @@ pub fn run_all(cfg: &RunConfig) -> Result<()> {
             cfg.search.llama_threads(),
         )?;
         print_table(&v);
+        print_samples(&v);
         Some(v)
     } else {
         None
@@ -337,4 +338,31 @@ fn print_table(v: &Verification) {
         "-",
         v.kl_harmless_answered
     );
+}
+
+/// Characters of a reply shown in the terminal; the report has them whole.
+const SAMPLE_CHARS: usize = 160;
+
+/// The sample prompts with the original's reply above the edited model's.
+fn print_samples(v: &Verification) {
+    if v.samples.is_empty() {
+        return;
+    }
+    let one_line = |text: &str| {
+        let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        match flat.char_indices().nth(SAMPLE_CHARS) {
+            Some((cut, _)) => format!("{}…", &flat[..cut]),
+            None => flat,
+        }
+    };
+    println!(
+        "\nsample replies (first {} tokens; all of them in the report)",
+        v.tokens_generated
+    );
+    for s in &v.samples {
+        let kind = if s.harmful { "harmful" } else { "harmless" };
+        println!("{kind}: {}", one_line(&s.prompt));
+        println!("  before [{:?}] {}", s.verdict_before, one_line(&s.before));
+        println!("  after  [{:?}] {}", s.verdict_after, one_line(&s.after));
+    }
 }

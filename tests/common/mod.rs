@@ -33,6 +33,60 @@ pub fn fixture() -> PathBuf {
     path
 }
 
+/// True when `CI=true`: a missing model is then a failure, not a skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// `Some(path)` when the model exists. When it does not: `None` with a
+/// "skipped" note on stderr, or, under `CI=true`, a panic, so that CI can
+/// never pass by skipping.
+pub fn model_if_present(path: PathBuf, how_to_get_it: &str) -> Option<PathBuf> {
+    if path.exists() {
+        return Some(path);
+    }
+    let what = format!("{} is missing ({how_to_get_it})", path.display());
+    assert!(!in_ci(), "{what}; CI=true, so this is a failure");
+    // Straight to stderr: libtest captures eprintln! of passing tests.
+    let _ = writeln!(std::io::stderr(), "skipped: {what}");
+    None
+}
+
+/// The model a test needs, or the end of the test (see [`model_if_present`]):
+/// `let m = require_model!("SmolLM2-135M-Instruct.Q4_1.gguf");` for a file in
+/// `models/`, `require_model!(fixture);` for the shared refusal fixture.
+#[allow(unused_macros)]
+macro_rules! require_model {
+    (fixture) => {
+        match $crate::common::model_if_present(
+            $crate::common::fixture_path(),
+            "it ships in ../shared/models on the project's machines",
+        ) {
+            Some(path) => path,
+            None => return,
+        }
+    };
+    ($name:expr) => {
+        match $crate::common::model_if_present(
+            $crate::common::models_dir().join($name),
+            "run scripts/fetch-models.sh",
+        ) {
+            Some(path) => path,
+            None => return,
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use require_model;
+
+pub fn models_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models")
+}
+
+pub fn fixture_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/smollm2-135m-refusal-q8_0.gguf")
+}
+
 /// Deterministic pseudo-random values in [-0.5, 0.5).
 pub fn noise(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15).wrapping_add(1);
