@@ -418,7 +418,7 @@ impl<'m> Runner<'m> {
                 next += 1;
             }
             if group.is_empty() {
-                bail!("prompt {next} has {} tokens; with {n_gen} to generate it does not fit the context ({budget})", prompts[next].len());
+                bail!("prompt {next} has {} tokens; the context holds {budget} with {n_gen} to generate (use a shorter prompt)", prompts[next].len());
             }
             // Prefill: the group's prompts fit one batch, since their
             // prompts and generations together fit the context.

@@ -297,7 +297,7 @@ pub fn search(
         .filter(|g| judge(&detokenize(model, &g.tokens), &g.tokens) == Verdict::Complied)
         .filter_map(|g| g.tokens.first().copied())
         .collect();
-    let refusal_ids = refusal_tokens(&refused_first, &answered_first);
+    let refusal_ids = refusal_tokens(&lp_harm, &lp_safe, &refused_first, &answered_first);
     if refusal_ids.is_empty() {
         bail!("the model's refusals begin with no token: there is nothing to score refusals by");
     }
@@ -634,37 +634,32 @@ fn diff(harmful: &Means, harmless: &Means, layer: usize, pos: usize) -> Vec<f32>
         .collect()
 }
 
-/// Refusal tokens: the first tokens of the harmful replies the judge marks
-/// as refusals, most frequent first, leaving out any that also begins the
-/// model's real answers to harmless prompts about as often (an ordinary
-/// answer opening such as "To" or "There" must not count as refusing).
-fn refusal_tokens(refused_first: &[i32], answered_first: &[i32]) -> Vec<i32> {
+/// Refusal tokens: the tokens whose first-token probability most separates
+/// harmful from harmless training prompts ("I" of "I'm sorry", "As" of
+/// "As an AI"), less any that opens more of the model's real answers to
+/// harmless prompts than of its judged refusals: an ordinary answer opening
+/// such as "To" or "There" must not count as refusing.
+fn refusal_tokens(
+    harmful: &[Vec<f32>],
+    harmless: &[Vec<f32>],
+    refused_first: &[i32],
+    answered_first: &[i32],
+) -> Vec<i32> {
+    let n_vocab = harmful[0].len();
+    let mean_p = |lps: &[Vec<f32>], t: usize| {
+        lps.iter().map(|lp| (lp[t] as f64).exp()).sum::<f64>() / lps.len() as f64
+    };
     let share = |tokens: &[i32], t: i32| {
         tokens.iter().filter(|&&x| x == t).count() as f64 / tokens.len().max(1) as f64
     };
-    let mut distinct: Vec<i32> = refused_first.to_vec();
-    distinct.sort_unstable();
-    distinct.dedup();
-    let mut ranked: Vec<(f64, i32)> = distinct
-        .iter()
-        .map(|&t| (share(refused_first, t), t))
+    let mut gaps: Vec<(f64, i32)> = (0..n_vocab)
+        .map(|t| (mean_p(harmful, t) - mean_p(harmless, t), t as i32))
+        .filter(|(g, _)| *g > 0.02)
+        .filter(|&(_, t)| share(answered_first, t) <= share(refused_first, t))
         .collect();
-    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    // A token must open a fair share of refusals, not one odd reply.
-    let min_share = (2.0 / refused_first.len().max(1) as f64).max(0.1);
-    let distinctive: Vec<i32> = ranked
-        .iter()
-        .filter(|(s, _)| *s >= min_share)
-        .filter(|(s, t)| share(answered_first, *t) < s / 2.0)
-        .map(|&(_, t)| t)
-        .take(4)
-        .collect();
-    if distinctive.is_empty() {
-        // No opening is both common and distinctive: keep the most frequent.
-        ranked.iter().map(|&(_, t)| t).take(1).collect()
-    } else {
-        distinctive
-    }
+    gaps.sort_by(|a, b| b.0.total_cmp(&a.0));
+    gaps.truncate(4);
+    gaps.into_iter().map(|(_, t)| t).collect()
 }
 
 /// The bypass/KL Pareto frontier: by rising KL, each lowers the bypass.
@@ -794,14 +789,17 @@ mod tests {
     use super::refusal_tokens;
 
     #[test]
-    fn refusal_tokens_come_from_refusals_but_not_answer_openings() {
-        // "I" (1) opens refusals only; "To" (2) opens refusals and answers alike.
-        // 3 (and 6) open one refusal each: too rare to count.
-        let refused = [1, 1, 1, 2, 2, 3, 1, 1, 1, 1, 1, 1, 6, 7, 7];
-        let answered = [2, 2, 2, 4, 5];
-        assert_eq!(refusal_tokens(&refused, &answered), vec![1, 7]);
-        // Nothing distinctive: the most frequent refusal opening is kept.
-        assert_eq!(refusal_tokens(&[2, 2, 4], &[2, 4]), vec![2]);
-        assert!(refusal_tokens(&[], &[1]).is_empty());
+    fn refusal_tokens_separate_harmful_prompts_but_never_open_answers() {
+        // Vocabulary of 4; token 1 ("I") and 2 ("To") are both likelier
+        // after harmful prompts, but 2 opens the model's harmless answers.
+        let lp = |p: [f64; 4]| p.iter().map(|x| x.ln() as f32).collect::<Vec<f32>>();
+        let harmful = vec![lp([0.1, 0.5, 0.3, 0.1])];
+        let harmless = vec![lp([0.6, 0.1, 0.1, 0.2])];
+        assert_eq!(
+            refusal_tokens(&harmful, &harmless, &[1, 1], &[0, 2, 2]),
+            vec![1]
+        );
+        // With no replies to tell them apart, both count.
+        assert_eq!(refusal_tokens(&harmful, &harmless, &[], &[]), vec![1, 2]);
     }
 }
