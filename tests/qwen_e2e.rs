@@ -36,6 +36,19 @@ fn main_command_abliterates_qwen2_5_coder_0_5b_instruct() {
     );
     assert!(run.status.success(), "{stderr}");
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    // Refusal tokens never include an ordinary answer opening (0.1.0 took
+    // "I", "To" and "There" here; only "I" marks refusals).
+    let tokens: Vec<String> = r["search"]["refusal_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["text"].as_str().unwrap().trim().to_string())
+        .collect();
+    eprintln!("qwen: refusal tokens {tokens:?}");
+    assert!(tokens.contains(&"I".to_string()), "{tokens:?}");
+    for opening in ["To", "There", "Here", "Sure", "Certainly", "Yes", "The"] {
+        assert!(!tokens.contains(&opening.to_string()), "{tokens:?}");
+    }
     let v = &r["verification"];
     let figure = |key: &str| v[key].as_f64().unwrap_or_else(|| panic!("no {key}"));
     let (before, after) = (
