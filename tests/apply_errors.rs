@@ -31,27 +31,6 @@ fn apply(direction: &Path, input: &Path, output: &Path, extra: &[&str]) -> Outpu
         .unwrap()
 }
 
-/// Fails cleanly, with one line on stderr that mentions `needle`.
-fn assert_clean_failure(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "should fail: {stderr}");
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    // Per-tensor log lines may precede it; the error is one final line.
-    let errors: Vec<_> = stderr.lines().filter(|l| l.starts_with("error")).collect();
-    assert_eq!(errors.len(), 1, "expected one error line, got: {stderr}");
-    assert!(
-        stderr
-            .trim_end()
-            .lines()
-            .last()
-            .unwrap()
-            .starts_with("error: "),
-        "{stderr}"
-    );
-    assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
-}
-
 fn assert_no_output(dir: &Path) {
     let names: Vec<_> = std::fs::read_dir(dir)
         .unwrap()

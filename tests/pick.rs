@@ -131,17 +131,6 @@ fn pick_and_apply_reproduce_front_points_byte_for_byte() {
         .args(["--no-verify", "--pick", &front.len().to_string()])
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success());
-    assert!(
-        stderr
-            .trim_end()
-            .lines()
-            .last()
-            .unwrap()
-            .starts_with("error: ")
-            && stderr.contains("the front has"),
-        "{stderr}"
-    );
+    assert_clean_failure(&o, "the front has");
     assert!(!bad.exists());
 }

@@ -367,3 +367,24 @@ pub fn apply_quietly(
     };
     gguf_abliterate::apply::apply(input, output, r, &opts).unwrap_or_else(|e| panic!("{e:#}"))
 }
+
+/// Fails cleanly, with one line on stderr that mentions `needle`.
+pub fn assert_clean_failure(out: &std::process::Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "should fail: {stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // Per-tensor log lines may precede it; the error is one final line.
+    let errors: Vec<_> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(errors.len(), 1, "expected one error line, got: {stderr}");
+    assert!(
+        stderr
+            .trim_end()
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("error: "),
+        "{stderr}"
+    );
+    assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
+}
