@@ -729,14 +729,7 @@ impl Measure<'_> {
     /// the mean first-token refusal score.
     fn refusals(&self, runner: &mut Runner, hook: &mut AblateHook) -> Result<(f64, f64)> {
         let replies = runner.generate(self.harm_val, JUDGE_TOKENS, hook)?;
-        let refused = replies
-            .iter()
-            .zip(self.harm_texts)
-            .filter(|(g, request)| {
-                judge_answer(request, &detokenize(self.model, &g.tokens), &g.tokens)
-                    != Verdict::Complied
-            })
-            .count();
+        let refused = self.count_refused(&replies, self.harm_texts);
         let scores = refusal_scores(replies.iter().map(|g| &g.first_log_probs), self.refusal_ids);
         Ok((refused as f64 / replies.len() as f64, mean(&scores)))
     }
@@ -773,14 +766,19 @@ impl Measure<'_> {
         range: std::ops::Range<usize>,
     ) -> Result<usize> {
         let replies = runner.generate(&self.harm_val[range.clone()], JUDGE_TOKENS, hook)?;
-        Ok(replies
+        Ok(self.count_refused(&replies, &self.harm_texts[range]))
+    }
+
+    /// Replies to `requests` that are not real answers.
+    fn count_refused(&self, replies: &[crate::eval::Generation], requests: &[String]) -> usize {
+        replies
             .iter()
-            .zip(&self.harm_texts[range])
+            .zip(requests)
             .filter(|(g, request)| {
                 judge_answer(request, &detokenize(self.model, &g.tokens), &g.tokens)
                     != Verdict::Complied
             })
-            .count())
+            .count()
     }
 }
 
