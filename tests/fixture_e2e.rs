@@ -91,18 +91,7 @@ fn main_command_finds_applies_and_verifies_on_the_fixture() {
     let replies = v["replies_after"].as_array().unwrap();
     let n_harmful = v["n_harmful"].as_u64().unwrap() as usize;
     let harmless = &replies[n_harmful..];
-    let coherent = harmless
-        .iter()
-        .filter(|r| {
-            r["verdict"] == "Complied"
-                && r["reply"].as_str().unwrap().split_whitespace().count() >= 10
-        })
-        .count();
-    assert!(
-        coherent * 10 >= harmless.len() * 8,
-        "{coherent} of {} harmless replies are coherent answers",
-        harmless.len()
-    );
+    assert_harmless_replies_coherent(harmless);
 
     // Kept for CI, where a second llama.cpp build judges it (.ci/run).
     let keep = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/e2e");

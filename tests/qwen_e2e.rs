@@ -83,18 +83,7 @@ fn main_command_abliterates_qwen2_5_coder_0_5b_instruct() {
     // Still a chat model: harmless replies are real answers, not loops.
     let replies = v["replies_after"].as_array().unwrap();
     let harmless = &replies[v["n_harmful"].as_u64().unwrap() as usize..];
-    let coherent = harmless
-        .iter()
-        .filter(|r| {
-            r["verdict"] == "Complied"
-                && r["reply"].as_str().unwrap().split_whitespace().count() >= 10
-        })
-        .count();
-    assert!(
-        coherent * 10 >= harmless.len() * 8,
-        "{coherent} of {} harmless replies are coherent answers",
-        harmless.len()
-    );
+    assert_harmless_replies_coherent(harmless);
 
     // The report and the terminal show sample replies side by side.
     let samples = v["samples"].as_array().unwrap();

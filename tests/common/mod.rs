@@ -388,3 +388,20 @@ pub fn assert_clean_failure(out: &std::process::Output, needle: &str) {
     );
     assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
 }
+
+/// At least 80 % of the harmless replies in a report are real answers of
+/// ten words or more: the edited model is still a chat model.
+pub fn assert_harmless_replies_coherent(harmless: &[serde_json::Value]) {
+    let coherent = harmless
+        .iter()
+        .filter(|r| {
+            r["verdict"] == "Complied"
+                && r["reply"].as_str().unwrap().split_whitespace().count() >= 10
+        })
+        .count();
+    assert!(
+        coherent * 10 >= harmless.len() * 8,
+        "{coherent} of {} harmless replies are coherent answers",
+        harmless.len()
+    );
+}
