@@ -462,14 +462,17 @@ fn disk_full_during_the_report_write() {
 fn sigterm_when(marker: &str) -> (tempfile::TempDir, i32, String) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.gguf");
+    // `exec`: without it /bin/sh (what `script` runs when $SHELL is unset,
+    // as under CI) forks, and the SIGTERM would reach the shell, not us.
     let cmd = format!(
-        "'{}' '{}' '{}' --n-train 8 --n-val 4 --layer 21 --position 5 --top-k 1 --rank-prompts 1 --verify-tokens 4 -t 1",
+        "exec '{}' '{}' '{}' --n-train 8 --n-val 4 --layer 21 --position 5 --top-k 1 --rank-prompts 1 --verify-tokens 4 -t 1",
         env!("CARGO_BIN_EXE_gguf-abliterate"),
         fixture().display(),
         out.display()
     );
     let mut script = Command::new("script")
         .args(["-qfec", &cmd, "/dev/null"])
+        .env("SHELL", "/bin/sh")
         .env("RAYON_NUM_THREADS", "2")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
