@@ -4,6 +4,7 @@
 
 use crate::edit::{self, EditPlan, EditWeights, PlannedEdit};
 use crate::gguf::{self, shards, GgufFile, TensorInfo, Value};
+use crate::imatrix::Imatrix;
 use crate::output::PendingFile;
 use crate::rewrite;
 use anyhow::{bail, Context, Result};
@@ -25,6 +26,12 @@ pub struct ApplyOptions {
     /// Extra provenance (layer, model, …) stored as `abliterate.*` keys.
     pub provenance: Vec<(String, Value)>,
     pub progress: bool,
+    /// Column importances for requantizing (`--imatrix` or collected during
+    /// capture); required for IQ2_XXS, IQ2_XS and IQ1_S.
+    pub imatrix: Option<std::sync::Arc<Imatrix>>,
+    /// Grid-aware projection: iterate until the quantized tensor itself has
+    /// lost the requested share of its component (`--exact-grid off`: one pass).
+    pub exact_grid: bool,
 }
 
 impl ApplyOptions {
@@ -47,6 +54,8 @@ impl Default for ApplyOptions {
             force: false,
             provenance: Vec::new(),
             progress: true,
+            imatrix: None,
+            exact_grid: true,
         }
     }
 }
@@ -61,6 +70,14 @@ pub struct TensorReport {
     pub post_norm: Option<String>,
     /// Share of the component removed (`scale` × the tensor's weight).
     pub removed: f32,
+    /// `‖uᵀV‖ / ‖uᵀW‖` as ggml reads the written tensor back; the request
+    /// was `1 − removed`.
+    pub kept: f64,
+    /// Quantization error against the ideal f32 edit, relative to plain
+    /// requantization's.
+    pub error_ratio: f64,
+    /// Quantization passes (1 = plain requantization).
+    pub passes: u32,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -84,7 +101,7 @@ pub fn apply(
     let shards = gguf::open_model(input)?;
     let plan = edit::plan_edits(&shards, direction, &opts.effective_weights())
         .with_context(|| format!("planning the edit of {}", input.display()))?;
-    check_rewritable(&shards, &plan)?;
+    check_rewritable(&shards, &plan, opts.imatrix.as_deref())?;
 
     let out_paths = if shards.len() == 1 {
         vec![output.to_path_buf()]
@@ -112,15 +129,20 @@ pub fn apply(
                 .iter()
                 .find(|e| e.name == t.name)
                 .expect("edited tensor is planned");
-            let (bytes, report) = edit_tensor(shard, t, e, opts.scale * e.weight)?;
+            let (bytes, report) = edit_tensor(shard, t, e, opts.scale * e.weight, opts)?;
             let line = format!(
-                "[{:>4}/{n_edits}] {:<32} {:>7} {:>18}  max|rᵀW| {:.4} -> {:.4}{}{}",
+                "[{:>4}/{n_edits}] {:<32} {:>7} {:>18}  max|rᵀW| {:.4} -> {:.4}  kept {:.3} of {:.2}, error x{:.2}, {} pass{}{}{}",
                 reports.len() + 1,
                 t.name,
                 report.ggml_type,
                 t.shape_string(),
                 report.max_before,
                 report.max_after,
+                report.kept,
+                1.0 - report.removed,
+                report.error_ratio,
+                report.passes,
+                if report.passes == 1 { "" } else { "es" },
                 if report.removed == 1.0 {
                     String::new()
                 } else {
@@ -163,14 +185,16 @@ fn tensor_of<'a>(shards: &'a [GgufFile], e: &PlannedEdit) -> &'a TensorInfo {
 }
 
 /// Fails before writing anything if a planned tensor cannot be requantized.
-fn check_rewritable(shards: &[GgufFile], plan: &EditPlan) -> Result<()> {
+fn check_rewritable(shards: &[GgufFile], plan: &EditPlan, imatrix: Option<&Imatrix>) -> Result<()> {
     for e in &plan.edits {
         let t = tensor_of(shards, e);
-        if t.ty.requires_imatrix() {
+        let importance = importance_for(t, imatrix)?;
+        if t.ty.requires_imatrix() && importance.is_none() {
             bail!(
-                "{} is {}, which ggml cannot requantize without an importance matrix (--imatrix is not supported yet)",
+                "{} is {}, which ggml cannot requantize without an importance matrix: pass one with --imatrix FILE{}",
                 t.name,
-                t.ty
+                t.ty,
+                imatrix.map(|m| format!(" ({} has no entry for it)", m.source)).unwrap_or_default()
             );
         }
         if !t.ty.is_rewritable() {
@@ -180,22 +204,32 @@ fn check_rewritable(shards: &[GgufFile], plan: &EditPlan) -> Result<()> {
     Ok(())
 }
 
+/// The importances to requantize `t` with, checked against its shape.
+fn importance_for<'a>(t: &TensorInfo, imatrix: Option<&'a Imatrix>) -> Result<Option<&'a [f32]>> {
+    let Some(m) = imatrix else { return Ok(None) };
+    let row_len = t.row_len() as usize;
+    // Experts (a third dimension) each have their own row of importances.
+    let n_mat = t.dims.get(2..).map_or(1, |d| d.iter().product::<u64>()) as usize;
+    m.for_tensor(&t.name, row_len, n_mat)
+}
+
 /// Dequantizes, edits and requantizes one tensor.
 fn edit_tensor(
     shard: &GgufFile,
     t: &TensorInfo,
     e: &PlannedEdit,
     scale: f32,
+    opts: &ApplyOptions,
 ) -> Result<(Vec<u8>, TensorReport)> {
-    let out = rewrite::rewrite(
-        t.ty,
-        shard.tensor_data(t),
-        t.row_len() as usize,
-        e.kind,
-        &e.direction,
+    let request = rewrite::Request {
+        kind: e.kind,
+        u: &e.direction,
         scale,
-    )
-    .with_context(|| format!("rewriting {}", t.name))?;
+        importance: importance_for(t, opts.imatrix.as_deref())?,
+        exact_grid: opts.exact_grid,
+    };
+    let out = rewrite::rewrite(t.ty, shard.tensor_data(t), t.row_len() as usize, &request)
+        .with_context(|| format!("rewriting {}", t.name))?;
     check_finite(t, &out.bytes)?;
     let report = TensorReport {
         name: t.name.clone(),
@@ -204,6 +238,9 @@ fn edit_tensor(
         max_after: out.max_after,
         post_norm: e.post_norm.clone(),
         removed: scale,
+        kept: out.kept,
+        error_ratio: out.error_ratio,
+        passes: out.passes,
     };
     Ok((out.bytes, report))
 }

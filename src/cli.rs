@@ -174,6 +174,11 @@ struct EditArgs {
     /// of the chosen one: from the direction file, or the search just run.
     #[arg(long, value_name = "N")]
     pick: Option<usize>,
+    /// Grid-aware projection: requantize until the quantized tensor itself
+    /// has lost the requested share of the component ("off": one plain pass,
+    /// as 0.1.0 did, for comparison).
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = ["on", "off"])]
+    exact_grid: String,
     /// Overwrite OUT if it exists.
     #[arg(short, long)]
     force: bool,
@@ -239,6 +244,7 @@ impl EditArgs {
             scale: self.scale,
             skip_embeddings: self.skip_embeddings,
             pick: self.pick,
+            exact_grid: self.exact_grid == "on",
             force: self.force,
             quiet: self.quiet,
         }

@@ -15,6 +15,7 @@ pub mod edit;
 pub mod eval;
 pub mod ffi;
 pub mod gguf;
+pub mod imatrix;
 pub mod inspect;
 pub mod output;
 pub mod pipeline;

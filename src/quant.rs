@@ -30,7 +30,13 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], row_len: usize) -> Result<Vec<f32>
 }
 
 /// Quantizes f32 rows of `row_len` to `ty`, validating every row.
-pub fn quantize(ty: GgmlType, values: &[f32], row_len: usize) -> Result<Vec<u8>> {
+/// `importance`: see [`ffi::quantize_rows`].
+pub fn quantize(
+    ty: GgmlType,
+    values: &[f32],
+    row_len: usize,
+    importance: Option<&[f32]>,
+) -> Result<Vec<u8>> {
     let row_bytes = ty
         .row_bytes(row_len as u64)
         .context("row is not whole blocks")? as usize;
@@ -45,7 +51,7 @@ pub fn quantize(ty: GgmlType, values: &[f32], row_len: usize) -> Result<Vec<u8>>
     let task = rows_per_task(row_len);
     out.par_chunks_mut(task * row_bytes)
         .zip(values.par_chunks(task * row_len))
-        .try_for_each(|(dst, src)| ffi::quantize_rows(ty, src, dst, row_len))?;
+        .try_for_each(|(dst, src)| ffi::quantize_rows(ty, src, dst, row_len, importance))?;
     Ok(out)
 }
 
@@ -61,9 +67,9 @@ mod tests {
             .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
             .collect();
         for ty in [GgmlType::Q4_K, GgmlType::Q8_0, GgmlType::F16] {
-            let parallel = quantize(ty, &values, row_len).unwrap();
+            let parallel = quantize(ty, &values, row_len, None).unwrap();
             let mut single = vec![0u8; parallel.len()];
-            ffi::quantize_rows(ty, &values, &mut single, row_len).unwrap();
+            ffi::quantize_rows(ty, &values, &mut single, row_len, None).unwrap();
             assert_eq!(parallel, single, "{ty}");
             let back = dequantize(ty, &parallel, row_len).unwrap();
             let mut back_single = vec![0f32; values.len()];

@@ -1,7 +1,16 @@
 //! The streaming tensor rewrite: dequantize → orthogonalize → requantize,
 //! chunk by chunk of rows on rayon's pool. No f32 copy of the whole tensor
-//! is ever held: output projections take two passes over the quantized
-//! input (first `v = uᵀW`, then `row_i -= s u_i v`).
+//! is ever held: output projections take passes over the quantized input
+//! (first `v = uᵀW`, then `row_i -= s u_i v`).
+//!
+//! On coarse grids (4–5 bits) most of the edit rounds back to the original
+//! values, so the file would keep much of the component it should lose.
+//! Grid-aware projection measures the component the *quantized* result
+//! still has, `uᵀV` as ggml dequantizes it, and pushes the remainder back
+//! into the rows before quantizing them again: `X ← X − u eᵀ`, where `e` is
+//! what is left over the requested share. Each pass flips only the
+//! roundings nearest their boundaries, so the quantization error grows
+//! little while the component converges to the requested one.
 
 use crate::edit::{self, EditKind};
 use crate::ffi::{self, GgmlType};
@@ -13,23 +22,71 @@ fn task_rows(row_len: usize) -> usize {
     (32_768 / row_len.max(1)).max(1)
 }
 
+/// Residual component (as a share of the original) at which grid-aware
+/// projection stops: well inside the 0.05 the tests allow.
+pub const GRID_TOLERANCE: f64 = 0.02;
+/// Quantization passes at most, the plain one included: bounds the cost.
+pub const MAX_PASSES: u32 = 5;
+
+/// One tensor's edit.
+#[derive(Clone, Copy)]
+pub struct Request<'a> {
+    pub kind: EditKind,
+    /// Unit direction on the tensor's residual axis.
+    pub u: &'a [f32],
+    /// Share of the component to remove.
+    pub scale: f32,
+    /// Column importances for the quantizer, `row_len` per matrix (expert).
+    pub importance: Option<&'a [f32]>,
+    /// Iterate until the quantized result holds the requested component.
+    pub exact_grid: bool,
+}
+
 pub struct Rewritten {
     pub bytes: Vec<u8>,
     /// Largest component along `u` the tensor can write, before and after.
     pub max_before: f64,
     pub max_after: f64,
+    /// `‖uᵀV‖ / ‖uᵀW‖`, with `V` as ggml dequantizes the written bytes:
+    /// `1 − scale` when the edit survived quantization exactly.
+    pub kept: f64,
+    /// Error against the ideal f32 edit, relative to plain requantization's
+    /// (1 for plain requantization itself).
+    pub error_ratio: f64,
+    /// Quantization passes (1 = plain requantization).
+    pub passes: u32,
 }
 
-/// Rewrites one tensor's data. `row_len` is its contiguous axis; `u` the
-/// unit direction on its residual axis.
-pub fn rewrite(
-    ty: GgmlType,
-    data: &[u8],
-    row_len: usize,
-    kind: EditKind,
-    u: &[f32],
-    scale: f32,
-) -> Result<Rewritten> {
+/// Sums over a tensor, combined across matrices (experts).
+#[derive(Default)]
+struct Stats {
+    max_before: f64,
+    max_after: f64,
+    /// `‖uᵀW‖²`, `‖uᵀV‖²`.
+    before2: f64,
+    after2: f64,
+    /// `‖V − X‖²` now and after the plain pass.
+    error2: f64,
+    plain_error2: f64,
+    passes: u32,
+}
+
+impl Stats {
+    fn merge(mut self, o: Stats) -> Stats {
+        self.max_before = self.max_before.max(o.max_before);
+        self.max_after = self.max_after.max(o.max_after);
+        self.before2 += o.before2;
+        self.after2 += o.after2;
+        self.error2 += o.error2;
+        self.plain_error2 += o.plain_error2;
+        self.passes = self.passes.max(o.passes);
+        self
+    }
+}
+
+/// Rewrites one tensor's data. `row_len` is its contiguous axis; `req.u`
+/// the unit direction on its residual axis.
+pub fn rewrite(ty: GgmlType, data: &[u8], row_len: usize, req: &Request) -> Result<Rewritten> {
     let row_bytes = ty
         .row_bytes(row_len as u64)
         .context("row is not whole blocks")? as usize;
@@ -37,28 +94,36 @@ pub fn rewrite(
         ty,
         row_len,
         row_bytes,
-        u,
-        scale,
+        req,
+        // F32 is exact already.
+        iterate: req.exact_grid && ty != GgmlType::F32,
         task: task_rows(row_len) * row_bytes,
     };
     let mut out = vec![0u8; data.len()];
-    let (max_before, max_after) = match kind {
-        EditKind::EmbeddingRows | EditKind::Bias => job.rows(data, &mut out)?,
+    let stats = match req.kind {
+        EditKind::EmbeddingRows | EditKind::Bias => job.rows(data, &mut out, req.importance)?,
         EditKind::OutputProjection => {
-            // One slab per expert (a single slab for dense tensors).
-            let slab = row_bytes * u.len();
-            let mut maxima = (0f64, 0f64);
-            for (src, dst) in data.chunks(slab).zip(out.chunks_mut(slab)) {
-                let (b, a) = job.output_slab(src, dst)?;
-                maxima = (maxima.0.max(b), maxima.1.max(a));
+            // One slab per expert (a single slab for dense tensors), each
+            // with its own row of importances.
+            let slab = row_bytes * req.u.len();
+            let mut stats = Stats::default();
+            for (k, (src, dst)) in data.chunks(slab).zip(out.chunks_mut(slab)).enumerate() {
+                let importance = req
+                    .importance
+                    .map(|imp| &imp[k * row_len..(k + 1) * row_len]);
+                stats = stats.merge(job.output_slab(src, dst, importance)?);
             }
-            maxima
+            stats
         }
     };
+    let ratio = |a: f64, b: f64| if b > 0.0 { (a / b).sqrt() } else { 1.0 };
     Ok(Rewritten {
         bytes: out,
-        max_before,
-        max_after,
+        max_before: stats.max_before,
+        max_after: stats.max_after,
+        kept: ratio(stats.after2, stats.before2),
+        error_ratio: ratio(stats.error2, stats.plain_error2),
+        passes: stats.passes,
     })
 }
 
@@ -67,10 +132,17 @@ struct Job<'a> {
     ty: GgmlType,
     row_len: usize,
     row_bytes: usize,
-    u: &'a [f32],
-    scale: f32,
+    req: &'a Request<'a>,
+    iterate: bool,
     /// Bytes of quantized rows per parallel task.
     task: usize,
+}
+
+fn sq_dist(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+        .sum()
 }
 
 impl Job<'_> {
@@ -80,86 +152,365 @@ impl Job<'_> {
         Ok(values)
     }
 
-    /// Requantizes `values` into `dst` and returns what ggml will read back.
-    fn requantize(&self, values: &mut [f32], dst: &mut [u8]) -> Result<()> {
-        ffi::quantize_rows(self.ty, values, dst, self.row_len)?;
-        ffi::dequantize_rows(self.ty, dst, values)
+    /// Quantizes `x` into `dst` and writes what ggml will read back into `v`.
+    fn quantize(
+        &self,
+        x: &[f32],
+        dst: &mut [u8],
+        v: &mut [f32],
+        imp: Option<&[f32]>,
+    ) -> Result<()> {
+        ffi::quantize_rows(self.ty, x, dst, self.row_len, imp)?;
+        ffi::dequantize_rows(self.ty, dst, v)
     }
 
-    /// Row-local edit: each row is a residual vector.
-    fn rows(&self, src: &[u8], dst: &mut [u8]) -> Result<(f64, f64)> {
-        let max_dot = |values: &[f32]| {
-            values
-                .chunks(self.row_len)
-                .map(|r| edit::dot(r, self.u).abs())
-                .fold(0.0, f64::max)
-        };
+    /// Row-local edit: each row is a residual vector, and each row is
+    /// iterated on its own until its own component is the requested one.
+    fn rows(&self, src: &[u8], dst: &mut [u8], imp: Option<&[f32]>) -> Result<Stats> {
+        let u = self.req.u;
+        let s = self.req.scale as f64;
         dst.par_chunks_mut(self.task)
             .zip(src.par_chunks(self.task))
-            .map(|(dst, src)| -> Result<(f64, f64)> {
-                let mut values = self.dequantize(src)?;
-                let before = max_dot(&values);
-                edit::orthogonalize_rows_seq(&mut values, self.u, self.scale);
-                self.requantize(&mut values, dst)?;
-                Ok((before, max_dot(&values)))
+            .map(|(dst, src)| -> Result<Stats> {
+                let w = self.dequantize(src)?;
+                // The goal is the tensor's overall component, so a row whose
+                // own component is tiny need not be matched more closely
+                // than a typical row.
+                let typical = (w
+                    .chunks_exact(self.row_len)
+                    .map(|r| edit::dot(r, u).powi(2))
+                    .sum::<f64>()
+                    / (w.len() / self.row_len).max(1) as f64)
+                    .sqrt();
+                let mut st = Stats::default();
+                let mut x = vec![0f32; self.row_len];
+                let mut v = vec![0f32; self.row_len];
+                for ((w, dst), _) in w
+                    .chunks_exact(self.row_len)
+                    .zip(dst.chunks_exact_mut(self.row_bytes))
+                    .zip(0..)
+                {
+                    let before = edit::dot(w, u);
+                    let target = (1.0 - s) * before;
+                    x.copy_from_slice(w);
+                    edit::orthogonalize_rows_seq(&mut x, u, s as f32);
+                    let ideal = x.clone();
+                    self.quantize(&x, dst, &mut v, imp)?;
+                    let plain = sq_dist(&v, &ideal);
+                    let mut after = edit::dot(&v, u);
+                    let mut passes = 1;
+                    let tolerance = GRID_TOLERANCE * before.abs().max(typical);
+                    let mut gain = transmission(&[-s * before], &[after - before]);
+                    while self.iterate && passes < MAX_PASSES && (after - target).abs() > tolerance
+                    {
+                        let miss = after - target;
+                        let step = miss / gain;
+                        for (xi, &ui) in x.iter_mut().zip(u) {
+                            *xi -= (step * ui as f64) as f32;
+                        }
+                        self.quantize(&x, dst, &mut v, imp)?;
+                        passes += 1;
+                        let next = edit::dot(&v, u);
+                        gain = transmission(&[-step], &[next - after]);
+                        let stalled = (next - target).abs() > 0.9 * miss.abs();
+                        after = next;
+                        if stalled {
+                            break;
+                        }
+                    }
+                    st = st.merge(Stats {
+                        max_before: before.abs(),
+                        max_after: after.abs(),
+                        before2: before * before,
+                        after2: after * after,
+                        error2: sq_dist(&v, &ideal),
+                        plain_error2: plain,
+                        passes,
+                    });
+                }
+                Ok(st)
             })
-            .try_reduce(|| (0.0, 0.0), |a, b| Ok((a.0.max(b.0), a.1.max(b.1))))
+            .try_reduce(Stats::default, |a, b| Ok(a.merge(b)))
     }
 
     /// Output-side edit of one `[u.len() rows × row_len]` slab.
-    fn output_slab(&self, src: &[u8], dst: &mut [u8]) -> Result<(f64, f64)> {
+    fn output_slab(&self, src: &[u8], dst: &mut [u8], imp: Option<&[f32]>) -> Result<Stats> {
         let rows = self.task / self.row_bytes;
         let n = self.row_len;
-        // Partial sums are collected in order and added sequentially, so the
-        // result (and the requantized bytes) never depend on thread timing.
-        let add = |mut a: Vec<f64>, b: Vec<f64>| {
-            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-            a
-        };
+        let u = self.req.u;
+        let s = self.req.scale;
         let max_abs = |v: &[f64]| v.iter().fold(0f64, |m, x| m.max(x.abs()));
+        let norm2 = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>();
         // Pass 1: v = uᵀW.
-        let v = src
-            .par_chunks(self.task)
-            .enumerate()
-            .map(|(task, src)| -> Result<Vec<f64>> {
-                let mut acc = vec![0f64; n];
-                edit::accumulate_projection(
-                    &self.dequantize(src)?,
-                    n,
-                    &self.u[task * rows..],
-                    &mut acc,
-                );
-                Ok(acc)
-            })
-            .collect::<Result<Vec<_>>>()?
-            .into_iter()
-            .fold(vec![0f64; n], add);
+        let v = sum_vectors(
+            n,
+            src.par_chunks(self.task)
+                .enumerate()
+                .map(|(task, src)| -> Result<Vec<f64>> {
+                    let mut acc = vec![0f64; n];
+                    edit::accumulate_projection(
+                        &self.dequantize(src)?,
+                        n,
+                        &u[task * rows..],
+                        &mut acc,
+                    );
+                    Ok(acc)
+                })
+                .collect::<Result<Vec<_>>>()?,
+        );
         let v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-        // Pass 2: row_i -= s u_i v, requantize, and measure what is left.
-        let v_after = dst
+        let target: Vec<f64> = v.iter().map(|x| (1.0 - s as f64) * x).collect();
+        // Pass 2: the plain edit, X = W − s u vᵀ, requantized.
+        let mut row_error = vec![0f64; u.len()];
+        let no_correction = vec![0f32; n];
+        let mut after =
+            self.output_pass(src, dst, &v32, &no_correction, u, &mut row_error, None, imp)?;
+        let plain_error2: f64 = row_error.iter().sum();
+        let mut passes = 1;
+        // Further passes push what the grid kept, e = uᵀV − (1 − s) uᵀW,
+        // back into the rows: X ← X − u eᵀ (accumulated in `correction`).
+        let miss = |after: &[f64]| {
+            norm2(
+                &after
+                    .iter()
+                    .zip(&target)
+                    .map(|(a, t)| a - t)
+                    .collect::<Vec<_>>(),
+            )
+            .sqrt()
+        };
+        let tolerance = GRID_TOLERANCE * norm2(&v).sqrt();
+        // Only the rows with the largest |u_i| are requantized again: they
+        // move uᵀV the most per flipped rounding, and the others would
+        // mostly round back. Their share of the correction is scaled up so
+        // that Σ u_i w_i = 1.
+        let weights = correction_weights(
+            u,
+            std::env::var("GA_MASS")
+                .ok()
+                .and_then(|x| x.parse().ok())
+                .unwrap_or(SUBSET_MASS),
+        );
+        let mut correction = vec![0f64; n];
+        let mut missed = miss(&after);
+        // How much of a requested shift of uᵀX reaches uᵀV; the grid
+        // swallows part of it. First estimated from the plain pass.
+        let requested: Vec<f64> = v.iter().map(|x| -(s as f64) * x).collect();
+        let achieved: Vec<f64> = after.iter().zip(&v).map(|(a, x)| a - x).collect();
+        let mut gain = transmission(&requested, &achieved);
+        while self.iterate && passes < MAX_PASSES && missed > tolerance {
+            let step: Vec<f64> = after
+                .iter()
+                .zip(&target)
+                .map(|(a, t)| (a - t) / gain)
+                .collect();
+            correction.iter_mut().zip(&step).for_each(|(c, d)| *c += d);
+            let c32: Vec<f32> = correction.iter().map(|&x| x as f32).collect();
+            let current: Vec<f64> = after.iter().zip(&target).map(|(a, t)| a - t).collect();
+            let delta = self.output_pass(
+                src,
+                dst,
+                &v32,
+                &c32,
+                &weights,
+                &mut row_error,
+                Some(&current),
+                imp,
+            )?;
+            after.iter_mut().zip(&delta).for_each(|(a, d)| *a += d);
+            passes += 1;
+            let requested: Vec<f64> = step.iter().map(|d| -d).collect();
+            gain = transmission(&requested, &delta);
+            let next = miss(&after);
+            if std::env::var("GA_DEBUG").is_ok() {
+                eprintln!(
+                    "pass {passes}: miss {:.4} -> {:.4} (gain {gain:.3}) err {:.3}",
+                    missed / norm2(&v).sqrt(),
+                    next / norm2(&v).sqrt(),
+                    (row_error.iter().sum::<f64>() / plain_error2).sqrt()
+                );
+            }
+            let stalled = next > 0.9 * missed && std::env::var("GA_NOSTALL").is_err();
+            missed = next;
+            if stalled {
+                break;
+            }
+        }
+        Ok(Stats {
+            max_before: max_abs(&v),
+            max_after: max_abs(&after),
+            before2: norm2(&v),
+            after2: norm2(&after),
+            error2: row_error.iter().sum(),
+            plain_error2,
+            passes,
+        })
+    }
+
+    /// Requantizes the rows as `W_i − s u_i v − w_i c` and returns `uᵀV`
+    /// (`miss` is None: the plain pass, every row) or its change since the
+    /// last pass (only rows with `w_i ≠ 0`). A later pass keeps a row's new
+    /// quantization only if it brings `uᵀV` closer to the target, given the
+    /// current `miss`: on grids whose quantizer re-chooses its scales (the
+    /// K-quants), many rows come back with fresh rounding noise instead of
+    /// the requested shift. `row_error` receives each row's squared
+    /// distance to the ideal edit `W_i − s u_i v`.
+    #[allow(clippy::too_many_arguments)]
+    fn output_pass(
+        &self,
+        src: &[u8],
+        dst: &mut [u8],
+        v: &[f32],
+        correction: &[f32],
+        weights: &[f32],
+        row_error: &mut [f64],
+        miss: Option<&[f64]>,
+        imp: Option<&[f32]>,
+    ) -> Result<Vec<f64>> {
+        let rows = self.task / self.row_bytes;
+        let n = self.row_len;
+        let s = self.req.scale;
+        let first = miss.is_none();
+        let parts = dst
             .par_chunks_mut(self.task)
             .zip(src.par_chunks(self.task))
+            .zip(row_error.par_chunks_mut(rows))
             .enumerate()
-            .map(|(task, (dst, src))| -> Result<Vec<f64>> {
-                let u_rows = &self.u[task * rows..];
-                let mut values = self.dequantize(src)?;
-                edit::subtract_projection(&mut values, n, u_rows, &v32, self.scale);
-                self.requantize(&mut values, dst)?;
+            .map(|(task, ((dst, src), row_error))| -> Result<Vec<f64>> {
+                let u_rows = &self.req.u[task * rows..];
+                let w_rows = &weights[task * rows..];
+                let n_rows = src.len() / self.row_bytes;
+                if !first && w_rows[..n_rows].iter().all(|&w| w == 0.0) {
+                    return Ok(vec![0f64; n]);
+                }
+                let w = self.dequantize(src)?;
+                let old = if first {
+                    None
+                } else {
+                    Some(self.dequantize(dst)?)
+                };
+                let mut ideal = vec![0f32; n];
+                let mut x = vec![0f32; n];
+                let mut back = vec![0f32; n];
+                let mut change = vec![0f64; n];
+                let mut old_bytes = vec![0u8; self.row_bytes];
                 let mut acc = vec![0f64; n];
-                edit::accumulate_projection(&values, n, u_rows, &mut acc);
+                for (k, (w, dst)) in w
+                    .chunks_exact(n)
+                    .zip(dst.chunks_exact_mut(self.row_bytes))
+                    .enumerate()
+                {
+                    let (ui, wi) = (u_rows[k], w_rows[k]);
+                    if !first && wi == 0.0 {
+                        continue;
+                    }
+                    for (((id, xi), &wj), (&vj, &cj)) in ideal
+                        .iter_mut()
+                        .zip(&mut x)
+                        .zip(w)
+                        .zip(v.iter().zip(correction))
+                    {
+                        *id = wj - s * ui * vj;
+                        *xi = *id - wi * cj;
+                    }
+                    old_bytes.copy_from_slice(dst);
+                    self.quantize(&x, dst, &mut back, imp)?;
+                    let old = old.as_ref().map(|o| &o[k * n..(k + 1) * n]);
+                    for (j, c) in change.iter_mut().enumerate() {
+                        let was = old.map_or(0.0, |o| o[j]);
+                        *c = ui as f64 * (back[j] as f64 - was as f64);
+                    }
+                    if let Some(miss) = miss {
+                        // ‖e + d‖² < ‖e‖²  ⇔  2⟨e, d⟩ + ‖d‖² < 0.
+                        let gain: f64 = change
+                            .iter()
+                            .zip(miss)
+                            .map(|(d, e)| 2.0 * e * d + d * d)
+                            .sum();
+                        let dd: f64 = change.iter().map(|d| d * d).sum();
+                        let ee: f64 = miss.iter().map(|e| e * e).sum();
+                        let ed: f64 = change.iter().zip(miss).map(|(d, e)| -d * e).sum();
+                        let min_cos: f64 = std::env::var("GA_COS")
+                            .ok()
+                            .and_then(|x| x.parse().ok())
+                            .unwrap_or(0.0);
+                        if gain >= 0.0 || ed < min_cos * (dd * ee).sqrt() {
+                            dst.copy_from_slice(&old_bytes);
+                            continue;
+                        }
+                    }
+                    row_error[k] = sq_dist(&back, &ideal);
+                    acc.iter_mut().zip(&change).for_each(|(a, c)| *a += c);
+                }
                 Ok(acc)
             })
-            .collect::<Result<Vec<_>>>()?
-            .into_iter()
-            .fold(vec![0f64; n], add);
-        Ok((max_abs(&v), max_abs(&v_after)))
+            .collect::<Result<Vec<_>>>()?;
+        // Summed in order, so the result never depends on thread timing.
+        Ok(sum_vectors(n, parts))
     }
+}
+
+/// Share of `‖u‖²` held by the rows requantized after the plain pass.
+const SUBSET_MASS: f64 = 0.5;
+
+/// `w_i = u_i / ‖u_S‖²` on the fewest rows `S` holding `mass` of `‖u‖²`,
+/// 0 elsewhere.
+fn correction_weights(u: &[f32], mass: f64) -> Vec<f32> {
+    let mut order: Vec<usize> = (0..u.len()).collect();
+    order.sort_by(|&a, &b| u[b].abs().total_cmp(&u[a].abs()));
+    let total: f64 = u.iter().map(|&x| x as f64 * x as f64).sum();
+    let mut held = 0.0;
+    let mut weights = vec![0f32; u.len()];
+    let mut chosen = Vec::new();
+    for i in order {
+        chosen.push(i);
+        held += u[i] as f64 * u[i] as f64;
+        if held >= mass * total {
+            break;
+        }
+    }
+    for i in chosen {
+        weights[i] = (u[i] as f64 / held) as f32;
+    }
+    weights
+}
+
+/// The share of a requested change that was achieved, along the request;
+/// clamped so that one bad estimate cannot blow the next step up.
+fn transmission(requested: &[f64], achieved: &[f64]) -> f64 {
+    let along: f64 = requested.iter().zip(achieved).map(|(r, a)| r * a).sum();
+    let norm2: f64 = requested.iter().map(|r| r * r).sum();
+    if std::env::var("GA_GAIN").is_ok_and(|x| x == "0") {
+        return 1.0;
+    }
+    if norm2 > 0.0 {
+        (along / norm2).clamp(0.2, 1.0)
+    } else {
+        1.0
+    }
+}
+
+fn sum_vectors(n: usize, parts: Vec<Vec<f64>>) -> Vec<f64> {
+    parts.into_iter().fold(vec![0f64; n], |mut a, b| {
+        a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        a
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::quant;
+
+    fn request(kind: EditKind, u: &[f32], scale: f32, exact_grid: bool) -> Request<'_> {
+        Request {
+            kind,
+            u,
+            scale,
+            importance: None,
+            exact_grid,
+        }
+    }
 
     #[test]
     fn streaming_rewrite_matches_the_whole_tensor_edit() {
@@ -174,14 +525,17 @@ mod tests {
         )
         .unwrap();
         for ty in [GgmlType::F32, GgmlType::Q8_0] {
-            let data = quant::quantize(ty, &values, n_in).unwrap();
+            let data = quant::quantize(ty, &values, n_in, None).unwrap();
             let mut ideal = quant::dequantize(ty, &data, n_in).unwrap();
             edit::orthogonalize_output(&mut ideal, n_in, &u, 1.0);
-            let got = rewrite(ty, &data, n_in, EditKind::OutputProjection, &u, 1.0).unwrap();
+            let req = request(EditKind::OutputProjection, &u, 1.0, false);
+            let got = rewrite(ty, &data, n_in, &req).unwrap();
+            assert_eq!(got.passes, 1);
             // Equal up to f64 summation order (a rounding flip at most).
             let back = quant::dequantize(ty, &got.bytes, n_in).unwrap();
             let expect =
-                quant::dequantize(ty, &quant::quantize(ty, &ideal, n_in).unwrap(), n_in).unwrap();
+                quant::dequantize(ty, &quant::quantize(ty, &ideal, n_in, None).unwrap(), n_in)
+                    .unwrap();
             let diff = back
                 .iter()
                 .zip(&expect)

@@ -78,7 +78,7 @@ fn check_output(
         let round_trip = rms(
             &quant::dequantize(
                 ti.ty,
-                &quant::quantize(ti.ty, &st.source, row_len).unwrap(),
+                &quant::quantize(ti.ty, &st.source, row_len, None).unwrap(),
                 row_len,
             )
             .unwrap(),

@@ -154,13 +154,32 @@ pub fn dequantize_rows(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<()> 
 }
 
 /// Quantizes `nrows` rows of `n_per_row` floats from `src` into `dst` and
-/// validates the result the way llama.cpp does when loading.
-pub fn quantize_rows(ty: GgmlType, src: &[f32], dst: &mut [u8], n_per_row: usize) -> Result<()> {
+/// validates the result the way llama.cpp does when loading. `importance`
+/// (one weight per column, as `llama-imatrix` writes it) steers the
+/// quantizers that accept one; the others ignore it.
+pub fn quantize_rows(
+    ty: GgmlType,
+    src: &[f32],
+    dst: &mut [u8],
+    n_per_row: usize,
+    importance: Option<&[f32]>,
+) -> Result<()> {
     if !ty.is_rewritable() {
         bail!("ggml cannot write {ty}");
     }
-    if ty.requires_imatrix() {
+    if ty.requires_imatrix() && importance.is_none() {
         bail!("{ty} needs an importance matrix to be quantized");
+    }
+    if let Some(imp) = importance {
+        if imp.len() != n_per_row {
+            bail!(
+                "{ty}: importance matrix has {} columns, rows have {n_per_row}",
+                imp.len()
+            );
+        }
+        if imp.iter().any(|x| !x.is_finite() || *x < 0.0) {
+            bail!("{ty}: importance matrix holds negative or non-finite values");
+        }
     }
     let row_bytes = ty
         .row_bytes(n_per_row as u64)
@@ -175,8 +194,9 @@ pub fn quantize_rows(ty: GgmlType, src: &[f32], dst: &mut [u8], n_per_row: usize
     if dst.len() as u64 != nrows as u64 * row_bytes {
         bail!("{ty}: output buffer has the wrong size");
     }
-    // SAFETY: type is one ggml_quantize_chunk handles and needs no imatrix;
-    // src holds nrows*n_per_row floats and dst exactly nrows rows.
+    // SAFETY: type is one ggml_quantize_chunk handles, with an importance
+    // matrix where it needs one (n_per_row floats); src holds
+    // nrows*n_per_row floats and dst exactly nrows rows.
     let written = unsafe {
         sys::ggml_quantize_chunk(
             ty.0,
@@ -185,7 +205,7 @@ pub fn quantize_rows(ty: GgmlType, src: &[f32], dst: &mut [u8], n_per_row: usize
             0,
             nrows as i64,
             n_per_row as i64,
-            std::ptr::null(),
+            importance.map_or(std::ptr::null(), <[f32]>::as_ptr),
         )
     };
     if written != dst.len() {
@@ -226,7 +246,7 @@ mod tests {
         let n = 256;
         let src: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.37).sin()).collect();
         let mut q = vec![0u8; GgmlType::Q8_0.row_bytes(n as u64).unwrap() as usize];
-        quantize_rows(GgmlType::Q8_0, &src, &mut q, n).unwrap();
+        quantize_rows(GgmlType::Q8_0, &src, &mut q, n, None).unwrap();
         let mut back = vec![0f32; n];
         dequantize_rows(GgmlType::Q8_0, &q, &mut back).unwrap();
         let err = src
@@ -238,10 +258,21 @@ mod tests {
     }
 
     #[test]
-    fn imatrix_types_are_refused_not_aborted() {
+    fn imatrix_types_are_refused_without_one_and_written_with_one() {
         let src = vec![0.5f32; 256];
         let mut dst = vec![0u8; GgmlType::IQ2_XXS.row_bytes(256).unwrap() as usize];
-        let err = quantize_rows(GgmlType::IQ2_XXS, &src, &mut dst, 256).unwrap_err();
+        let err = quantize_rows(GgmlType::IQ2_XXS, &src, &mut dst, 256, None).unwrap_err();
         assert!(err.to_string().contains("importance matrix"));
+        let src: Vec<f32> = (0..256)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
+        let importance = vec![1.0f32; 256];
+        quantize_rows(GgmlType::IQ2_XXS, &src, &mut dst, 256, Some(&importance)).unwrap();
+        let mut back = vec![0f32; 256];
+        dequantize_rows(GgmlType::IQ2_XXS, &dst, &mut back).unwrap();
+        let (err, norm) = src.iter().zip(&back).fold((0f32, 0f32), |(e, n), (a, b)| {
+            (e + (a - b).powi(2), n + a * a)
+        });
+        assert!(err < 0.5 * norm, "IQ2_XXS error {err} of {norm}");
     }
 }

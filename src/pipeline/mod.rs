@@ -74,15 +74,30 @@ impl SearchConfig {
 }
 
 /// Edit options shared by the main command and `apply`.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct EditConfig {
     /// None: the share the search chose (main command) or 1 (`apply`).
     pub scale: Option<f32>,
     pub skip_embeddings: bool,
     /// Apply this point of the saved Pareto front instead of the chosen one.
     pub pick: Option<usize>,
+    /// Grid-aware projection (see `ApplyOptions::exact_grid`).
+    pub exact_grid: bool,
     pub force: bool,
     pub quiet: bool,
+}
+
+impl Default for EditConfig {
+    fn default() -> Self {
+        EditConfig {
+            scale: None,
+            skip_embeddings: false,
+            pick: None,
+            exact_grid: true,
+            force: false,
+            quiet: false,
+        }
+    }
 }
 
 /// The main command's configuration.
@@ -131,6 +146,8 @@ pub fn run_apply(
         force: edit.force,
         provenance: dir.provenance_kvs(),
         progress: !edit.quiet,
+        exact_grid: edit.exact_grid,
+        ..ApplyOptions::default()
     };
     let report = apply::apply(input, out, &dir.direction, &opts)?;
     for out in &report.outputs {
@@ -181,6 +198,8 @@ pub fn run_all(cfg: &RunConfig) -> Result<()> {
         force: cfg.edit.force,
         provenance: file.provenance_kvs(),
         progress,
+        exact_grid: cfg.edit.exact_grid,
+        ..ApplyOptions::default()
     };
     let applied = apply::apply(input, output, &file.direction, &opts)?;
     eprintln!(

@@ -273,7 +273,7 @@ pub fn write_gguf(path: &Path, kv: &[Kv], tensors: &[SynthTensor]) {
                 let n_rows: u64 = t.dims[1..].iter().product();
                 vec![0u8; (t.ty.row_bytes(t.dims[0]).unwrap() * n_rows) as usize]
             } else {
-                quant::quantize(t.ty, &t.source, t.dims[0] as usize).unwrap()
+                quant::quantize(t.ty, &t.source, t.dims[0] as usize, None).unwrap()
             }
         })
         .collect();
