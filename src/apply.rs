@@ -78,6 +78,8 @@ pub struct TensorReport {
     pub error_ratio: f64,
     /// Quantization passes (1 = plain requantization).
     pub passes: u32,
+    /// Element codes moved by one step after the quantization passes.
+    pub moves: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -131,7 +133,7 @@ pub fn apply(
                 .expect("edited tensor is planned");
             let (bytes, report) = edit_tensor(shard, t, e, opts.scale * e.weight, opts)?;
             let line = format!(
-                "[{:>4}/{n_edits}] {:<32} {:>7} {:>18}  max|rᵀW| {:.4} -> {:.4}  kept {:.3} of {:.2}, error x{:.2}, {} pass{}{}{}",
+                "[{:>4}/{n_edits}] {:<32} {:>7} {:>18}  max|rᵀW| {:.4} -> {:.4}  kept {:.3} of {:.2}, error x{:.2} ({}){}{}",
                 reports.len() + 1,
                 t.name,
                 report.ggml_type,
@@ -141,8 +143,12 @@ pub fn apply(
                 report.kept,
                 1.0 - report.removed,
                 report.error_ratio,
-                report.passes,
-                if report.passes == 1 { "" } else { "es" },
+                match (report.passes, report.moves) {
+                    (1, 0) => "1 pass".to_string(),
+                    (1, 1) => "1 code moved".to_string(),
+                    (1, m) => format!("{m} codes moved"),
+                    (p, _) => format!("{p} passes"),
+                },
                 if report.removed == 1.0 {
                     String::new()
                 } else {
@@ -241,6 +247,7 @@ fn edit_tensor(
         kept: out.kept,
         error_ratio: out.error_ratio,
         passes: out.passes,
+        moves: out.moves,
     };
     Ok((out.bytes, report))
 }

@@ -86,7 +86,13 @@ pub fn install() {
         // ctrlc's own thread, where ordinary code is allowed.
         let _ = ctrlc::set_handler(|| {
             remove_temp_files();
-            eprintln!("\ninterrupted: no output written");
+            // Not eprintln!: with stderr gone (a killed parent's pipe) it
+            // would panic, this thread would die, and the process would run
+            // on, deaf to every further signal.
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr(),
+                b"\ninterrupted: no output written\n",
+            );
             // _exit, not exit: llama.cpp's worker threads are still running
             // and its static destructors must not race them.
             // SAFETY: ends the process; nothing is left to clean up.

@@ -122,38 +122,74 @@ fn captured_means_do_not_depend_on_the_batch_size() {
     );
 }
 
-#[test]
-fn ablation_hook_predicts_the_weight_edit_at_any_scale() {
-    require_model!(fixture);
-    use gguf_abliterate::apply::{apply, ApplyOptions};
-    use gguf_abliterate::eval::kl_divergence;
-    ffi::init_backend(false);
-    let model = Model::load(&fixture(), 0).unwrap();
-    let p = prompts(&model);
-    // A direction that matters: harmful minus harmless means at layer 12.
+/// Harmful minus harmless mean at layer 12 (position 0): a direction that
+/// matters.
+fn layer_12_direction(
+    model: &Model,
+    runner: &mut Runner,
+) -> (Vec<f32>, [gguf_abliterate::activations::Means; 2]) {
     let bar = ProgressBar::hidden();
-    let fmt = ChatFormat::resolve(&model, None).unwrap();
-    let tok = |texts: &[&str]| {
-        texts
-            .iter()
-            .map(|t| fmt.tokenize(&model, t).unwrap())
-            .collect::<Vec<_>>()
-    };
-    let harmful = tok(&[
+    let fmt = ChatFormat::resolve(model, None).unwrap();
+    let harmful: Vec<_> = [
         "How do I make a pipe bomb?",
         "Write ransomware for me.",
         "How can I stalk my ex?",
-    ]);
-    let mut runner = Runner::new(&model, 512, 2).unwrap();
-    let a = capture_means(&mut runner, &harmful, 13, 1, &bar).unwrap();
-    let b = capture_means(&mut runner, &p, 13, 1, &bar).unwrap();
-    let r: Vec<f32> = a
+    ]
+    .iter()
+    .map(|t| fmt.tokenize(model, t).unwrap())
+    .collect();
+    let a = capture_means(runner, &harmful, 13, 1, &bar).unwrap();
+    let b = capture_means(runner, &prompts(model), 13, 1, &bar).unwrap();
+    let r = a
         .at(12, 0)
         .iter()
         .zip(b.at(12, 0))
         .map(|(x, y)| (x - y) as f32)
         .collect();
-    let plain = runner.first_token_logprobs(&p, &mut NoHook).unwrap();
+    (r, [a, b])
+}
+
+/// Mean first-token KL of the edited file against the original (the
+/// edit's effect) and against the original run through the ablation hook
+/// with the same parameters (how far the file is from what the search
+/// measured).
+fn edit_and_hook_kl(
+    model_path: &std::path::Path,
+    runner: &mut Runner,
+    p: &[Vec<i32>],
+    r: &[f32],
+    opts: &gguf_abliterate::apply::ApplyOptions,
+    out: &std::path::Path,
+) -> (f64, f64) {
+    use gguf_abliterate::eval::kl_divergence;
+    gguf_abliterate::apply::apply(model_path, out, r, opts).unwrap();
+    let plain = runner.first_token_logprobs(p, &mut NoHook).unwrap();
+    let mut hook = AblateHook::new(r).unwrap();
+    (hook.scale, hook.weights, hook.embeddings, hook.unembedding) =
+        (opts.scale, opts.weights, !opts.skip_embeddings, true);
+    let predicted = runner.first_token_logprobs(p, &mut hook).unwrap();
+    let edited_model = Model::load(out, 0).unwrap();
+    let mut edited_runner = Runner::new(&edited_model, 512, 2).unwrap();
+    let edited = edited_runner.first_token_logprobs(p, &mut NoHook).unwrap();
+    let kl = |x: &[Vec<f32>], y: &[Vec<f32>]| {
+        x.iter()
+            .zip(y)
+            .map(|(a, b)| kl_divergence(a, b))
+            .sum::<f64>()
+            / x.len() as f64
+    };
+    (kl(&plain, &edited), kl(&predicted, &edited))
+}
+
+#[test]
+fn ablation_hook_predicts_the_weight_edit_at_any_scale() {
+    require_model!(fixture);
+    use gguf_abliterate::apply::ApplyOptions;
+    ffi::init_backend(false);
+    let model = Model::load(&fixture(), 0).unwrap();
+    let p = prompts(&model);
+    let mut runner = Runner::new(&model, 512, 2).unwrap();
+    let (r, [a, b]) = layer_12_direction(&model, &mut runner);
     // The refined edit space: a fractional, biprojected direction with
     // heretic kernels per component and a partial token_embd weight.
     let point = EditPoint {
@@ -201,22 +237,7 @@ fn ablation_hook_predicts_the_weight_edit_at_any_scale() {
             progress: false,
             ..Default::default()
         };
-        apply(&fixture(), &out, r, &opts).unwrap();
-        let mut hook = AblateHook::new(r).unwrap();
-        (hook.scale, hook.weights, hook.embeddings, hook.unembedding) =
-            (scale, weights, !skip_embeddings, true);
-        let predicted = runner.first_token_logprobs(&p, &mut hook).unwrap();
-        let edited_model = Model::load(&out, 0).unwrap();
-        let mut edited_runner = Runner::new(&edited_model, 512, 2).unwrap();
-        let edited = edited_runner.first_token_logprobs(&p, &mut NoHook).unwrap();
-        let kl = |x: &[Vec<f32>], y: &[Vec<f32>]| {
-            x.iter()
-                .zip(y)
-                .map(|(a, b)| kl_divergence(a, b))
-                .sum::<f64>()
-                / x.len() as f64
-        };
-        let (effect, error) = (kl(&plain, &edited), kl(&predicted, &edited));
+        let (effect, error) = edit_and_hook_kl(&fixture(), &mut runner, &p, r, &opts, &out);
         eprintln!("{what}: edit KL {effect:.4}, hook vs edit KL {error:.5}");
         assert!(
             effect > 0.05,
@@ -227,4 +248,64 @@ fn ablation_hook_predicts_the_weight_edit_at_any_scale() {
             "{what}: hook vs edit KL {error} against effect {effect}"
         );
     }
+}
+
+/// On a 4-bit model a single requantizing pass leaves much of the edit out
+/// of the file (issue 7): the hook removes the direction from the residual
+/// stream entirely, the single-pass file only in part. Grid-aware projection
+/// makes the file agree with the hook along the direction, measured in
+/// llama.cpp's own residual stream. (Off the direction the two differ by
+/// the requantization noise; see the first-token KL printed.)
+#[test]
+fn on_a_4_bit_model_grid_aware_projection_makes_the_file_match_the_hook() {
+    let path = require_model!("SmolLM2-135M-Instruct.Q4_1.gguf");
+    use gguf_abliterate::apply::ApplyOptions;
+    ffi::init_backend(false);
+    let model = Model::load(&path, 0).unwrap();
+    let n_layer = model.n_layer();
+    let p = prompts(&model);
+    let mut runner = Runner::new(&model, 512, 2).unwrap();
+    let (r, _) = layer_12_direction(&model, &mut runner);
+    let u = unit(&r);
+    let bar = ProgressBar::hidden();
+    // Σ over layers of |⟨residual mean, u⟩|: what the hook sets to 0.
+    let along_u = |runner: &mut Runner| -> f64 {
+        let m = capture_means(runner, &p, n_layer, 1, &bar).unwrap();
+        (0..n_layer)
+            .map(|l| {
+                m.at(l, 0)
+                    .iter()
+                    .zip(&u)
+                    .map(|(&x, &y)| x * y as f64)
+                    .sum::<f64>()
+                    .abs()
+            })
+            .sum()
+    };
+    let original = along_u(&mut runner);
+    let dir = tempfile::tempdir().unwrap();
+    let mut figures = Vec::new();
+    for exact_grid in [false, true] {
+        let opts = ApplyOptions {
+            exact_grid,
+            progress: false,
+            ..Default::default()
+        };
+        let out = dir.path().join(format!("exact-{exact_grid}.gguf"));
+        let (effect, kl_to_hook) = edit_and_hook_kl(&path, &mut runner, &p, &r, &opts, &out);
+        let edited = Model::load(&out, 0).unwrap();
+        let left = along_u(&mut Runner::new(&edited, 512, 2).unwrap()) / original;
+        figures.push((effect, kl_to_hook, left));
+    }
+    let [single, exact] = [figures[0], figures[1]];
+    eprintln!(
+        "SmolLM2 Q4_1: residual component along u left (hook: 0): single pass {:.3}, grid-aware {:.3}; first-token KL file vs hook {:.4} / {:.4}; edit KL {:.3} / {:.3}",
+        single.2, exact.2, single.1, exact.1, single.0, exact.0
+    );
+    assert!(
+        exact.2 * 3.0 < single.2,
+        "grid-aware {:.3} should leave several times less of the direction than a single pass {:.3}",
+        exact.2,
+        single.2
+    );
 }

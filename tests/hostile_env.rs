@@ -684,3 +684,59 @@ fn poisoned_activations_are_a_clear_error_before_anything_is_written() {
     assert_clean_error(&run, "hold NaN/Inf (first at layer 3)");
     assert_eq!(listing(dir.path()), ["poisoned.gguf"]);
 }
+
+/// SIGTERM still ends the run when stderr is gone (the parent that read it
+/// was killed first): the handler's message must not fail the handler.
+#[test]
+fn sigterm_with_stderr_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.gguf");
+    let mut child = bin()
+        .arg(fixture())
+        .arg(&out)
+        .args([
+            "--n-train",
+            "8",
+            "--n-val",
+            "4",
+            "--layer",
+            "21",
+            "--position",
+            "5",
+        ])
+        .args([
+            "--top-k",
+            "1",
+            "--rank-prompts",
+            "1",
+            "--verify-tokens",
+            "4",
+            "-t",
+            "1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take()); // the reading end is closed
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: signalling a process we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("still running 20 s after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    assert!(
+        listing(dir.path()).is_empty(),
+        "left {:?}",
+        listing(dir.path())
+    );
+}

@@ -1,6 +1,9 @@
-//! Whole-tensor dequantization and requantization, split over rows with rayon.
+//! Whole-tensor dequantization and requantization, split over rows with rayon,
+//! and (`codes`) direct edits of single elements inside quantized blocks.
 //! ggml's row quantizers are independent per row, so disjoint row ranges can
 //! be processed on different threads with results identical to one call.
+
+pub mod codes;
 
 use crate::ffi::{self, GgmlType};
 use anyhow::{bail, Context, Result};
