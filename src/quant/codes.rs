@@ -34,6 +34,16 @@ pub fn supports(ty: GgmlType) -> bool {
     .contains(&ty)
 }
 
+/// Elements that share one scale, hence one step: 16 in Q6_K, 32 in the
+/// other supported formats (a whole block, or a K-quant sub-block).
+pub fn scale_group(ty: GgmlType) -> usize {
+    if ty == GgmlType::Q6_K {
+        16
+    } else {
+        32
+    }
+}
+
 fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
@@ -224,6 +234,12 @@ mod tests {
                     }
                 }
                 moved += usize::from(c.step != 0.0);
+                let group = k / scale_group(ty) * scale_group(ty) % per_block;
+                assert_eq!(
+                    c.step,
+                    get(ty, &bytes[bi * block..], group).step,
+                    "{ty} {k}: one step per scale group"
+                );
             }
             assert!(moved > n / 2, "{ty}: only {moved} elements have a step");
         }

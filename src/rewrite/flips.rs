@@ -4,112 +4,113 @@
 //! `quant::codes`): each move shifts `uᵀV` by a known amount and nothing
 //! else, so the result is exact up to the grid's resolution, in one pass,
 //! without re-running the quantizer. Moves are taken cheapest first: the
-//! cost of a move is how much farther it takes the element from the ideal
-//! f32 edit, per unit of component it removes, so elements whose rounding
-//! sat near a boundary go first, and many moves bring an element closer to
-//! the ideal edit than plain requantization left it.
+//! price of a move is how much farther it takes the element from the ideal
+//! f32 edit per unit of component it removes, so elements whose rounding
+//! sat near a boundary, in rows that weigh most along `u`, go first.
 
 use crate::ffi::{self, GgmlType};
 use crate::quant::codes;
 use anyhow::Result;
 use rayon::prelude::*;
 
-/// One possible move of one element's code.
-struct Move {
-    /// Row (output projections) or element (rows) index.
-    at: usize,
-    delta: i32,
-    /// Change of the component along `u`.
-    effect: f64,
-    /// Added squared error against the ideal edit, per unit of |effect|.
-    price: f64,
-}
-
-/// An element that could move.
-struct Candidate {
-    at: usize,
-    code: codes::Code,
-    /// Its value as ggml reads it now, and in the ideal f32 edit.
-    value: f32,
-    ideal: f32,
-    /// Its weight along `u`.
-    along: f64,
-    /// How much its error counts (the importance matrix).
-    importance: f64,
-}
-
-/// Applies the cheapest moves that bring `miss` (the component written
-/// minus the component wanted) within `tolerance` of zero; returns the
-/// moves taken.
-fn settle(
+/// One line to settle: a column of an output projection (elements are
+/// rows) or one embedding row (elements are its entries).
+struct Line<'a> {
+    /// The component written minus the component wanted.
     miss: f64,
     tolerance: f64,
-    candidates: impl Iterator<Item = Candidate>,
-) -> Vec<(usize, i32)> {
-    if miss.abs() <= tolerance {
-        return Vec::new();
+    /// Per element: value as ggml reads it, value in the ideal f32 edit,
+    /// weight along `u`, value change per code step, error weight.
+    values: &'a [f32],
+    ideals: &'a [f32],
+    along: &'a [f32],
+    steps: &'a [f32],
+    importance: Option<&'a [f32]>,
+}
+
+/// The moves, cheapest first, that bring the line's miss within its
+/// tolerance; `try_move(element, delta)` applies one if the code allows.
+fn settle(line: &Line, mut try_move: impl FnMut(usize, i32) -> bool) -> u64 {
+    let mut miss = line.miss;
+    if miss.abs() <= line.tolerance {
+        return 0;
     }
-    let mut moves: Vec<Move> = candidates
-        .filter_map(
-            |Candidate {
-                 at,
-                 code,
-                 value,
-                 ideal,
-                 along,
-                 importance,
-             }| {
-                let per_unit = along * code.step as f64;
-                if per_unit == 0.0 {
-                    return None;
-                }
-                // The direction of the code that lowers |miss|.
-                let delta = if (per_unit > 0.0) == (miss < 0.0) {
-                    1
-                } else {
-                    -1
-                };
-                if !(code.lo..=code.hi).contains(&(code.q + delta)) {
-                    return None;
-                }
-                let moved = value as f64 + delta as f64 * code.step as f64;
-                let cost = importance
-                    * ((moved - ideal as f64).powi(2) - (value as f64 - ideal as f64).powi(2));
-                Some(Move {
-                    at,
-                    delta,
-                    effect: delta as f64 * per_unit,
-                    price: cost / per_unit.abs(),
-                })
-            },
-        )
-        .collect();
-    // Few moves are needed as a rule: sort only the cheapest few, then
+    // Price: added squared error per unit of |effect|. With d = ±1 the
+    // direction that lowers |miss|, e = value − ideal and s the step:
+    // ((e + d s)² − e²) / |a s| = (2 d e s + s²) / |a s|.
+    let mut moves: Vec<(f32, u32)> = Vec::with_capacity(line.values.len());
+    for k in 0..line.values.len() {
+        let per_unit = line.along[k] * line.steps[k];
+        if per_unit == 0.0 {
+            continue;
+        }
+        let delta = if (per_unit > 0.0) == (miss < 0.0) {
+            1.0
+        } else {
+            -1.0
+        };
+        let e = line.values[k] - line.ideals[k];
+        let s = line.steps[k];
+        let weight = line.importance.map_or(1.0, |imp| imp[k]);
+        moves.push((
+            weight * (2.0 * delta * e * s + s * s) / per_unit.abs(),
+            k as u32,
+        ));
+    }
+    // Few moves are needed as a rule: order only the cheapest few, then
     // more if those did not suffice.
-    let by_price = |a: &Move, b: &Move| a.price.total_cmp(&b.price);
-    let mut miss = miss;
-    let mut taken = Vec::new();
+    let by_price = |a: &(f32, u32), b: &(f32, u32)| a.0.total_cmp(&b.0);
+    let mut taken = 0;
     let (mut start, mut batch) = (0, 32);
-    while start < moves.len() && miss.abs() > tolerance {
+    while start < moves.len() && miss.abs() > line.tolerance {
         let end = (start + batch).min(moves.len());
         let rest = &mut moves[start..];
         if end - start < rest.len() {
             rest.select_nth_unstable_by(end - start - 1, by_price);
         }
         rest[..end - start].sort_unstable_by(by_price);
-        for m in &moves[start..end] {
-            if miss.abs() <= tolerance {
+        for &(_, k) in &moves[start..end] {
+            if miss.abs() <= line.tolerance {
                 break;
             }
-            // Only moves that leave |miss| smaller.
-            if (miss + m.effect).abs() < miss.abs() {
-                miss += m.effect;
-                taken.push((m.at, m.delta));
+            let k = k as usize;
+            let per_unit = (line.along[k] * line.steps[k]) as f64;
+            // The direction priced above: toward the initial miss's zero.
+            let delta = if (per_unit > 0.0) == (line.miss < 0.0) {
+                1
+            } else {
+                -1
+            };
+            let effect = delta as f64 * per_unit;
+            // Only moves that leave |miss| smaller, and codes in range.
+            if (miss + effect).abs() < miss.abs() && try_move(k, delta) {
+                miss += effect;
+                taken += 1;
             }
         }
         (start, batch) = (end, batch * 4);
     }
     taken
+}
+
+/// Moves element `k`'s code by `delta` if it stays in range.
+fn move_code(ty: GgmlType, block: &mut [u8], k: usize, delta: i32) -> bool {
+    let code = codes::get(ty, block, k);
+    let q = code.q + delta;
+    let ok = (code.lo..=code.hi).contains(&q);
+    if ok {
+        codes::set(ty, block, k, q);
+    }
+    ok
+}
+
+/// Each element's step in one block (steps are shared by groups of
+/// elements with one scale).
+fn block_steps(ty: GgmlType, block: &[u8], steps: &mut [f32]) {
+    let group = codes::scale_group(ty);
+    for (g, chunk) in steps.chunks_mut(group).enumerate() {
+        chunk.fill(codes::get(ty, block, g * group).step);
+    }
 }
 
 /// Output projection: every stored row is an output feature `i`, so column
@@ -128,12 +129,13 @@ pub(super) fn settle_columns(
     target: &[f64],
     tolerance: f64,
 ) -> Result<u64> {
-    let row_bytes = dst.len() / u.len();
+    let n_rows = u.len();
+    let row_bytes = dst.len() / n_rows;
     let block_bytes = ty.type_size() as usize;
     let per_block = ty.block_size() as usize;
     let n_cols = row_len / per_block;
     let mut columns: Vec<Vec<&mut [u8]>> =
-        (0..n_cols).map(|_| Vec::with_capacity(u.len())).collect();
+        (0..n_cols).map(|_| Vec::with_capacity(n_rows)).collect();
     for row in dst.chunks_exact_mut(row_bytes) {
         for (col, block) in columns.iter_mut().zip(row.chunks_exact_mut(block_bytes)) {
             col.push(block);
@@ -143,41 +145,42 @@ pub(super) fn settle_columns(
         .into_par_iter()
         .enumerate()
         .map(|(b, mut blocks)| -> Result<u64> {
-            let mut w = vec![0f32; per_block * u.len()];
-            let mut q = vec![0f32; per_block * u.len()];
+            // Element-major: [row][element in block].
+            let mut w = vec![0f32; per_block * n_rows];
+            let mut q = vec![0f32; per_block * n_rows];
+            let mut steps = vec![0f32; per_block * n_rows];
             for (i, block) in blocks.iter().enumerate() {
                 let at = i * row_bytes + b * block_bytes;
-                let (w, q) = (
-                    &mut w[i * per_block..(i + 1) * per_block],
-                    &mut q[i * per_block..(i + 1) * per_block],
-                );
-                ffi::dequantize_rows(ty, &src[at..at + block_bytes], w)?;
-                ffi::dequantize_rows(ty, block, q)?;
+                let span = i * per_block..(i + 1) * per_block;
+                ffi::dequantize_rows(ty, &src[at..at + block_bytes], &mut w[span.clone()])?;
+                ffi::dequantize_rows(ty, block, &mut q[span.clone()])?;
+                block_steps(ty, block, &mut steps[span]);
             }
+            // Column-major copies for one column at a time.
+            let (mut values, mut ideals, mut col_steps) =
+                (vec![0f32; n_rows], vec![0f32; n_rows], vec![0f32; n_rows]);
             let mut moved = 0;
             for c in 0..per_block {
                 let j = b * per_block + c;
-                let written: f64 = (0..u.len())
-                    .map(|i| u[i] as f64 * q[i * per_block + c] as f64)
-                    .sum();
-                let candidates = (0..u.len()).map(|i| {
+                let mut written = 0f64;
+                for i in 0..n_rows {
                     let k = i * per_block + c;
-                    let ideal = w[k] - scale * u[i] * v[j];
-                    Candidate {
-                        at: i,
-                        code: codes::get(ty, blocks[i], c),
-                        value: q[k],
-                        ideal,
-                        along: u[i] as f64,
-                        // One column, one importance: it cannot change the order.
-                        importance: 1.0,
-                    }
-                });
-                for (i, delta) in settle(written - target[j], tolerance, candidates) {
-                    let code = codes::get(ty, blocks[i], c);
-                    codes::set(ty, blocks[i], c, code.q + delta);
-                    moved += 1;
+                    values[i] = q[k];
+                    ideals[i] = w[k] - scale * u[i] * v[j];
+                    col_steps[i] = steps[k];
+                    written += u[i] as f64 * q[k] as f64;
                 }
+                let line = Line {
+                    miss: written - target[j],
+                    tolerance,
+                    values: &values,
+                    ideals: &ideals,
+                    along: u,
+                    steps: &col_steps,
+                    // One column, one importance: it cannot change the order.
+                    importance: None,
+                };
+                moved += settle(&line, |i, delta| move_code(ty, blocks[i], c, delta));
             }
             Ok(moved)
         })
@@ -200,23 +203,28 @@ pub(super) fn settle_row(
 ) -> u64 {
     let block_bytes = ty.type_size() as usize;
     let per_block = ty.block_size() as usize;
-    let written = crate::edit::dot(values, u);
-    let candidates = (0..values.len()).map(|k| {
-        let block = &dst[k / per_block * block_bytes..][..block_bytes];
-        Candidate {
-            at: k,
-            code: codes::get(ty, block, k % per_block),
-            value: values[k],
-            ideal: ideal[k],
-            along: u[k] as f64,
-            importance: importance.map_or(1.0, |imp| imp[k] as f64),
-        }
-    });
-    let taken = settle(written - target, tolerance, candidates);
-    for &(k, delta) in &taken {
-        let block = &mut dst[k / per_block * block_bytes..][..block_bytes];
-        let code = codes::get(ty, block, k % per_block);
-        codes::set(ty, block, k % per_block, code.q + delta);
+    let miss = crate::edit::dot(values, u) - target;
+    if miss.abs() <= tolerance {
+        return 0;
     }
-    taken.len() as u64
+    let mut steps = vec![0f32; values.len()];
+    for (block, steps) in dst
+        .chunks_exact(block_bytes)
+        .zip(steps.chunks_mut(per_block))
+    {
+        block_steps(ty, block, steps);
+    }
+    let line = Line {
+        miss,
+        tolerance,
+        values,
+        ideals: ideal,
+        along: u,
+        steps: &steps,
+        importance,
+    };
+    settle(&line, |k, delta| {
+        let block = &mut dst[k / per_block * block_bytes..][..block_bytes];
+        move_code(ty, block, k % per_block, delta)
+    })
 }

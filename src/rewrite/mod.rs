@@ -182,91 +182,122 @@ impl Job<'_> {
         ffi::dequantize_rows(self.ty, dst, v)
     }
 
-    /// Row-local edit: each row is a residual vector, and each row is
-    /// iterated on its own until its own component is the requested one.
+    /// Row-local edit: each row is a residual vector. The bound is on the
+    /// whole tensor's component, so it is kept per chunk of rows: after the
+    /// plain pass, the rows that miss most are settled until the chunk's
+    /// miss is within its share (often none: 8-bit rows rarely need it).
     fn rows(&self, src: &[u8], dst: &mut [u8], imp: Option<&[f32]>) -> Result<Stats> {
         let u = self.req.u;
         let s = self.req.scale as f64;
+        let n = self.row_len;
         dst.par_chunks_mut(self.task)
             .zip(src.par_chunks(self.task))
             .map(|(dst, src)| -> Result<Stats> {
                 let w = self.dequantize(src)?;
-                // The goal is the tensor's overall component, so a row whose
-                // own component is tiny need not be matched more closely
-                // than a typical row.
-                let typical = (w
-                    .chunks_exact(self.row_len)
-                    .map(|r| edit::dot(r, u).powi(2))
-                    .sum::<f64>()
-                    / (w.len() / self.row_len).max(1) as f64)
-                    .sqrt();
-                let mut st = Stats::default();
-                let mut x = vec![0f32; self.row_len];
-                let mut v = vec![0f32; self.row_len];
-                for ((w, dst), _) in w
-                    .chunks_exact(self.row_len)
+                let n_rows = w.len() / n;
+                let mut ideal = w.clone();
+                edit::orthogonalize_rows_seq(&mut ideal, u, s as f32);
+                let mut values = vec![0f32; w.len()];
+                for ((x, dst), v) in ideal
+                    .chunks_exact(n)
                     .zip(dst.chunks_exact_mut(self.row_bytes))
-                    .zip(0..)
+                    .zip(values.chunks_exact_mut(n))
                 {
-                    let before = edit::dot(w, u);
-                    let target = (1.0 - s) * before;
-                    x.copy_from_slice(w);
-                    edit::orthogonalize_rows_seq(&mut x, u, s as f32);
-                    let ideal = x.clone();
-                    self.quantize(&x, dst, &mut v, imp)?;
-                    let plain = sq_dist(&v, &ideal);
-                    let mut after = edit::dot(&v, u);
-                    let mut passes = 1;
-                    let mut moves = 0;
-                    let tolerance = GRID_TOLERANCE * before.abs().max(typical);
-                    if self.iterate && self.codes {
-                        // Each row within its share of the bound: the sum
-                        // of these squared is FLIP_TOLERANCE² ‖Wu‖² over
-                        // rows whose `typical` is their RMS.
-                        let share = ((before * before + typical * typical) / 2.0).sqrt();
-                        moves = flips::settle_row(
+                    self.quantize(x, dst, v, imp)?;
+                }
+                let before: Vec<f64> = w.chunks_exact(n).map(|r| edit::dot(r, u)).collect();
+                let target: Vec<f64> = before.iter().map(|b| (1.0 - s) * b).collect();
+                let mut after: Vec<f64> = values.chunks_exact(n).map(|r| edit::dot(r, u)).collect();
+                let plain: Vec<f64> = values
+                    .chunks_exact(n)
+                    .zip(ideal.chunks_exact(n))
+                    .map(|(v, x)| sq_dist(v, x))
+                    .collect();
+                let before2: f64 = before.iter().map(|b| b * b).sum();
+                // A row whose own component is tiny need not be matched more
+                // closely than a typical row.
+                let typical2 = before2 / n_rows.max(1) as f64;
+                let mut passes = 1;
+                let mut moves = 0;
+                if self.iterate && self.codes {
+                    let miss2 = |after: &[f64]| -> f64 {
+                        after
+                            .iter()
+                            .zip(&target)
+                            .map(|(a, t)| (a - t).powi(2))
+                            .sum()
+                    };
+                    let bound2 = FLIP_TOLERANCE.powi(2) * before2;
+                    let mut order: Vec<usize> = (0..n_rows).collect();
+                    order.sort_by(|&a, &b| {
+                        (after[b] - target[b])
+                            .abs()
+                            .total_cmp(&(after[a] - target[a]).abs())
+                    });
+                    for r in order {
+                        if miss2(&after) <= bound2 {
+                            break;
+                        }
+                        // Within its share of the bound: these squared sum
+                        // to FLIP_TOLERANCE² ‖Wu‖² over the chunk.
+                        let share = ((before[r].powi(2) + typical2) / 2.0).sqrt();
+                        let span = r * n..(r + 1) * n;
+                        let row = &mut dst[r * self.row_bytes..(r + 1) * self.row_bytes];
+                        moves += flips::settle_row(
                             self.ty,
-                            dst,
-                            &v,
-                            &ideal,
+                            row,
+                            &values[span.clone()],
+                            &ideal[span.clone()],
                             u,
-                            target,
+                            target[r],
                             FLIP_TOLERANCE * share,
                             imp,
                         );
-                        ffi::dequantize_rows(self.ty, dst, &mut v)?;
-                        after = edit::dot(&v, u);
+                        ffi::dequantize_rows(self.ty, row, &mut values[span.clone()])?;
+                        after[r] = edit::dot(&values[span], u);
                     }
-                    while self.iterate
-                        && !self.codes
-                        && passes < MAX_PASSES
-                        && (after - target).abs() > tolerance
-                    {
-                        let miss = after - target;
-                        for (xi, &ui) in x.iter_mut().zip(u) {
-                            *xi -= (miss * ui as f64) as f32;
+                } else if self.iterate {
+                    // Requantize each row with what it kept pushed back in.
+                    let mut x = vec![0f32; n];
+                    for r in 0..n_rows {
+                        let span = r * n..(r + 1) * n;
+                        let row = &mut dst[r * self.row_bytes..(r + 1) * self.row_bytes];
+                        let tolerance = GRID_TOLERANCE * before[r].abs().max(typical2.sqrt());
+                        x.copy_from_slice(&ideal[span.clone()]);
+                        let mut row_passes = 1;
+                        while row_passes < MAX_PASSES && (after[r] - target[r]).abs() > tolerance {
+                            let miss = after[r] - target[r];
+                            for (xi, &ui) in x.iter_mut().zip(u) {
+                                *xi -= (miss * ui as f64) as f32;
+                            }
+                            self.quantize(&x, row, &mut values[span.clone()], imp)?;
+                            row_passes += 1;
+                            let next = edit::dot(&values[span.clone()], u);
+                            let stalled = (next - target[r]).abs() > 0.9 * miss.abs();
+                            after[r] = next;
+                            if stalled {
+                                break;
+                            }
                         }
-                        self.quantize(&x, dst, &mut v, imp)?;
-                        passes += 1;
-                        let next = edit::dot(&v, u);
-                        let stalled = (next - target).abs() > 0.9 * miss.abs();
-                        after = next;
-                        if stalled {
-                            break;
-                        }
+                        passes = passes.max(row_passes);
                     }
-                    st = st.merge(Stats {
-                        max_before: before.abs(),
-                        max_after: after.abs(),
-                        before2: before * before,
-                        after2: after * after,
-                        error2: sq_dist(&v, &ideal),
-                        plain_error2: plain,
-                        passes,
-                        moves,
-                    });
                 }
-                Ok(st)
+                let error2: f64 = values
+                    .chunks_exact(n)
+                    .zip(ideal.chunks_exact(n))
+                    .map(|(v, x)| sq_dist(v, x))
+                    .sum();
+                let max_abs = |v: &[f64]| v.iter().fold(0f64, |m, x| m.max(x.abs()));
+                Ok(Stats {
+                    max_before: max_abs(&before),
+                    max_after: max_abs(&after),
+                    before2,
+                    after2: after.iter().map(|a| a * a).sum(),
+                    error2,
+                    plain_error2: plain.iter().sum(),
+                    passes,
+                    moves,
+                })
             })
             .try_reduce(Stats::default, |a, b| Ok(a.merge(b)))
     }
@@ -319,7 +350,7 @@ impl Job<'_> {
         };
         let tolerance = GRID_TOLERANCE * norm2(&v).sqrt();
         let mut moves = 0;
-        if self.iterate && self.codes {
+        if self.iterate && self.codes && miss(&after) > FLIP_TOLERANCE * norm2(&v).sqrt() {
             // Every column within its share of the bound, so that the
             // whole miss is within it too; no closer, as each further move
             // adds quantization error.
