@@ -235,3 +235,266 @@ impl<'a> Reader<'a> {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::{encode_new, NewTensor, Value};
+
+    fn le(values: &[f32]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    /// Weight name, its in_sum2 as n_mat rows of sums, its counts.
+    type Entry<'a> = (&'a str, Vec<Vec<f32>>, Vec<f32>);
+
+    /// An imatrix GGUF.
+    fn gguf_bytes(general_type: &str, entries: &[Entry]) -> Vec<u8> {
+        let data: Vec<(String, Vec<u64>, Vec<u8>)> = entries
+            .iter()
+            .flat_map(|(name, sums, counts)| {
+                let row_len = sums[0].len() as u64;
+                let flat: Vec<f32> = sums.concat();
+                [
+                    (
+                        format!("{name}.in_sum2"),
+                        vec![row_len, sums.len() as u64],
+                        le(&flat),
+                    ),
+                    (
+                        format!("{name}.counts"),
+                        vec![1, counts.len() as u64],
+                        le(counts),
+                    ),
+                ]
+            })
+            .collect();
+        let tensors: Vec<NewTensor> = data
+            .iter()
+            .map(|(name, dims, bytes)| NewTensor {
+                name: name.clone(),
+                dims: dims.clone(),
+                ty: GgmlType::F32,
+                data: bytes,
+            })
+            .collect();
+        let kvs = [
+            (
+                "general.type".to_string(),
+                Value::String(general_type.into()),
+            ),
+            ("imatrix.chunk_count".to_string(), Value::U32(3)),
+        ];
+        encode_new(&kvs, &tensors)
+    }
+
+    fn read_bytes(name: &str, bytes: &[u8]) -> (tempfile::TempDir, Result<Imatrix>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let m = Imatrix::read(&path);
+        (dir, m)
+    }
+
+    fn err(r: Result<Imatrix>) -> String {
+        format!("{:#}", r.expect_err("should fail"))
+    }
+
+    /// A legacy entry: name, ncall, values.
+    fn dat_entry(out: &mut Vec<u8>, name: &[u8], ncall: i32, values: &[f32]) {
+        out.extend((name.len() as i32).to_le_bytes());
+        out.extend(name);
+        out.extend(ncall.to_le_bytes());
+        out.extend((values.len() as i32).to_le_bytes());
+        out.extend(le(values));
+    }
+
+    fn dat(entries: &[(&[u8], i32, &[f32])], trailer: Option<(i32, &[u8])>) -> Vec<u8> {
+        let mut out = (entries.len() as i32).to_le_bytes().to_vec();
+        for (name, ncall, values) in entries {
+            dat_entry(&mut out, name, *ncall, values);
+        }
+        if let Some((last_call, dataset)) = trailer {
+            out.extend(last_call.to_le_bytes());
+            out.extend((dataset.len() as i32).to_le_bytes());
+            out.extend(dataset);
+        }
+        out
+    }
+
+    #[test]
+    fn gguf_form_is_sums_over_counts_per_matrix() {
+        let bytes = gguf_bytes(
+            "imatrix",
+            &[
+                (
+                    "blk.0.attn_output.weight",
+                    vec![vec![2.0, 4.0, 6.0, 8.0]],
+                    vec![2.0],
+                ),
+                (
+                    "blk.0.ffn_down_exps.weight",
+                    vec![vec![3.0, 6.0], vec![5.0, 5.0], vec![0.0, 0.0]],
+                    vec![3.0, 10.0, 0.0],
+                ),
+            ],
+        );
+        let (_dir, m) = read_bytes("m.imatrix.gguf", &bytes);
+        let m = m.unwrap();
+        assert_eq!(m.source, "file:m.imatrix.gguf");
+        assert_eq!(m.len(), 2);
+        assert_eq!(
+            m.get("blk.0.attn_output.weight").unwrap(),
+            [1.0, 2.0, 3.0, 4.0]
+        );
+        // The expert that saw no token gets 1, as llama-quantize does.
+        assert_eq!(
+            m.for_tensor("blk.0.ffn_down_exps.weight", 2, 3)
+                .unwrap()
+                .unwrap(),
+            [1.0, 2.0, 0.5, 0.5, 1.0, 1.0]
+        );
+        assert!(m.for_tensor("blk.0.ffn_down_exps.weight", 4, 2).is_err());
+    }
+
+    #[test]
+    fn legacy_form_is_values_over_ncall() {
+        let bytes = dat(
+            &[
+                (b"blk.0.ffn_down.weight", 4, &[4.0, 8.0, 2.0]),
+                (b"token_embd.weight", 1, &[0.5]),
+            ],
+            Some((10, b"calibration.txt")),
+        );
+        let (_dir, m) = read_bytes("legacy.dat", &bytes);
+        let m = m.unwrap();
+        assert_eq!(m.source, "file:legacy.dat");
+        assert_eq!(m.get("blk.0.ffn_down.weight").unwrap(), [1.0, 2.0, 0.5]);
+        assert_eq!(m.get("token_embd.weight").unwrap(), [0.5]);
+        // The trailer is optional, and so is its dataset name.
+        let entries: &[(&[u8], i32, &[f32])] = &[(b"w", 2, &[2.0])];
+        assert!(Imatrix::parse_legacy(&dat(entries, None), "t".into()).is_ok());
+        let mut only_count = dat(entries, None);
+        only_count.extend(7i32.to_le_bytes());
+        assert!(Imatrix::parse_legacy(&only_count, "t".into()).is_ok());
+    }
+
+    #[test]
+    fn every_truncation_of_a_legacy_file_is_an_error() {
+        let entries: &[(&[u8], i32, &[f32])] =
+            &[(b"a.weight", 2, &[1.0, 2.0]), (b"b.weight", 1, &[3.0])];
+        let full = dat(entries, Some((5, b"data.txt")));
+        let body = dat(entries, None).len();
+        for cut in 0..full.len() {
+            let r = Imatrix::parse_legacy(&full[..cut], "t".into());
+            // Valid prefixes: the entries alone, or followed by the chunk count.
+            assert_eq!(
+                r.is_ok(),
+                cut == body || cut == body + 4,
+                "cut at {cut}: {r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_legacy_files_are_clean_errors() {
+        let ok: &[f32] = &[1.0];
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (vec![], "truncated"),
+            (0i32.to_le_bytes().to_vec(), "claims 0 entries"),
+            (i32::MAX.to_le_bytes().to_vec(), "entries"),
+            (dat(&[(b"w", 1, ok), (b"w", 1, ok)], None), "appears twice"),
+            (dat(&[(b"\xff\xfe", 1, ok)], None), "not UTF-8"),
+            (dat(&[(b"w\0x", 1, ok)], None), "NUL"),
+            (dat(&[(b"w", 0, ok)], None), "call count 0"),
+            (dat(&[(b"w", -3, ok)], None), "call count -3"),
+            (dat(&[(b"w", 1, &[f32::NAN])], None), "NaN"),
+            (dat(&[(b"w", 1, &[f32::INFINITY])], None), "inf"),
+            (dat(&[(b"w", 1, &[-1.0])], None), "non-negative"),
+            (
+                dat(&[(b"w", 1, ok)], Some((1, b"x\n")))
+                    .into_iter()
+                    .chain([0u8; 3])
+                    .collect(),
+                "trailing",
+            ),
+        ];
+        for (bytes, needle) in cases {
+            let e = format!(
+                "{:#}",
+                Imatrix::parse_legacy(&bytes, "t".into()).unwrap_err()
+            );
+            assert!(e.contains(needle), "expected {needle:?} in {e:?}");
+        }
+        // A forged value count or name length is refused before allocating.
+        let mut huge = dat(&[(b"w", 1, ok)], None);
+        huge[4 + 4 + 1 + 4..4 + 4 + 1 + 8].copy_from_slice(&i32::MAX.to_le_bytes());
+        assert!(format!(
+            "{:#}",
+            Imatrix::parse_legacy(&huge, "t".into()).unwrap_err()
+        )
+        .contains("values"));
+        let mut long_name = dat(&[(b"w", 1, ok)], None);
+        long_name[4..8].copy_from_slice(&1_000_000i32.to_le_bytes());
+        assert!(format!(
+            "{:#}",
+            Imatrix::parse_legacy(&long_name, "t".into()).unwrap_err()
+        )
+        .contains("name length"));
+    }
+
+    #[test]
+    fn malformed_gguf_files_are_clean_errors_naming_the_file() {
+        let one = |sums: Vec<f32>, counts: Vec<f32>| vec![("w", vec![sums], counts)];
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (
+                gguf_bytes("model", &one(vec![1.0], vec![1.0])),
+                "not \"imatrix\"",
+            ),
+            (gguf_bytes("imatrix", &[]), "no .in_sum2"),
+            (
+                gguf_bytes("imatrix", &one(vec![1.0], vec![-1.0])),
+                "negative",
+            ),
+            (
+                gguf_bytes("imatrix", &one(vec![1.0], vec![f32::NAN])),
+                "not finite",
+            ),
+            (gguf_bytes("imatrix", &one(vec![1.0], vec![0.0])), "zero"),
+            (
+                gguf_bytes("imatrix", &one(vec![f32::NAN], vec![1.0])),
+                "NaN",
+            ),
+            (
+                gguf_bytes("imatrix", &one(vec![-2.0], vec![1.0])),
+                "non-negative",
+            ),
+            (
+                gguf_bytes("imatrix", &one(vec![1.0, 2.0], vec![1.0, 1.0])),
+                "2 counts for 1 matrices",
+            ),
+        ];
+        for (bytes, needle) in cases {
+            let (dir, r) = read_bytes("bad.gguf", &bytes);
+            let e = err(r);
+            assert!(e.contains(needle), "expected {needle:?} in {e:?}");
+            assert!(
+                e.contains(&dir.path().join("bad.gguf").display().to_string()),
+                "{e}"
+            );
+        }
+        // A sums tensor without its counts.
+        let mut bytes = gguf_bytes("imatrix", &one(vec![1.0], vec![1.0]));
+        let at = bytes.windows(8).position(|w| w == b"w.counts").unwrap();
+        bytes[at + 2..at + 8].copy_from_slice(b"xounts");
+        let (_dir, r) = read_bytes("half.gguf", &bytes);
+        assert!(err(r).contains("w has .in_sum2 without .counts"));
+        // Truncated anywhere before the end of the last tensor (the last
+        // 4 bytes of data, then padding to 32): an error, never a panic.
+        let full = gguf_bytes("imatrix", &one(vec![1.0, 2.0], vec![1.0]));
+        for cut in (0..full.len() - 28).step_by(3) {
+            let (_dir, r) = read_bytes("cut.gguf", &full[..cut]);
+            assert!(r.is_err(), "cut at {cut}");
+        }
+    }
+}
