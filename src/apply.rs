@@ -2,7 +2,7 @@
 //! along the refusal direction. Tensors are streamed one at a time:
 //! dequantize → orthogonalize → requantize to the same type.
 
-use crate::edit::{self, EditPlan, EditWeights, PlannedEdit};
+use crate::edit::{self, EditKind, EditPlan, EditWeights, PlannedEdit};
 use crate::gguf::{self, shards, GgufFile, TensorInfo, Value};
 use crate::imatrix::Imatrix;
 use crate::output::PendingFile;
@@ -197,13 +197,19 @@ fn tensor_of<'a>(shards: &'a [GgufFile], e: &PlannedEdit) -> &'a TensorInfo {
 /// Fails before writing anything if a planned tensor cannot be requantized.
 fn check_rewritable(shards: &[GgufFile], plan: &EditPlan, imatrix: Option<&Imatrix>) -> Result<()> {
     // An importance matrix for another model would silently do nothing.
+    // (Biases are never quantized with importances.)
     if let Some(m) = imatrix {
-        let n = plan.edits.len();
-        if n > 0 && !plan.edits.iter().any(|e| m.get(&e.name).is_some()) {
+        let matrices: Vec<&PlannedEdit> = plan
+            .edits
+            .iter()
+            .filter(|e| e.kind != EditKind::Bias)
+            .collect();
+        if !matrices.is_empty() && !matrices.iter().any(|e| m.get(&e.name).is_some()) {
             bail!(
-                "importance matrix {} holds none of the {n} tensors to edit (e.g. {}); was it made for this model?",
+                "importance matrix {} holds none of the {} tensors to edit (e.g. {}); was it made for this model?",
                 m.source,
-                plan.edits[0].name
+                matrices.len(),
+                matrices[0].name
             );
         }
     }
