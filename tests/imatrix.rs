@@ -395,4 +395,54 @@ fn main_command_records_the_collected_matrix() {
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     assert_eq!(json["imatrix"], source);
     assert_eq!(json["apply"]["imatrix"], source);
+
+    // With --direction there is no capture: a decode for the importances alone.
+    let rerun = |extra: &[&str]| {
+        let result = bin()
+            .arg(&fixture)
+            .arg(&out)
+            .args([
+                "--n-train",
+                "8",
+                "--no-verify",
+                "-q",
+                "-f",
+                "-t",
+                "2",
+                "--direction",
+            ])
+            .arg(&report)
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&result.stderr).into_owned();
+        assert!(result.status.success(), "{stderr}");
+        let written = GgufFile::open(&out).unwrap();
+        (
+            written.get_str("abliterate.imatrix").unwrap().to_string(),
+            stderr,
+        )
+    };
+    let (again, stderr) = rerun(&[]);
+    assert_eq!(again, source, "the same prompts give the same matrix");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("importance matrix:"))
+        .unwrap();
+    eprintln!("{line}");
+
+    // A given file is used instead, and nothing is collected.
+    let shards = gguf_abliterate::gguf::open_model(&fixture).unwrap();
+    let entries: Vec<(String, Vec<f32>)> = imatrix::edit_targets(&shards)
+        .into_iter()
+        .map(|n| {
+            let row_len = shards[0].tensor(&n).unwrap().row_len() as usize;
+            (n, vec![1.0; row_len])
+        })
+        .collect();
+    let file = dir.path().join("fixture.imatrix.gguf");
+    write_imatrix_gguf(&file, &entries, 100.0);
+    let (given, stderr) = rerun(&["--imatrix", file.to_str().unwrap()]);
+    assert_eq!(given, "file:fixture.imatrix.gguf");
+    assert!(!stderr.contains("importance matrix:"), "{stderr}");
 }
