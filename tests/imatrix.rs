@@ -318,18 +318,6 @@ fn collected_importances_are_plausible_and_match_an_independent_sum() {
         );
     }
 
-    // The separate pass (`--direction FILE`) collects the same matrix.
-    let alone = imatrix::collect(&mut runner, &prompts, targets).unwrap();
-    for name in m.names() {
-        let (a, b) = (m.get(name).unwrap(), alone.get(name).unwrap());
-        let diff = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs() / y.max(1e-12))
-            .fold(0f32, f32::max);
-        assert!(diff < 1e-4, "{name}: {diff}");
-    }
-
     // The tied head's importances are the final norm's mean squares.
     let mut hook = FinalNormSquares {
         sums: Vec::new(),
@@ -396,7 +384,8 @@ fn main_command_records_the_collected_matrix() {
     assert_eq!(json["imatrix"], source);
     assert_eq!(json["apply"]["imatrix"], source);
 
-    // With --direction there is no capture: a decode for the importances alone.
+    // With --direction there is no capture and nothing is collected: the
+    // main command then writes what `apply --direction` writes.
     let rerun = |extra: &[&str]| {
         let result = bin()
             .arg(&fixture)
@@ -424,14 +413,10 @@ fn main_command_records_the_collected_matrix() {
         )
     };
     let (again, stderr) = rerun(&[]);
-    assert_eq!(again, source, "the same prompts give the same matrix");
-    let line = stderr
-        .lines()
-        .find(|l| l.starts_with("importance matrix:"))
-        .unwrap();
-    eprintln!("{line}");
+    assert_eq!(again, "none");
+    assert!(!stderr.contains("importance matrix:"), "{stderr}");
 
-    // A given file is used instead, and nothing is collected.
+    // A given file is used.
     let shards = gguf_abliterate::gguf::open_model(&fixture).unwrap();
     let entries: Vec<(String, Vec<f32>)> = imatrix::edit_targets(&shards)
         .into_iter()

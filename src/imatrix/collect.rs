@@ -11,8 +11,6 @@
 
 use super::Imatrix;
 use crate::edit::{classify, EditKind};
-use crate::eval::{BatchHook, Runner};
-use crate::ffi::{Node, ResidualHook};
 use crate::gguf::GgufFile;
 use anyhow::{bail, Result};
 use std::collections::{HashMap, HashSet};
@@ -107,36 +105,4 @@ impl InputSums {
         }
         Ok(m)
     }
-}
-
-struct Collector<'a>(&'a mut InputSums);
-
-impl ResidualHook for Collector<'_> {
-    fn wants(&mut self, _: Node) -> bool {
-        false
-    }
-    fn visit(&mut self, _: Node, _: &mut [f32], _: usize) -> bool {
-        false
-    }
-    fn wants_input(&mut self, weight: &str) -> bool {
-        self.0.wants(weight)
-    }
-    fn visit_input(&mut self, weight: &str, rows: &[f32], row_len: usize) {
-        self.0.add(weight, rows, row_len)
-    }
-}
-
-impl BatchHook for Collector<'_> {}
-
-/// A decode of `prompts` for nothing but the importances of `weights`
-/// (those a plain `mul_mat` used), when no other pass runs them.
-pub fn collect(
-    runner: &mut Runner,
-    prompts: &[Vec<i32>],
-    weights: HashSet<String>,
-) -> Result<Imatrix> {
-    let mut sums = InputSums::new(weights);
-    runner.run(prompts, &mut Collector(&mut sums), |_, _| Ok(()))?;
-    sums.count_prompts(prompts);
-    sums.finish()
 }

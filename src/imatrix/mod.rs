@@ -5,12 +5,13 @@
 //! cannot be quantized without one.
 //!
 //! [`Imatrix::read`] takes both files `llama-imatrix` writes (`read`);
-//! `collect` gathers one during a decode when none is given.
+//! [`InputSums`] gathers one during the search's capture when none is given
+//! (`collect`).
 
 mod collect;
 mod read;
 
-pub use collect::{collect, edit_targets, InputSums};
+pub use collect::{edit_targets, InputSums};
 
 use std::collections::HashMap;
 

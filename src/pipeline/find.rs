@@ -3,8 +3,7 @@
 use super::SearchConfig;
 use crate::chat::ChatFormat;
 use crate::direction::{self, control_vector, DirectionFile, SearchOptions, SearchResult};
-use crate::eval::Runner;
-use crate::imatrix::{self, Imatrix};
+use crate::imatrix;
 use crate::prompts::{Kind, PromptSet};
 use crate::{ffi, output};
 use anyhow::{Context, Result};
@@ -206,39 +205,6 @@ pub fn write_control_vector(found: &Found, cv: &Path, force: bool) -> Result<()>
         cv.display()
     );
     Ok(())
-}
-
-/// Importances for requantizing when there is neither `--imatrix` nor a
-/// search whose capture collects them (`--direction FILE`): a decode of the
-/// training prompts the search would capture, for that alone.
-pub fn collect_imatrix(input: &Path, args: &SearchConfig) -> Result<Imatrix> {
-    let started = std::time::Instant::now();
-    let shards = crate::gguf::open_model(input)?;
-    let targets = imatrix::edit_targets(&shards);
-    drop(shards);
-    let model = ffi::Model::load(input, args.n_gpu_layers)?;
-    let fmt = ChatFormat::resolve(&model, args.chat_template.as_deref())?;
-    let mut prompts = Vec::new();
-    for (kind, file) in [
-        (Kind::Harmful, &args.harmful),
-        (Kind::Harmless, &args.harmless),
-    ] {
-        let set = load_prompts(kind, file, args.column.as_deref(), args.seed)?;
-        for p in set.train.iter().take(args.n_train) {
-            prompts.push(fmt.tokenize(&model, &p.text)?);
-        }
-    }
-    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let mut runner = Runner::new(&model, 2048.max(longest), args.llama_threads())?;
-    let m = imatrix::collect(&mut runner, &prompts, targets)
-        .context("collecting the importance matrix")?;
-    eprintln!(
-        "importance matrix: {} matrices, {} ({:.1} s)",
-        m.len(),
-        m.source,
-        started.elapsed().as_secs_f64()
-    );
-    Ok(m)
 }
 
 /// Refinement trials when `--trials` is not given: a trial costs about as

@@ -7,8 +7,7 @@ mod modelfile;
 mod svg;
 
 pub use find::{
-    collect_imatrix, find_direction, load_prompts, write_control_vector, write_direction_outputs,
-    Found,
+    find_direction, load_prompts, write_control_vector, write_direction_outputs, Found,
 };
 pub use modelfile::write_modelfile;
 
@@ -204,15 +203,12 @@ pub fn run_all(cfg: &RunConfig) -> Result<()> {
         }
     };
     let file = picked(file, cfg.edit.pick)?;
-    // Given, collected by the search's capture, or (with --direction) by a
-    // decode of the training prompts for that alone.
-    let imatrix = match (
-        given_imatrix,
-        search.as_mut().and_then(|s| s.imatrix.take()),
-    ) {
-        (Some(m), _) => Arc::new(m),
-        (None, Some(m)) => m,
-        (None, None) => Arc::new(collect_imatrix(input, &cfg.search)?),
+    // Given, or collected by the search's capture. With --direction there
+    // is no capture and none is used, so that the main command and `apply
+    // --direction` give the same bytes.
+    let imatrix = match given_imatrix {
+        Some(m) => Some(Arc::new(m)),
+        None => search.as_mut().and_then(|s| s.imatrix.take()),
     };
     let (chosen_scale, chosen_skip, weights) = file.recorded_edit()?;
     let scale = cfg.edit.scale.unwrap_or(chosen_scale);
@@ -225,7 +221,7 @@ pub fn run_all(cfg: &RunConfig) -> Result<()> {
         provenance: file.provenance_kvs(),
         progress,
         exact_grid: cfg.edit.exact_grid,
-        imatrix: Some(imatrix),
+        imatrix,
     };
     let applied = apply::apply(input, output, &file.direction, &opts)?;
     eprintln!(
