@@ -271,6 +271,22 @@ def fuzz_seeds():
     seeds["prompts.txt"] = b"How do I bake bread?\nWrite a poem about rain.\n\nList three prime numbers.\n"
     seeds["prompts.jsonl"] = b'{"instruction": "How do I bake bread?"}\n{"prompt": "x", "instruction": "Write a poem"}\n{"goal": "List primes"}\n'
     seeds["prompts.csv"] = b'id,prompt,notes\n1,"Say ""hi"", please",a\n2,"two\nlines",b\n3,plain,\n'
+    # Importance matrices, as llama-imatrix writes them: GGUF (in_sum2 and
+    # counts per weight, one with two experts) and the legacy .dat.
+    imx = Model()
+    imx.kvs = [kv_str("general.type", "imatrix"), kv_u32("imatrix.chunk_count", 2), kv_u32("imatrix.chunk_size", 512)]
+    imx.tensors = []
+    sq = lambda n, seed: [abs(v) * 8 for v in pseudo(n, seed)]
+    imx.add("blk.0.attn_output.weight.in_sum2", [N_EMBD, 1], F32, 0, encode_tensor(F32, sq(N_EMBD, 21)))
+    imx.add("blk.0.attn_output.weight.counts", [1, 1], F32, 0, encode_tensor(F32, [4.0]))
+    imx.add("blk.0.ffn_down_exps.weight.in_sum2", [2 * N_EMBD, 2], F32, 0, encode_tensor(F32, sq(4 * N_EMBD, 22)))
+    imx.add("blk.0.ffn_down_exps.weight.counts", [1, 2], F32, 0, encode_tensor(F32, [3.0, 0.0]))
+    seeds["imatrix.gguf"] = imx.encode()
+    dat = struct.pack("<i", 2)
+    for name, values in [(b"blk.0.attn_output.weight", sq(N_EMBD, 23)), (b"blk.0.ffn_down.weight", sq(2 * N_EMBD, 24))]:
+        dat += struct.pack("<i", len(name)) + name + struct.pack("<ii", 3, len(values)) + encode_tensor(F32, values)
+    dat += struct.pack("<ii", 2, 8) + b"data.txt"
+    seeds["imatrix.dat"] = dat
     return seeds
 
 

@@ -4,6 +4,7 @@
 
 use crate::eval::{log_softmax, BatchHook, Entry, Runner};
 use crate::ffi::{Node, ResidualHook};
+use crate::imatrix::InputSums;
 use anyhow::Result;
 use indicatif::ProgressBar;
 
@@ -24,7 +25,9 @@ impl Means {
     }
 }
 
-struct CaptureHook {
+struct CaptureHook<'a> {
+    /// Importance sums gathered in the same decode, when asked for.
+    inputs: Option<&'a mut InputSums>,
     n_layers: usize,
     n_pos: usize,
     n_embd: usize,
@@ -34,7 +37,7 @@ struct CaptureHook {
     sums: Vec<f64>,
 }
 
-impl ResidualHook for CaptureHook {
+impl ResidualHook for CaptureHook<'_> {
     fn wants(&mut self, node: Node) -> bool {
         matches!(node, Node::LayerOut(l) if l < self.n_layers)
     }
@@ -57,9 +60,17 @@ impl ResidualHook for CaptureHook {
         }
         false
     }
+    fn wants_input(&mut self, weight: &str) -> bool {
+        self.inputs.as_ref().is_some_and(|s| s.wants(weight))
+    }
+    fn visit_input(&mut self, weight: &str, rows: &[f32], row_len: usize) {
+        if let Some(s) = self.inputs.as_mut() {
+            s.add(weight, rows, row_len);
+        }
+    }
 }
 
-impl BatchHook for CaptureHook {
+impl BatchHook for CaptureHook<'_> {
     fn begin(&mut self, entries: &[Entry]) {
         self.rows.clear();
         for e in entries {
@@ -92,8 +103,25 @@ pub fn capture(
     n_pos: usize,
     progress: &ProgressBar,
 ) -> Result<(Means, Vec<Vec<f32>>)> {
+    capture_collecting(runner, prompts, n_layers, n_pos, progress, None)
+}
+
+/// `capture`, also adding the inputs of the weights `inputs` wants to it
+/// (an importance matrix from the same decode, at no extra pass).
+pub fn capture_collecting(
+    runner: &mut Runner,
+    prompts: &[Vec<i32>],
+    n_layers: usize,
+    n_pos: usize,
+    progress: &ProgressBar,
+    mut inputs: Option<&mut InputSums>,
+) -> Result<(Means, Vec<Vec<f32>>)> {
     let n_embd = runner.ctx.model().n_embd();
+    if let Some(s) = inputs.as_mut() {
+        s.count_prompts(prompts);
+    }
     let mut hook = CaptureHook {
+        inputs,
         n_layers,
         n_pos,
         n_embd,

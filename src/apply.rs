@@ -2,7 +2,7 @@
 //! along the refusal direction. Tensors are streamed one at a time:
 //! dequantize → orthogonalize → requantize to the same type.
 
-use crate::edit::{self, EditPlan, EditWeights, PlannedEdit};
+use crate::edit::{self, EditKind, EditPlan, EditWeights, PlannedEdit};
 use crate::gguf::{self, shards, GgufFile, TensorInfo, Value};
 use crate::imatrix::Imatrix;
 use crate::output::PendingFile;
@@ -88,6 +88,8 @@ pub struct ApplyReport {
     pub tensors: Vec<TensorReport>,
     pub tied_embeddings: bool,
     pub embeddings_edited: bool,
+    /// Where the requantization importances came from (`abliterate.imatrix`).
+    pub imatrix: String,
 }
 
 /// Rewrites `input` (and its other shards) to `output`.
@@ -181,7 +183,15 @@ pub fn apply(
         tensors: reports,
         tied_embeddings: plan.tied_embeddings,
         embeddings_edited: opts.effective_weights().embeddings > 0.0,
+        imatrix: imatrix_source(opts),
     })
+}
+
+/// "file:NAME", "collected: …" or "none".
+fn imatrix_source(opts: &ApplyOptions) -> String {
+    opts.imatrix
+        .as_ref()
+        .map_or_else(|| "none".to_string(), |m| m.source.clone())
 }
 
 fn tensor_of<'a>(shards: &'a [GgufFile], e: &PlannedEdit) -> &'a TensorInfo {
@@ -192,6 +202,23 @@ fn tensor_of<'a>(shards: &'a [GgufFile], e: &PlannedEdit) -> &'a TensorInfo {
 
 /// Fails before writing anything if a planned tensor cannot be requantized.
 fn check_rewritable(shards: &[GgufFile], plan: &EditPlan, imatrix: Option<&Imatrix>) -> Result<()> {
+    // An importance matrix for another model would silently do nothing.
+    // (Biases are never quantized with importances.)
+    if let Some(m) = imatrix {
+        let matrices: Vec<&PlannedEdit> = plan
+            .edits
+            .iter()
+            .filter(|e| e.kind != EditKind::Bias)
+            .collect();
+        if !matrices.is_empty() && !matrices.iter().any(|e| m.get(&e.name).is_some()) {
+            bail!(
+                "importance matrix {} holds none of the {} tensors to edit (e.g. {}); was it made for this model?",
+                m.source,
+                matrices.len(),
+                matrices[0].name
+            );
+        }
+    }
     for e in &plan.edits {
         let t = tensor_of(shards, e);
         let importance = importance_for(t, imatrix)?;
@@ -305,6 +332,7 @@ fn provenance_kvs(plan: &EditPlan, direction: &[f32], opts: &ApplyOptions) -> Ve
                     .collect(),
             ),
         ),
+        (key("imatrix"), Value::String(imatrix_source(opts))),
         (
             key("direction"),
             Value::Array(

@@ -179,6 +179,11 @@ struct EditArgs {
     /// as 0.1.0 did, for comparison).
     #[arg(long, value_name = "on|off", default_value = "on", value_parser = ["on", "off"])]
     exact_grid: String,
+    /// Importance matrix for requantizing (llama-imatrix's GGUF or legacy
+    /// .dat); needed for IQ2_XXS, IQ2_XS and IQ1_S. The main command
+    /// collects one over the training prompts when none is given.
+    #[arg(long, value_name = "FILE")]
+    imatrix: Option<PathBuf>,
     /// Overwrite OUT if it exists.
     #[arg(short, long)]
     force: bool,
@@ -234,6 +239,7 @@ impl SearchArgs {
             n_gpu_layers: self.n_gpu_layers,
             seed: self.seed,
             threads: self.threads,
+            collect_imatrix: false,
         }
     }
 }
@@ -245,6 +251,7 @@ impl EditArgs {
             skip_embeddings: self.skip_embeddings,
             pick: self.pick,
             exact_grid: self.exact_grid == "on",
+            imatrix: self.imatrix.clone(),
             force: self.force,
             quiet: self.quiet,
         }

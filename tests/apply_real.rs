@@ -28,7 +28,7 @@ fn check_real_model(input: &Path, prompt: &str) {
             a.key
         );
     }
-    assert_eq!(edited.kvs.len(), original.kvs.len() + 6);
+    assert_eq!(edited.kvs.len(), original.kvs.len() + 7);
     // An independent reader agrees on the layout.
     let mut container = gguf_rs::get_gguf_container(out.to_str().unwrap()).unwrap();
     let decoded = container.decode().unwrap();

@@ -1,6 +1,7 @@
 //! A stable-toolchain fuzz harness for every reader: the GGUF header,
 //! metadata and tensor-info parser, split-shard logic, the edit plan and the
-//! rewrite (`apply` as a library), direction JSON and prompt files.
+//! rewrite (`apply` as a library), direction JSON, prompt files and
+//! importance matrices (llama-imatrix's GGUF and legacy .dat forms).
 //!
 //! Inputs are the committed seeds in tests/fuzz_corpus/ (written by
 //! scripts/make-hostile.py) mutated with knowledge of the GGUF layout (bit
@@ -26,6 +27,7 @@ use gguf_abliterate::apply::{apply, ApplyOptions};
 use gguf_abliterate::direction::DirectionFile;
 use gguf_abliterate::edit::plan_edits;
 use gguf_abliterate::gguf::{open_model, shards};
+use gguf_abliterate::imatrix::Imatrix;
 use gguf_abliterate::prompts::PromptSet;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -604,6 +606,8 @@ impl ArbGguf {
 /// Everything we do with a GGUF we did not write: open (with its shards),
 /// inspect tensors, plan the edit and, when the plan holds, rewrite it.
 fn exercise_gguf(path: &Path, out: &Path) -> bool {
+    // Every GGUF is also offered as an importance matrix.
+    exercise_imatrix(path);
     let Ok(shards) = open_model(path) else {
         return false;
     };
@@ -645,6 +649,20 @@ fn exercise_direction(path: &Path, bytes: &[u8]) {
         }
     }
     let _ = DirectionFile::read(path);
+}
+
+/// Either form of importance matrix; what reads is then looked up the way
+/// `apply` does.
+fn exercise_imatrix(path: &Path) -> bool {
+    let Ok(m) = Imatrix::read(path) else {
+        return false;
+    };
+    for name in m.names() {
+        let n = m.get(name).map_or(0, <[f32]>::len);
+        let _ = m.for_tensor(name, n, 1);
+        let _ = m.for_tensor(name, n / 2, 2);
+    }
+    true
 }
 
 fn exercise_prompts(path: &Path, column: Option<&str>) {
@@ -744,8 +762,13 @@ fn fuzz_every_reader() {
     let donors: Vec<Vec<u8>> = seeds.iter().map(|(_, b)| b.clone()).collect();
     let texts: Vec<&(String, Vec<u8>)> = seeds
         .iter()
-        .filter(|(n, _)| !n.ends_with(".gguf"))
+        .filter(|(n, _)| !n.ends_with(".gguf") && !n.ends_with(".dat"))
         .collect();
+    let legacy_imatrix = &seeds
+        .iter()
+        .find(|(n, _)| n.ends_with(".dat"))
+        .expect("legacy imatrix seed")
+        .1;
     let dir = scratch();
     let out = dir.path().join("out.gguf");
     let mut rng = Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1);
@@ -779,6 +802,22 @@ fn fuzz_every_reader() {
                 stats.record("truncation", stats.cases, cut_bytes, r, alloc);
             }
         }
+    }
+
+    // The imatrix seeds are valid, so that their mutants reach deep.
+    for (name, bytes) in seeds.iter().filter(|(n, _)| n.starts_with("imatrix.")) {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        assert!(exercise_imatrix(&path), "seed {name} does not read");
+    }
+    // The legacy imatrix cut at every byte.
+    let dat = dir.path().join("cut.dat");
+    for cut in 0..legacy_imatrix.len() {
+        std::fs::write(&dat, &legacy_imatrix[..cut]).unwrap();
+        let (r, alloc) = tracked(|| {
+            exercise_imatrix(&dat);
+        });
+        stats.record("truncation", stats.cases, &legacy_imatrix[..cut], r, alloc);
     }
 
     while stats.cases < cases {
@@ -829,6 +868,44 @@ fn fuzz_every_reader() {
                 stats.parsed += 1;
             }
             stats.record("arbitrary", case, &bytes, r.map(|_| ()), alloc);
+        } else if roll < 83 {
+            // Legacy imatrix files: bit flips, truncations, forged int32
+            // fields (counts, lengths) and spliced bytes.
+            let mut mutant = legacy_imatrix.clone();
+            for _ in 0..1 + rng.below(3) {
+                let len = mutant.len();
+                match rng.below(4) {
+                    0 if len > 0 => mutant[rng.below(len)] ^= 1 << rng.below(8),
+                    1 => mutant.truncate(rng.below(len + 1)),
+                    2 if len >= 4 => {
+                        let at = rng.below(len - 3);
+                        let v = [
+                            0i32,
+                            -1,
+                            1,
+                            i32::MAX,
+                            i32::MIN,
+                            0x7f80_0000,
+                            0x7fc0_0000,
+                            len as i32,
+                        ][rng.below(8)];
+                        mutant[at..at + 4].copy_from_slice(&v.to_le_bytes());
+                    }
+                    _ => {
+                        let at = rng.below(len + 1);
+                        let n = rng.below(12);
+                        let bytes = rng.bytes(n);
+                        mutant.splice(at..at, bytes);
+                    }
+                }
+            }
+            let path = dir.path().join("mutant.dat");
+            std::fs::write(&path, &mutant).unwrap();
+            let (r, alloc) = tracked(|| exercise_imatrix(&path));
+            if matches!(r, Ok(true)) {
+                stats.parsed += 1;
+            }
+            stats.record("imatrix", case, &mutant, r.map(|_| ()), alloc);
         } else if roll < 95 {
             // Direction JSON and prompt files: byte-level mutations and
             // splices of JSON/CSV tokens.

@@ -10,7 +10,7 @@
 //! 4. discard layers ≥ 0.8 L, induce ≤ 0, KL > threshold; take the lowest bypass.
 
 use super::refine::{self, EditPoint, Optimizer, Space, Trial};
-use crate::activations::{capture, Means};
+use crate::activations::{capture_collecting, Means};
 use crate::chat::ChatFormat;
 use crate::eval::{kl_divergence, refusal_score, AblateHook, AddHook, NoHook, Runner};
 use crate::ffi::Model;
@@ -53,6 +53,8 @@ pub struct SearchOptions {
     pub seed: u64,
     /// Post-norm weights, so that the ablation acts where the edit does.
     pub post_norms: crate::edit::PostNorms,
+    /// Weights whose importances to collect during the capture (none: skip).
+    pub imatrix_weights: Option<std::collections::HashSet<String>>,
 }
 
 impl Default for SearchOptions {
@@ -71,6 +73,7 @@ impl Default for SearchOptions {
             trials: 32,
             seed: 0,
             post_norms: Default::default(),
+            imatrix_weights: None,
         }
     }
 }
@@ -147,6 +150,9 @@ pub struct SearchResult {
     pub seconds: f64,
     /// Wall time of each stage: capture, rank, evaluate, refine.
     pub stage_seconds: Vec<(String, f64)>,
+    /// Importances collected during the capture (`imatrix_weights`).
+    #[serde(skip)]
+    pub imatrix: Option<std::sync::Arc<crate::imatrix::Imatrix>>,
 }
 
 fn bar(progress: bool, len: u64, what: &str) -> ProgressBar {
@@ -250,8 +256,29 @@ pub fn search(
         .map(|p| p.len() as u64)
         .sum();
     let pb = bar(opts.progress, tokens, "capture");
-    let (harm_means, lp_harm) = capture(&mut runner, &harm_train, capture_layers, n_post, &pb)?;
-    let (safe_means, lp_safe) = capture(&mut runner, &safe_train, capture_layers, n_post, &pb)?;
+    let mut inputs = opts
+        .imatrix_weights
+        .clone()
+        .map(crate::imatrix::InputSums::new);
+    let (harm_means, lp_harm) = capture_collecting(
+        &mut runner,
+        &harm_train,
+        capture_layers,
+        n_post,
+        &pb,
+        inputs.as_mut(),
+    )?;
+    let (safe_means, lp_safe) = capture_collecting(
+        &mut runner,
+        &safe_train,
+        capture_layers,
+        n_post,
+        &pb,
+        inputs.as_mut(),
+    )?;
+    let imatrix = inputs
+        .map(|s| s.finish().map(std::sync::Arc::new))
+        .transpose()?;
     pb.finish_and_clear();
     stage_done("capture");
     // A corrupted tensor (NaN/Inf weights, an F16 overflow) poisons every
@@ -622,6 +649,7 @@ pub fn search(
         n_val: harm_val.len(),
         seconds: started.elapsed().as_secs_f64(),
         stage_seconds: stages,
+        imatrix,
     })
 }
 

@@ -369,6 +369,71 @@ pub trait ResidualHook {
     /// the last layer may hold only the output tokens, in batch order.
     /// Return true if `rows` was modified.
     fn visit(&mut self, node: Node, rows: &mut [f32], n_embd: usize) -> bool;
+    /// Whether to see the input (the activations) of every `mul_mat` by the
+    /// weight named `weight`, as `llama-imatrix` does.
+    fn wants_input(&mut self, _weight: &str) -> bool {
+        false
+    }
+    /// `rows` holds `rows.len() / row_len` input rows of `row_len` floats
+    /// (one per token the product saw), read-only.
+    fn visit_input(&mut self, _weight: &str, _rows: &[f32], _row_len: usize) {}
+}
+
+/// The weight a `mul_mat` multiplies by, named as in the GGUF: a backend's
+/// copy (`CUDA0#blk.0.attn_k.weight#0`) is reduced to the weight's name,
+/// as `llama-imatrix` does.
+fn mul_mat_weight(t: &sys::ggml_tensor) -> Option<&str> {
+    if t.op != sys::GGML_OP_MUL_MAT {
+        return None;
+    }
+    // SAFETY: src pointers are null or valid tensors of the same graph;
+    // names are NUL-terminated fixed arrays.
+    let weight = unsafe { t.src[0].as_ref() }?;
+    let name = unsafe { CStr::from_ptr(weight.name.as_ptr()) }
+        .to_str()
+        .ok()?;
+    Some(match name.split_once('#') {
+        Some((_, rest)) => rest.split_once('#').map_or(rest, |(w, _)| w),
+        None => name,
+    })
+}
+
+/// Copies a `mul_mat`'s F32 input (`src[1]`) into `out` as contiguous rows
+/// of `ne[0]`, from host memory or through the backend. `None` for inputs
+/// of another type or layout.
+fn mul_mat_input(t: &sys::ggml_tensor, staging: &mut Vec<u8>, out: &mut Vec<f32>) -> Option<usize> {
+    // SAFETY: as in `mul_mat_weight`.
+    let x = unsafe { t.src[1].as_ref() }?;
+    if x.type_ != sys::GGML_TYPE_F32 || x.nb[0] != 4 || x.data.is_null() {
+        return None;
+    }
+    let row_len = x.ne[0] as usize;
+    // SAFETY: a valid tensor.
+    let n_bytes = unsafe { sys::ggml_nbytes(x) };
+    let on_host = x.buffer.is_null() || unsafe { sys::ggml_backend_buffer_is_host(x.buffer) };
+    let bytes: &[u8] = if on_host {
+        // SAFETY: a host tensor spans ggml_nbytes bytes from data.
+        unsafe { std::slice::from_raw_parts(x.data as *const u8, n_bytes) }
+    } else {
+        staging.resize(n_bytes, 0);
+        // SAFETY: staging holds the tensor's ggml_nbytes bytes.
+        unsafe { sys::ggml_backend_tensor_get(x, staging.as_mut_ptr().cast(), 0, n_bytes) };
+        staging
+    };
+    out.clear();
+    for i3 in 0..x.ne[3] as usize {
+        for i2 in 0..x.ne[2] as usize {
+            for i1 in 0..x.ne[1] as usize {
+                let at = i1 * x.nb[1] + i2 * x.nb[2] + i3 * x.nb[3];
+                let row = bytes.get(at..at + 4 * row_len)?;
+                out.extend(
+                    row.chunks_exact(4)
+                        .map(|b| f32::from_ne_bytes(b.try_into().expect("4 bytes"))),
+                );
+            }
+        }
+    }
+    Some(row_len)
 }
 
 /// What the eval callback reaches through its user-data pointer.
@@ -376,6 +441,8 @@ struct HookSlot {
     hook: Option<*mut (dyn ResidualHook + 'static)>,
     panicked: bool,
     scratch: Vec<f32>,
+    /// A device tensor's bytes, for `mul_mat` inputs.
+    staging: Vec<u8>,
 }
 
 unsafe extern "C" fn eval_callback(
@@ -393,14 +460,26 @@ unsafe extern "C" fn eval_callback(
     let result = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: ggml passes a valid tensor.
         let t = unsafe { &mut *t };
-        let Some(node) = Node::of(t) else {
-            return !ask;
-        };
         // SAFETY: the hook outlives the decode call that installed it.
         let hook = unsafe { &mut *hook };
+        let weight = mul_mat_weight(t).filter(|w| hook.wants_input(w));
+        let node = Node::of(t);
         if ask {
-            return hook.wants(node);
+            return weight.is_some() || node.is_some_and(|n| hook.wants(n));
         }
+        if let Some(w) = weight {
+            if t.flags & sys::GGML_TENSOR_FLAG_COMPUTE as i32 != 0 {
+                let mut rows = std::mem::take(&mut slot.scratch);
+                if let Some(row_len) = mul_mat_input(t, &mut slot.staging, &mut rows) {
+                    hook.visit_input(w, &rows, row_len);
+                }
+                slot.scratch = rows;
+            }
+        }
+        // A node asked for only for its input is not the hook's to visit.
+        let Some(node) = node.filter(|&n| weight.is_none() || hook.wants(n)) else {
+            return true;
+        };
         if t.flags & sys::GGML_TENSOR_FLAG_COMPUTE as i32 == 0 || t.type_ != sys::GGML_TYPE_F32 {
             return true;
         }
@@ -467,6 +546,7 @@ impl<'m> Context<'m> {
             hook: None,
             panicked: false,
             scratch: Vec::new(),
+            staging: Vec::new(),
         });
         // SAFETY: default params; the callback's user data is the boxed slot,
         // whose address is stable for the life of the context.

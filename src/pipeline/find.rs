@@ -3,6 +3,7 @@
 use super::SearchConfig;
 use crate::chat::ChatFormat;
 use crate::direction::{self, control_vector, DirectionFile, SearchOptions, SearchResult};
+use crate::imatrix;
 use crate::prompts::{Kind, PromptSet};
 use crate::{ffi, output};
 use anyhow::{Context, Result};
@@ -67,6 +68,7 @@ pub fn find_direction(input: &Path, args: &SearchConfig, progress: bool) -> Resu
         .map(|s| s.tensors.iter().map(|t| t.size).sum::<u64>())
         .sum();
     let post_norms = crate::edit::PostNorms::read(&shards)?;
+    let imatrix_weights = args.collect_imatrix.then(|| imatrix::edit_targets(&shards));
     drop(shards);
     let model = ffi::Model::load(input, args.n_gpu_layers)?;
     let fmt = ChatFormat::resolve(&model, args.chat_template.as_deref())?;
@@ -84,6 +86,7 @@ pub fn find_direction(input: &Path, args: &SearchConfig, progress: bool) -> Resu
         trials: args.trials.unwrap_or_else(|| default_trials(model_bytes)),
         seed: args.seed.unwrap_or(0),
         post_norms,
+        imatrix_weights,
     };
     let result = direction::search(&model, &fmt, &harmful, &harmless, &opts)?;
     let c = &result.chosen;
@@ -101,6 +104,9 @@ pub fn find_direction(input: &Path, args: &SearchConfig, progress: bool) -> Resu
         c.kl.unwrap_or(f64::NAN),
         result.seconds
     );
+    if let Some(m) = &result.imatrix {
+        eprintln!("importance matrix: {} matrices, {}", m.len(), m.source);
+    }
     let tokens: Vec<String> = result
         .refusal_tokens
         .iter()

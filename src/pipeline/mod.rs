@@ -13,11 +13,13 @@ pub use modelfile::write_modelfile;
 
 use crate::apply::{self, ApplyOptions};
 use crate::direction::{self, DirectionFile, SearchOptions};
+use crate::imatrix::Imatrix;
 use crate::prompts::Kind;
 use crate::verify::Verification;
 use crate::{output, verify};
 use anyhow::{Context, Result};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// What the direction search needs besides the model.
 #[derive(Clone, Debug)]
@@ -39,6 +41,8 @@ pub struct SearchConfig {
     pub n_gpu_layers: i32,
     pub seed: Option<u64>,
     pub threads: Option<usize>,
+    /// Collect an importance matrix during the search's capture.
+    pub collect_imatrix: bool,
 }
 
 impl Default for SearchConfig {
@@ -61,6 +65,7 @@ impl Default for SearchConfig {
             n_gpu_layers: 0,
             seed: None,
             threads: None,
+            collect_imatrix: false,
         }
     }
 }
@@ -83,6 +88,8 @@ pub struct EditConfig {
     pub pick: Option<usize>,
     /// Grid-aware projection (see `ApplyOptions::exact_grid`).
     pub exact_grid: bool,
+    /// `--imatrix FILE`; without it the main command collects importances.
+    pub imatrix: Option<PathBuf>,
     pub force: bool,
     pub quiet: bool,
 }
@@ -94,6 +101,7 @@ impl Default for EditConfig {
             skip_embeddings: false,
             pick: None,
             exact_grid: true,
+            imatrix: None,
             force: false,
             quiet: false,
         }
@@ -139,6 +147,7 @@ pub fn run_apply(
     let (recorded_scale, recorded_skip, weights) = dir
         .recorded_edit()
         .with_context(|| format!("{} is not a valid direction file", direction.display()))?;
+    let imatrix = edit.imatrix.as_deref().map(Imatrix::read).transpose()?;
     let opts = ApplyOptions {
         scale: edit.scale.unwrap_or(recorded_scale),
         skip_embeddings: edit.skip_embeddings || (edit.scale.is_none() && recorded_skip),
@@ -147,7 +156,7 @@ pub fn run_apply(
         provenance: dir.provenance_kvs(),
         progress: !edit.quiet,
         exact_grid: edit.exact_grid,
-        ..ApplyOptions::default()
+        imatrix: imatrix.map(Arc::new),
     };
     let report = apply::apply(input, out, &dir.direction, &opts)?;
     for out in &report.outputs {
@@ -168,6 +177,8 @@ pub fn run_all(cfg: &RunConfig) -> Result<()> {
     let progress = !cfg.edit.quiet;
     // Check the paths before spending minutes on the search.
     output::check_output_path(output, &[input], cfg.edit.force)?;
+    // A given importance matrix is read before the search, to fail early.
+    let given_imatrix = cfg.edit.imatrix.as_deref().map(Imatrix::read).transpose()?;
     let held_back = if cfg.no_verify {
         None
     } else {
@@ -177,10 +188,14 @@ pub fn run_all(cfg: &RunConfig) -> Result<()> {
         ))
     };
 
-    let (file, search) = match &cfg.direction {
+    let (file, mut search) = match &cfg.direction {
         Some(path) => (DirectionFile::read(path)?, None),
         None => {
-            let found = find_direction(input, &cfg.search, progress)?;
+            let search_cfg = SearchConfig {
+                collect_imatrix: given_imatrix.is_none(),
+                ..cfg.search.clone()
+            };
+            let found = find_direction(input, &search_cfg, progress)?;
             if let Some(cv) = &cfg.search.export_control_vector {
                 write_control_vector(&found, cv, cfg.edit.force)?;
             }
@@ -188,6 +203,13 @@ pub fn run_all(cfg: &RunConfig) -> Result<()> {
         }
     };
     let file = picked(file, cfg.edit.pick)?;
+    // Given, or collected by the search's capture. With --direction there
+    // is no capture and none is used, so that the main command and `apply
+    // --direction` give the same bytes.
+    let imatrix = match given_imatrix {
+        Some(m) => Some(Arc::new(m)),
+        None => search.as_mut().and_then(|s| s.imatrix.take()),
+    };
     let (chosen_scale, chosen_skip, weights) = file.recorded_edit()?;
     let scale = cfg.edit.scale.unwrap_or(chosen_scale);
     let skip_embeddings = cfg.edit.skip_embeddings || (cfg.edit.scale.is_none() && chosen_skip);
@@ -199,7 +221,7 @@ pub fn run_all(cfg: &RunConfig) -> Result<()> {
         provenance: file.provenance_kvs(),
         progress,
         exact_grid: cfg.edit.exact_grid,
-        ..ApplyOptions::default()
+        imatrix,
     };
     let applied = apply::apply(input, output, &file.direction, &opts)?;
     eprintln!(
@@ -253,6 +275,7 @@ pub fn run_all(cfg: &RunConfig) -> Result<()> {
             "input": input,
             "output": applied.outputs,
             "scale": scale,
+            "imatrix": applied.imatrix,
             "direction": provenance,
             "search": search,
             "apply": applied,

@@ -269,9 +269,10 @@ pub fn write_gguf(path: &Path, kv: &[Kv], tensors: &[SynthTensor]) {
         .iter()
         .map(|t| {
             if t.ty.requires_imatrix() {
-                // ggml cannot quantize these without an imatrix; zeros are valid blocks.
-                let n_rows: u64 = t.dims[1..].iter().product();
-                vec![0u8; (t.ty.row_bytes(t.dims[0]).unwrap() * n_rows) as usize]
+                // ggml cannot quantize these without an imatrix: use the one
+                // `synth_importance` stands for (tests/imatrix.rs writes it).
+                let imp = synth_importance(t.dims[0] as usize);
+                quant::quantize(t.ty, &t.source, t.dims[0] as usize, Some(&imp)).unwrap()
             } else {
                 quant::quantize(t.ty, &t.source, t.dims[0] as usize, None).unwrap()
             }
@@ -304,6 +305,41 @@ pub fn write_gguf(path: &Path, kv: &[Kv], tensors: &[SynthTensor]) {
         .unwrap()
         .write_all(&out)
         .unwrap();
+}
+
+/// The importances synthetic IQ2/IQ1 tensors are quantized with: uneven,
+/// positive, as real ones are.
+pub fn synth_importance(row_len: usize) -> Vec<f32> {
+    (0..row_len)
+        .map(|j| 0.25 + (j * 7 % 11) as f32 / 4.0)
+        .collect()
+}
+
+/// An importance matrix in llama-imatrix's GGUF form: per weight,
+/// `in_sum2` = importances × `count` and `counts` = [count].
+pub fn write_imatrix_gguf(path: &Path, entries: &[(String, Vec<f32>)], count: f32) {
+    let mut tensors = Vec::new();
+    for (name, imp) in entries {
+        tensors.push(SynthTensor {
+            name: format!("{name}.in_sum2"),
+            dims: vec![imp.len() as u64, 1],
+            ty: GgmlType::F32,
+            source: imp.iter().map(|x| x * count).collect(),
+        });
+        tensors.push(SynthTensor {
+            name: format!("{name}.counts"),
+            dims: vec![1, 1],
+            ty: GgmlType::F32,
+            source: vec![count],
+        });
+    }
+    let kv = [
+        Kv::str("general.type", "imatrix"),
+        Kv::str_array("imatrix.datasets", &["synthetic.txt".to_string()]),
+        Kv::u32("imatrix.chunk_count", 1),
+        Kv::u32("imatrix.chunk_size", 512),
+    ];
+    write_gguf(path, &kv, &tensors);
 }
 
 pub fn write_direction(path: &Path, r: &[f32]) {

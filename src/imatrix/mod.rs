@@ -3,6 +3,15 @@
 //! collects them. Requantizing an edited tensor with the importances its
 //! original was quantized with keeps its quality; IQ2_XXS, IQ2_XS and IQ1_S
 //! cannot be quantized without one.
+//!
+//! [`Imatrix::read`] takes both files `llama-imatrix` writes (`read`);
+//! [`InputSums`] gathers one during the search's capture when none is given
+//! (`collect`).
+
+mod collect;
+mod read;
+
+pub use collect::{edit_targets, InputSums};
 
 use std::collections::HashMap;
 
@@ -38,6 +47,13 @@ impl Imatrix {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// Tensor names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.entries.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
     }
 }
 
