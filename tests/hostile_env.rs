@@ -685,6 +685,32 @@ fn poisoned_activations_are_a_clear_error_before_anything_is_written() {
     assert_eq!(listing(dir.path()), ["poisoned.gguf"]);
 }
 
+#[test]
+fn a_poisoned_tensor_is_a_clear_error_before_anything_is_written() {
+    // The same +Inf scale, now edited by `apply`: what ggml reads back from
+    // the rewritten tensor is not finite, so nothing may be written.
+    let dir = tempfile::tempdir().unwrap();
+    let poisoned = dir.path().join("poisoned.gguf");
+    let f = GgufFile::open(&fixture()).unwrap();
+    let t = f.tensor("blk.3.ffn_down.weight").unwrap();
+    let at = (f.data_start + t.offset) as usize;
+    drop(f);
+    let mut bytes = std::fs::read(fixture()).unwrap();
+    bytes[at..at + 2].copy_from_slice(&0x7C00u16.to_le_bytes());
+    std::fs::write(&poisoned, &bytes).unwrap();
+    let out = dir.path().join("out.gguf");
+    for grid in ["on", "off"] {
+        let run = apply_cmd(fixture_direction(), &poisoned, &out, &["--exact-grid", grid])
+            .output()
+            .unwrap();
+        // ggml's own row validation or our read-back check, whichever sees
+        // it first, names the tensor.
+        assert_clean_error(&run, "blk.3.ffn_down.weight");
+        assert!(String::from_utf8_lossy(&run.stderr).contains("NaN"));
+        assert_eq!(listing(dir.path()), ["poisoned.gguf"], "--exact-grid {grid}");
+    }
+}
+
 /// SIGTERM still ends the run when stderr is gone (the parent that read it
 /// was killed first): the handler's message must not fail the handler.
 #[test]

@@ -67,6 +67,9 @@ pub struct Rewritten {
     pub passes: u32,
     /// Element codes moved by one step after the plain pass.
     pub moves: u64,
+    /// NaN or Inf values ggml reads back from the written bytes (a poisoned
+    /// input tensor or post-norm weight, an overflow): must be 0.
+    pub non_finite: u64,
 }
 
 /// Sums over a tensor, combined across matrices (experts).
@@ -113,6 +116,7 @@ pub fn rewrite(ty: GgmlType, data: &[u8], row_len: usize, req: &Request) -> Resu
         iterate: req.exact_grid && ty != GgmlType::F32,
         codes: codes::supports(ty),
         task: task_rows(row_len) * row_bytes,
+        non_finite: Default::default(),
     };
     let mut out = vec![0u8; data.len()];
     let stats = match req.kind {
@@ -140,6 +144,7 @@ pub fn rewrite(ty: GgmlType, data: &[u8], row_len: usize, req: &Request) -> Resu
         error_ratio: ratio(stats.error2, stats.plain_error2),
         passes: stats.passes,
         moves: stats.moves,
+        non_finite: job.non_finite.into_inner(),
     })
 }
 
@@ -154,6 +159,8 @@ struct Job<'a> {
     codes: bool,
     /// Bytes of quantized rows per parallel task.
     task: usize,
+    /// Non-finite values seen in anything written, as ggml reads it back.
+    non_finite: std::sync::atomic::AtomicU64,
 }
 
 fn sq_dist(a: &[f32], b: &[f32]) -> f64 {
@@ -179,7 +186,18 @@ impl Job<'_> {
         imp: Option<&[f32]>,
     ) -> Result<()> {
         ffi::quantize_rows(self.ty, x, dst, self.row_len, imp)?;
-        ffi::dequantize_rows(self.ty, dst, v)
+        ffi::dequantize_rows(self.ty, dst, v)?;
+        self.count_non_finite(v);
+        Ok(())
+    }
+
+    /// Every value ggml reads back from written bytes passes through here.
+    fn count_non_finite(&self, values: &[f32]) {
+        let bad = values.iter().filter(|x| !x.is_finite()).count() as u64;
+        if bad > 0 {
+            self.non_finite
+                .fetch_add(bad, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Row-local edit: each row is a residual vector. The bound is on the
@@ -254,6 +272,7 @@ impl Job<'_> {
                             imp,
                         );
                         ffi::dequantize_rows(self.ty, row, &mut values[span.clone()])?;
+                        self.count_non_finite(&values[span.clone()]);
                         after[r] = edit::dot(&values[span], u);
                     }
                 } else if self.iterate {
@@ -282,11 +301,16 @@ impl Job<'_> {
                         passes = passes.max(row_passes);
                     }
                 }
-                let error2: f64 = values
-                    .chunks_exact(n)
-                    .zip(ideal.chunks_exact(n))
-                    .map(|(v, x)| sq_dist(v, x))
-                    .sum();
+                let plain_error2: f64 = plain.iter().sum();
+                let error2: f64 = if moves == 0 && passes == 1 {
+                    plain_error2
+                } else {
+                    values
+                        .chunks_exact(n)
+                        .zip(ideal.chunks_exact(n))
+                        .map(|(v, x)| sq_dist(v, x))
+                        .sum()
+                };
                 let max_abs = |v: &[f64]| v.iter().fold(0f64, |m, x| m.max(x.abs()));
                 Ok(Stats {
                     max_before: max_abs(&before),
@@ -294,7 +318,7 @@ impl Job<'_> {
                     before2,
                     after2: after.iter().map(|a| a * a).sum(),
                     error2,
-                    plain_error2: plain.iter().sum(),
+                    plain_error2,
                     passes,
                     moves,
                 })
@@ -520,6 +544,7 @@ impl Job<'_> {
             .map(|(task, ((dst, src), row_error))| -> Result<Vec<f64>> {
                 let u_rows = &self.req.u[task * rows..];
                 let (w, q) = (self.dequantize(src)?, self.dequantize(dst)?);
+                self.count_non_finite(&q);
                 let mut acc = vec![0f64; n];
                 for (k, (w, q)) in w.chunks_exact(n).zip(q.chunks_exact(n)).enumerate() {
                     let ui = u_rows[k];
