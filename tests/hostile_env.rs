@@ -700,14 +700,23 @@ fn a_poisoned_tensor_is_a_clear_error_before_anything_is_written() {
     std::fs::write(&poisoned, &bytes).unwrap();
     let out = dir.path().join("out.gguf");
     for grid in ["on", "off"] {
-        let run = apply_cmd(fixture_direction(), &poisoned, &out, &["--exact-grid", grid])
-            .output()
-            .unwrap();
+        let run = apply_cmd(
+            fixture_direction(),
+            &poisoned,
+            &out,
+            &["--exact-grid", grid],
+        )
+        .output()
+        .unwrap();
         // ggml's own row validation or our read-back check, whichever sees
         // it first, names the tensor.
         assert_clean_error(&run, "blk.3.ffn_down.weight");
         assert!(String::from_utf8_lossy(&run.stderr).contains("NaN"));
-        assert_eq!(listing(dir.path()), ["poisoned.gguf"], "--exact-grid {grid}");
+        assert_eq!(
+            listing(dir.path()),
+            ["poisoned.gguf"],
+            "--exact-grid {grid}"
+        );
     }
 }
 
