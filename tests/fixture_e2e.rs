@@ -97,6 +97,7 @@ fn main_command_finds_applies_and_verifies_on_the_fixture() {
     let keep = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/e2e");
     std::fs::create_dir_all(&keep).unwrap();
     std::fs::copy(&out, keep.join("smollm2-135m-refusal-abliterated.gguf")).unwrap();
+    std::fs::copy(&report, keep.join("smollm2-135m-refusal-report.json")).unwrap();
 
     // The exported control vector loads through llama.cpp's gguf reader at the chosen layer.
     let layer = r["direction"]["layer"].as_u64().unwrap() as usize;
