@@ -657,4 +657,41 @@ mod tests {
             );
         }
     }
+
+    /// Types without code moves (here Q3_K) go through repeated row
+    /// requantization; it must still remove most of what one pass keeps.
+    #[test]
+    fn requantizing_passes_reduce_what_a_single_pass_keeps() {
+        let (n_out, n_in) = (128, 512);
+        let values: Vec<f32> = (0..n_out * n_in)
+            .map(|i| (((i * 2654435761usize) % 1000) as f32 / 1000.0 - 0.5) * 0.1)
+            .collect();
+        let u = edit::normalized(
+            &(0..n_out)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) * (1.0 + (i % 5) as f32))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let ty = GgmlType::Q3_K;
+        assert!(!codes::supports(ty));
+        let data = quant::quantize(ty, &values, n_in, None).unwrap();
+        let run = |exact_grid| {
+            let req = request(EditKind::OutputProjection, &u, 1.0, exact_grid);
+            rewrite(ty, &data, n_in, &req).unwrap()
+        };
+        let (single, exact) = (run(false), run(true));
+        assert!(
+            exact.passes > 1 && exact.moves == 0,
+            "{} passes",
+            exact.passes
+        );
+        assert!(
+            exact.kept < 0.5 * single.kept,
+            "kept {:.3} after {} passes, {:.3} after one",
+            exact.kept,
+            exact.passes,
+            single.kept
+        );
+        assert!(exact.error_ratio < 1.5, "error x{:.2}", exact.error_ratio);
+    }
 }
