@@ -649,12 +649,10 @@ fn long_prompts_and_huge_prompt_files() {
     assert!(!dir.path().join("d2.json").exists());
 }
 
-#[test]
-fn poisoned_activations_are_a_clear_error_before_anything_is_written() {
-    // The first Q8_0 block of blk.3.ffn_down gets an f16 scale of +Inf:
-    // every activation from layer 3 on becomes NaN/Inf.
-    let dir = tempfile::tempdir().unwrap();
-    let poisoned = dir.path().join("poisoned.gguf");
+/// The fixture with an f16 scale of +Inf in the first Q8_0 block of
+/// blk.3.ffn_down, written to `dir/poisoned.gguf`.
+fn poisoned_fixture(dir: &Path) -> PathBuf {
+    let poisoned = dir.join("poisoned.gguf");
     let f = GgufFile::open(&fixture()).unwrap();
     let t = f.tensor("blk.3.ffn_down.weight").unwrap();
     let at = (f.data_start + t.offset) as usize;
@@ -662,6 +660,14 @@ fn poisoned_activations_are_a_clear_error_before_anything_is_written() {
     let mut bytes = std::fs::read(fixture()).unwrap();
     bytes[at..at + 2].copy_from_slice(&0x7C00u16.to_le_bytes());
     std::fs::write(&poisoned, &bytes).unwrap();
+    poisoned
+}
+
+#[test]
+fn poisoned_activations_are_a_clear_error_before_anything_is_written() {
+    // Every activation from layer 3 on becomes NaN/Inf.
+    let dir = tempfile::tempdir().unwrap();
+    let poisoned = poisoned_fixture(dir.path());
     let out = dir.path().join("d.json");
     let run = bin()
         .arg("direction")
@@ -687,17 +693,10 @@ fn poisoned_activations_are_a_clear_error_before_anything_is_written() {
 
 #[test]
 fn a_poisoned_tensor_is_a_clear_error_before_anything_is_written() {
-    // The same +Inf scale, now edited by `apply`: what ggml reads back from
+    // The same poisoned tensor, now edited by `apply`: what ggml reads back from
     // the rewritten tensor is not finite, so nothing may be written.
     let dir = tempfile::tempdir().unwrap();
-    let poisoned = dir.path().join("poisoned.gguf");
-    let f = GgufFile::open(&fixture()).unwrap();
-    let t = f.tensor("blk.3.ffn_down.weight").unwrap();
-    let at = (f.data_start + t.offset) as usize;
-    drop(f);
-    let mut bytes = std::fs::read(fixture()).unwrap();
-    bytes[at..at + 2].copy_from_slice(&0x7C00u16.to_le_bytes());
-    std::fs::write(&poisoned, &bytes).unwrap();
+    let poisoned = poisoned_fixture(dir.path());
     let out = dir.path().join("out.gguf");
     for grid in ["on", "off"] {
         let run = apply_cmd(
