@@ -5,7 +5,6 @@ mod common;
 use common::*;
 use gguf_abliterate::ffi::GgmlType;
 use std::path::Path;
-use std::process::Output;
 
 const N: usize = 256;
 
@@ -17,18 +16,6 @@ fn setup() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
     let direction = dir.path().join("dir.json");
     write_direction(&direction, &r);
     (dir, model, direction)
-}
-
-fn apply(direction: &Path, input: &Path, output: &Path, extra: &[&str]) -> Output {
-    bin()
-        .arg("apply")
-        .arg("--direction")
-        .arg(direction)
-        .arg(input)
-        .arg(output)
-        .args(extra)
-        .output()
-        .unwrap()
 }
 
 fn assert_no_output(dir: &Path) {
@@ -106,7 +93,7 @@ fn not_a_gguf_truncated_or_corrupt() {
     for (label, data, needle) in cases {
         let bad = dir.path().join(format!("{label}.gguf"));
         std::fs::write(&bad, data).unwrap();
-        let o = apply(&direction, &bad, &out, &[]);
+        let o = run_apply(&direction, &bad, &out, &[]);
         assert_clean_failure(&o, needle);
         let o = bin().arg("inspect").arg(&bad).output().unwrap();
         assert_clean_failure(&o, needle);
@@ -142,10 +129,10 @@ fn bad_directions() {
     for (i, (text, needle)) in cases.iter().enumerate() {
         let d = dir.path().join(format!("d{i}.json"));
         std::fs::write(&d, text).unwrap();
-        assert_clean_failure(&apply(&d, &model, &out, &[]), needle);
+        assert_clean_failure(&run_apply(&d, &model, &out, &[]), needle);
     }
     let missing = dir.path().join("missing.json");
-    assert_clean_failure(&apply(&missing, &model, &out, &[]), "cannot read");
+    assert_clean_failure(&run_apply(&missing, &model, &out, &[]), "cannot read");
     assert_no_output(dir.path());
 }
 
@@ -155,15 +142,15 @@ fn output_path_problems() {
     // IN == OUT, also through another spelling of the path.
     let alias = dir.path().join(".").join("in.gguf");
     assert_clean_failure(
-        &apply(&direction, &model, &alias, &["--force"]),
+        &run_apply(&direction, &model, &alias, &["--force"]),
         "is the input",
     );
     // OUT exists without --force.
     let out = dir.path().join("out.gguf");
     std::fs::write(&out, b"keep me").unwrap();
-    assert_clean_failure(&apply(&direction, &model, &out, &[]), "already exists");
+    assert_clean_failure(&run_apply(&direction, &model, &out, &[]), "already exists");
     assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
-    let ok = apply(&direction, &model, &out, &["--force", "--quiet"]);
+    let ok = run_apply(&direction, &model, &out, &["--force", "--quiet"]);
     assert!(
         ok.status.success(),
         "{}",
@@ -172,14 +159,17 @@ fn output_path_problems() {
     std::fs::remove_file(&out).unwrap();
     // Unreadable input, unwritable output directory.
     assert_clean_failure(
-        &apply(&direction, &dir.path().join("nope.gguf"), &out, &[]),
+        &run_apply(&direction, &dir.path().join("nope.gguf"), &out, &[]),
         "cannot open",
     );
     let no_dir = dir.path().join("no/such/dir/out.gguf");
-    assert_clean_failure(&apply(&direction, &model, &no_dir, &[]), "cannot create");
+    assert_clean_failure(
+        &run_apply(&direction, &model, &no_dir, &[]),
+        "cannot create",
+    );
     // Bad scale.
     assert_clean_failure(
-        &apply(&direction, &model, &out, &["--scale", "1.5"]),
+        &run_apply(&direction, &model, &out, &["--scale", "1.5"]),
         "--scale",
     );
     assert_no_output(dir.path());
@@ -202,7 +192,7 @@ fn imatrix_types_name_the_tensor() {
     write_direction(&d, &r);
     let out = dir.path().join("out.gguf");
     assert_clean_failure(
-        &apply(&d, &path, &out, &[]),
+        &run_apply(&d, &path, &out, &[]),
         "blk.1.ffn_down.weight is IQ2_XXS",
     );
     assert_no_output(dir.path());

@@ -14,7 +14,6 @@ use gguf_abliterate::pipeline::load_prompts;
 use gguf_abliterate::prompts::Kind;
 use gguf_abliterate::quant;
 use std::path::Path;
-use std::process::Output;
 
 const N: usize = 256; // IQ2_XXS rows are multiples of 256
 
@@ -42,17 +41,6 @@ fn model_with(dir: &Path, ty: GgmlType) -> (std::path::PathBuf, std::path::PathB
     let direction = dir.join("dir.json");
     write_direction(&direction, &r);
     (path, direction, r)
-}
-
-fn apply(direction: &Path, input: &Path, output: &Path, extra: &[&str]) -> Output {
-    bin()
-        .args(["apply", "-q", "--direction"])
-        .arg(direction)
-        .arg(input)
-        .arg(output)
-        .args(extra)
-        .output()
-        .unwrap()
 }
 
 #[test]
@@ -96,7 +84,7 @@ fn bad_imatrix_files_fail_cleanly() {
         ),
     ];
     for (file, needle) in cases {
-        let result = apply(
+        let result = run_apply(
             &direction,
             &model,
             &out,
@@ -112,7 +100,7 @@ fn bad_imatrix_files_fail_cleanly() {
         assert!(leftovers.is_empty(), "{leftovers:?}");
     }
     // The good one works, in either form, and is recorded.
-    let result = apply(
+    let result = run_apply(
         &direction,
         &model,
         &out,
@@ -130,7 +118,7 @@ fn bad_imatrix_files_fail_cleanly() {
     );
     let legacy = dir.path().join("legacy.dat");
     std::fs::write(&legacy, legacy_bytes(&entries, 7)).unwrap();
-    let result = apply(
+    let result = run_apply(
         &direction,
         &model,
         &out,
@@ -147,7 +135,7 @@ fn bad_imatrix_files_fail_cleanly() {
         Some("file:legacy.dat")
     );
     // No --imatrix with `apply`: nothing is collected.
-    let result = apply(&direction, &model, &out, &["-f"]);
+    let result = run_apply(&direction, &model, &out, &["-f"]);
     assert!(result.status.success());
     let written = GgufFile::open(&out).unwrap();
     assert_eq!(written.get_str("abliterate.imatrix"), Some("none"));
@@ -190,7 +178,7 @@ fn iq2_xxs_is_rewritten_with_an_imatrix_and_refused_without() {
     let (model, direction, r) = model_with(dir.path(), GgmlType::IQ2_XXS);
     let out = dir.path().join("out.gguf");
 
-    let result = apply(&direction, &model, &out, &[]);
+    let result = run_apply(&direction, &model, &out, &[]);
     assert_clean_failure(&result, "is IQ2_XXS");
     assert_clean_failure(&result, "--imatrix");
     assert!(String::from_utf8_lossy(&result.stderr).contains("attn_output.weight"));
@@ -202,7 +190,7 @@ fn iq2_xxs_is_rewritten_with_an_imatrix_and_refused_without() {
         .map(|n| (n.clone(), synth_importance(2 * N)))
         .collect();
     write_imatrix_gguf(&imatrix, &entries, 12.0);
-    let result = apply(
+    let result = run_apply(
         &direction,
         &model,
         &out,

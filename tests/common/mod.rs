@@ -404,6 +404,25 @@ pub fn apply_quietly(
     gguf_abliterate::apply::apply(input, output, r, &opts).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
+/// `gguf-abliterate apply --direction DIRECTION INPUT OUTPUT EXTRA…`, run
+/// to completion (stderr is not a terminal, so no progress bar).
+pub fn run_apply(
+    direction: &Path,
+    input: &Path,
+    output: &Path,
+    extra: &[&str],
+) -> std::process::Output {
+    bin()
+        .arg("apply")
+        .arg("--direction")
+        .arg(direction)
+        .arg(input)
+        .arg(output)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
 /// Fails cleanly, with one line on stderr that mentions `needle`.
 pub fn assert_clean_failure(out: &std::process::Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
