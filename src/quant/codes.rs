@@ -61,57 +61,45 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
-/// Where a 4-bit nibble and an optional high part live.
+/// Where a 4-bit nibble and an optional high part live. Stored codes run
+/// from 0 to the largest value their bits hold.
 struct Place {
     /// Byte and shift of the low 4 bits.
     nibble: (usize, u32),
     /// Byte, shift and width of the high bits, if any.
     high: Option<(usize, u32, u32)>,
-    /// Subtracted from the stored code to get `q` (kept as stored: `lo` and
-    /// `hi` are in stored units, so this only documents the format).
-    lo: i32,
-    hi: i32,
     step: f32,
 }
 
+impl Place {
+    fn max_code(&self) -> i32 {
+        self.high.map_or(15, |(_, _, width)| (16 << width) - 1)
+    }
+}
+
 fn place(ty: GgmlType, b: &[u8], k: usize) -> Place {
-    let nib = |base: usize, half: usize| {
-        // Elements 0..half in low nibbles, half..2·half in high nibbles.
-        if k % (2 * half) < half {
-            (base + k % half, 0)
-        } else {
-            (base + k % half, 4)
-        }
-    };
     match ty {
-        t if t == GgmlType::Q4_0 => Place {
-            nibble: nib(2, 16),
-            high: None,
-            lo: 0,
-            hi: 15,
-            step: f16_at(b, 0),
-        },
-        t if t == GgmlType::Q4_1 => Place {
-            nibble: nib(4, 16),
-            high: None,
-            lo: 0,
-            hi: 15,
-            step: f16_at(b, 0),
-        },
-        t if t == GgmlType::Q5_0 => Place {
-            nibble: nib(6, 16),
-            high: Some((2 + k / 8, (k % 8) as u32, 1)),
-            lo: 0,
-            hi: 31,
-            step: f16_at(b, 0),
-        },
-        t if t == GgmlType::Q5_1 => Place {
-            nibble: nib(8, 16),
-            high: Some((4 + k / 8, (k % 8) as u32, 1)),
-            lo: 0,
-            hi: 31,
-            step: f16_at(b, 0),
-        },
+        t if [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+        ]
+        .contains(&t) =>
+        {
+            // d (f16), then m (f16) in the _1 types, then the 5-bit types'
+            // 32 high bits, then 16 bytes: elements 0..16 in the low
+            // nibbles, 16..32 in the high ones.
+            let with_min = t == GgmlType::Q4_1 || t == GgmlType::Q5_1;
+            let five_bit = t == GgmlType::Q5_0 || t == GgmlType::Q5_1;
+            let qh = if with_min { 4 } else { 2 };
+            let qs = qh + if five_bit { 4 } else { 0 };
+            Place {
+                nibble: (qs + k % 16, if k < 16 { 0 } else { 4 }),
+                high: five_bit.then(|| (qh + k / 8, (k % 8) as u32, 1)),
+                step: f16_at(b, 0),
+            }
+        }
         t if t == GgmlType::Q4_K || t == GgmlType::Q5_K => {
             // 64-element chunks: 32 low nibbles then 32 high nibbles.
             let (chunk, l) = (k / 64, k % 64);
@@ -121,8 +109,6 @@ fn place(ty: GgmlType, b: &[u8], k: usize) -> Place {
                 nibble: (qs + chunk * 32 + l % 32, if l < 32 { 0 } else { 4 }),
                 high: (t == GgmlType::Q5_K)
                     .then(|| (16 + l % 32, (2 * chunk + usize::from(l >= 32)) as u32, 1)),
-                lo: 0,
-                hi: if t == GgmlType::Q4_K { 15 } else { 31 },
                 step: f16_at(b, 0) * sc as f32,
             }
         }
@@ -136,8 +122,6 @@ fn place(ty: GgmlType, b: &[u8], k: usize) -> Place {
             Place {
                 nibble: (ql, if quarter >= 2 { 4 } else { 0 }),
                 high: Some((qh, 2 * quarter as u32, 2)),
-                lo: 0,
-                hi: 63,
                 step: f16_at(b, 208) * sc as f32,
             }
         }
@@ -162,8 +146,8 @@ pub fn get(ty: GgmlType, b: &[u8], k: usize) -> Code {
     }
     Code {
         q,
-        lo: p.lo,
-        hi: p.hi,
+        lo: 0,
+        hi: p.max_code(),
         step: p.step,
     }
 }
