@@ -100,45 +100,28 @@ fn bad_imatrix_files_fail_cleanly() {
         assert!(leftovers.is_empty(), "{leftovers:?}");
     }
     // The good one works, in either form, and is recorded.
-    let result = run_apply(
-        &direction,
-        &model,
-        &out,
-        &["--imatrix", good.to_str().unwrap()],
-    );
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
-    let written = GgufFile::open(&out).unwrap();
+    let recorded = |extra: &[&str]| -> String {
+        let result = run_apply(&direction, &model, &out, extra);
+        assert!(
+            result.status.success(),
+            "{}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        let written = GgufFile::open(&out).unwrap();
+        written.get_str("abliterate.imatrix").unwrap().to_string()
+    };
     assert_eq!(
-        written.get_str("abliterate.imatrix"),
-        Some("file:good.imatrix.gguf")
+        recorded(&["--imatrix", good.to_str().unwrap()]),
+        "file:good.imatrix.gguf"
     );
     let legacy = dir.path().join("legacy.dat");
     std::fs::write(&legacy, legacy_bytes(&entries, 7)).unwrap();
-    let result = run_apply(
-        &direction,
-        &model,
-        &out,
-        &["-f", "--imatrix", legacy.to_str().unwrap()],
-    );
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
-    let written = GgufFile::open(&out).unwrap();
     assert_eq!(
-        written.get_str("abliterate.imatrix"),
-        Some("file:legacy.dat")
+        recorded(&["-f", "--imatrix", legacy.to_str().unwrap()]),
+        "file:legacy.dat"
     );
     // No --imatrix with `apply`: nothing is collected.
-    let result = run_apply(&direction, &model, &out, &["-f"]);
-    assert!(result.status.success());
-    let written = GgufFile::open(&out).unwrap();
-    assert_eq!(written.get_str("abliterate.imatrix"), Some("none"));
+    assert_eq!(recorded(&["-f"]), "none");
 }
 
 /// llama-imatrix's legacy form: values are the mean times ncall.
