@@ -55,26 +55,61 @@ pub fn write_patched(
 
     let mut order: Vec<&TensorInfo> = edited.to_vec();
     order.sort_by_key(|t| t.offset);
-    let mut pos = input.data_start; // next input byte to copy
-    for t in order {
-        let start = input.data_start + t.offset;
-        copy_range(input, pos, start, out)?;
-        let bytes = produce(t)?;
-        if bytes.len() as u64 != t.size {
-            bail!(
-                "{}: new data is {} bytes, expected {}",
-                t.name,
-                bytes.len(),
-                t.size
-            );
-        }
-        out.write_all(&bytes)
-            .with_context(|| format!("writing {}", t.name))?;
-        pos = start + t.size;
-    }
-    copy_range(input, pos, input.mmap.len() as u64, out)?;
-    out.flush()?;
-    Ok(())
+    // A writer thread does all output I/O, in order, so that writing one
+    // tensor (a kernel copy of up to hundreds of MB) overlaps producing the
+    // next. One tensor may wait in the queue.
+    std::thread::scope(|scope| -> Result<()> {
+        let (queue, jobs) = std::sync::mpsc::sync_channel::<Output>(1);
+        let writer = scope.spawn(move || -> Result<()> {
+            for job in jobs {
+                match job {
+                    Output::Copy(from, to) => copy_range(input, from, to, out)?,
+                    Output::Tensor(name, bytes) => out
+                        .write_all(&bytes)
+                        .with_context(|| format!("writing {name}"))?,
+                }
+            }
+            out.flush()?;
+            Ok(())
+        });
+        let produced = (|| -> Result<()> {
+            let mut pos = input.data_start; // next input byte to copy
+            for t in order {
+                let start = input.data_start + t.offset;
+                let send = |job| {
+                    queue
+                        .send(job)
+                        .map_err(|_| anyhow::anyhow!("writer stopped"))
+                };
+                send(Output::Copy(pos, start))?;
+                let bytes = produce(t)?;
+                if bytes.len() as u64 != t.size {
+                    bail!(
+                        "{}: new data is {} bytes, expected {}",
+                        t.name,
+                        bytes.len(),
+                        t.size
+                    );
+                }
+                send(Output::Tensor(t.name.clone(), bytes))?;
+                pos = start + t.size;
+            }
+            queue
+                .send(Output::Copy(pos, input.mmap.len() as u64))
+                .map_err(|_| anyhow::anyhow!("writer stopped"))
+        })();
+        drop(queue);
+        let written = writer.join().expect("writer thread panicked");
+        // The writer's error explains a "writer stopped".
+        written.and(produced)
+    })
+}
+
+/// What the writer thread does next.
+enum Output {
+    /// Input bytes `[from, to)`.
+    Copy(u64, u64),
+    Tensor(String, Vec<u8>),
 }
 
 /// Copies input bytes `[from, to)` to the current end of `out`, in the

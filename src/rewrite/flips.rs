@@ -113,10 +113,21 @@ fn block_steps(ty: GgmlType, block: &[u8], steps: &mut [f32]) {
     }
 }
 
+/// What settling an output projection's columns left, read back through
+/// ggml's dequantizer.
+pub(super) struct Settled {
+    /// `uᵀV` per column.
+    pub after: Vec<f64>,
+    /// `‖V − X‖²`, with `X` the ideal edit.
+    pub error2: f64,
+    pub moves: u64,
+    pub non_finite: u64,
+}
+
 /// Output projection: every stored row is an output feature `i`, so column
 /// `j` of the slab gets `Σ_i u_i V_ij` to `target_j`. Columns are
 /// independent; tasks take one block-column each, which owns disjoint bytes
-/// of every row. Returns the number of moves.
+/// of every row.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn settle_columns(
     ty: GgmlType,
@@ -128,7 +139,7 @@ pub(super) fn settle_columns(
     v: &[f32],
     target: &[f64],
     tolerance: f64,
-) -> Result<u64> {
+) -> Result<Settled> {
     let n_rows = u.len();
     let row_bytes = dst.len() / n_rows;
     let block_bytes = ty.type_size() as usize;
@@ -141,10 +152,10 @@ pub(super) fn settle_columns(
             col.push(block);
         }
     }
-    columns
+    let parts = columns
         .into_par_iter()
         .enumerate()
-        .map(|(b, mut blocks)| -> Result<u64> {
+        .map(|(b, mut blocks)| -> Result<(Vec<f64>, f64, u64, u64)> {
             // Element-major: [row][element in block].
             let mut w = vec![0f32; per_block * n_rows];
             let mut q = vec![0f32; per_block * n_rows];
@@ -156,22 +167,31 @@ pub(super) fn settle_columns(
                 ffi::dequantize_rows(ty, block, &mut q[span.clone()])?;
                 block_steps(ty, block, &mut steps[span]);
             }
+            // What each column writes now, row by row (cache order); only
+            // the columns beyond their tolerance are gathered and settled.
+            let mut written = vec![0f64; per_block];
+            for (i, row) in q.chunks_exact(per_block).enumerate() {
+                for (a, &x) in written.iter_mut().zip(row) {
+                    *a += u[i] as f64 * x as f64;
+                }
+            }
             // Column-major copies for one column at a time.
             let (mut values, mut ideals, mut col_steps) =
                 (vec![0f32; n_rows], vec![0f32; n_rows], vec![0f32; n_rows]);
             let mut moved = 0;
             for c in 0..per_block {
                 let j = b * per_block + c;
-                let mut written = 0f64;
+                if (written[c] - target[j]).abs() <= tolerance {
+                    continue;
+                }
                 for i in 0..n_rows {
                     let k = i * per_block + c;
                     values[i] = q[k];
                     ideals[i] = w[k] - scale * u[i] * v[j];
                     col_steps[i] = steps[k];
-                    written += u[i] as f64 * q[k] as f64;
                 }
                 let line = Line {
-                    miss: written - target[j],
+                    miss: written[c] - target[j],
                     tolerance,
                     values: &values,
                     ideals: &ideals,
@@ -182,9 +202,36 @@ pub(super) fn settle_columns(
                 };
                 moved += settle(&line, |i, delta| move_code(ty, blocks[i], c, delta));
             }
-            Ok(moved)
+            // What ggml reads back from the final bytes.
+            let mut after = vec![0f64; per_block];
+            let (mut error2, mut non_finite) = (0f64, 0u64);
+            for (i, block) in blocks.iter().enumerate() {
+                let span = i * per_block..(i + 1) * per_block;
+                ffi::dequantize_rows(ty, block, &mut q[span.clone()])?;
+                for (c, (a, &x)) in after.iter_mut().zip(&q[span.clone()]).enumerate() {
+                    non_finite += u64::from(!x.is_finite());
+                    *a += u[i] as f64 * x as f64;
+                    let ideal = w[span.start + c] - scale * u[i] * v[b * per_block + c];
+                    error2 += (x as f64 - ideal as f64).powi(2);
+                }
+            }
+            Ok((after, error2, moved, non_finite))
         })
-        .try_reduce(|| 0, |a, b| Ok(a + b))
+        .collect::<Result<Vec<_>>>()?;
+    // Gathered in order, so the sums never depend on thread timing.
+    let mut settled = Settled {
+        after: Vec::with_capacity(row_len),
+        error2: 0.0,
+        moves: 0,
+        non_finite: 0,
+    };
+    for (after, error2, moves, non_finite) in parts {
+        settled.after.extend(after);
+        settled.error2 += error2;
+        settled.moves += moves;
+        settled.non_finite += non_finite;
+    }
+    Ok(settled)
 }
 
 /// A row that is itself a residual vector (embedding rows): its dot with

@@ -213,17 +213,18 @@ impl Job<'_> {
             .map(|(dst, src)| -> Result<Stats> {
                 let w = self.dequantize(src)?;
                 let n_rows = w.len() / n;
-                let mut ideal = w.clone();
-                edit::orthogonalize_rows_seq(&mut ideal, u, s as f32);
-                let mut values = vec![0f32; w.len()];
-                for ((x, dst), v) in ideal
-                    .chunks_exact(n)
-                    .zip(dst.chunks_exact_mut(self.row_bytes))
-                    .zip(values.chunks_exact_mut(n))
-                {
-                    self.quantize(x, dst, v, imp)?;
+                let mut ideal = vec![0f32; w.len()];
+                let mut before = Vec::with_capacity(n_rows);
+                for (w, x) in w.chunks_exact(n).zip(ideal.chunks_exact_mut(n)) {
+                    let b = edit::dot(w, u);
+                    let coef = (b * s) as f32;
+                    for ((x, &w), &ui) in x.iter_mut().zip(w).zip(u) {
+                        *x = w - coef * ui;
+                    }
+                    before.push(b);
                 }
-                let before: Vec<f64> = w.chunks_exact(n).map(|r| edit::dot(r, u)).collect();
+                let mut values = vec![0f32; w.len()];
+                self.quantize(&ideal, dst, &mut values, imp)?;
                 let target: Vec<f64> = before.iter().map(|b| (1.0 - s) * b).collect();
                 let mut after: Vec<f64> = values.chunks_exact(n).map(|r| edit::dot(r, u)).collect();
                 let plain: Vec<f64> = values
@@ -374,13 +375,17 @@ impl Job<'_> {
         };
         let tolerance = GRID_TOLERANCE * norm2(&v).sqrt();
         let mut moves = 0;
+        let mut error2: f64 = row_error.iter().sum();
         if self.iterate && self.codes && miss(&after) > FLIP_TOLERANCE * norm2(&v).sqrt() {
             // Every column within its share of the bound, so that the
             // whole miss is within it too; no closer, as each further move
             // adds quantization error.
             let per_column = FLIP_TOLERANCE * norm2(&v).sqrt() / (n as f64).sqrt();
-            moves = flips::settle_columns(self.ty, src, dst, n, u, s, &v32, &target, per_column)?;
-            (after, row_error) = self.measure(src, dst, &v32)?;
+            let settled =
+                flips::settle_columns(self.ty, src, dst, n, u, s, &v32, &target, per_column)?;
+            self.non_finite
+                .fetch_add(settled.non_finite, std::sync::atomic::Ordering::Relaxed);
+            (after, moves, error2) = (settled.after, settled.moves, settled.error2);
         }
         // Only the rows with the largest |u_i| are requantized again: they
         // move uᵀV the most per flipped rounding, and the others would
@@ -407,6 +412,7 @@ impl Job<'_> {
                 imp,
             )?;
             after.iter_mut().zip(&delta).for_each(|(a, d)| *a += d);
+            error2 = row_error.iter().sum();
             passes += 1;
             let next = miss(&after);
             let stalled = next > 0.9 * missed;
@@ -420,7 +426,7 @@ impl Job<'_> {
             max_after: max_abs(&after),
             before2: norm2(&v),
             after2: norm2(&after),
-            error2: row_error.iter().sum(),
+            error2,
             plain_error2,
             passes,
             moves,
@@ -525,43 +531,6 @@ impl Job<'_> {
             .collect::<Result<Vec<_>>>()?;
         // Summed in order, so the result never depends on thread timing.
         Ok(sum_vectors(n, parts))
-    }
-}
-
-impl Job<'_> {
-    /// `uᵀV` and each row's squared distance to the ideal edit
-    /// `W_i − s u_i v`, read back from the written bytes.
-    fn measure(&self, src: &[u8], dst: &[u8], v: &[f32]) -> Result<(Vec<f64>, Vec<f64>)> {
-        let rows = self.task / self.row_bytes;
-        let n = self.row_len;
-        let s = self.req.scale;
-        let mut row_error = vec![0f64; self.req.u.len()];
-        let parts = dst
-            .par_chunks(self.task)
-            .zip(src.par_chunks(self.task))
-            .zip(row_error.par_chunks_mut(rows))
-            .enumerate()
-            .map(|(task, ((dst, src), row_error))| -> Result<Vec<f64>> {
-                let u_rows = &self.req.u[task * rows..];
-                let (w, q) = (self.dequantize(src)?, self.dequantize(dst)?);
-                self.count_non_finite(&q);
-                let mut acc = vec![0f64; n];
-                for (k, (w, q)) in w.chunks_exact(n).zip(q.chunks_exact(n)).enumerate() {
-                    let ui = u_rows[k];
-                    row_error[k] = w
-                        .iter()
-                        .zip(q)
-                        .zip(v)
-                        .map(|((&w, &q), &vj)| (q as f64 - (w - s * ui * vj) as f64).powi(2))
-                        .sum();
-                    for (a, &x) in acc.iter_mut().zip(q) {
-                        *a += ui as f64 * x as f64;
-                    }
-                }
-                Ok(acc)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok((sum_vectors(n, parts), row_error))
     }
 }
 
