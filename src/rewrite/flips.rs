@@ -179,9 +179,9 @@ pub(super) fn settle_columns(
             let (mut values, mut ideals, mut col_steps) =
                 (vec![0f32; n_rows], vec![0f32; n_rows], vec![0f32; n_rows]);
             let mut moved = 0;
-            for c in 0..per_block {
+            for (c, &written) in written.iter().enumerate() {
                 let j = b * per_block + c;
-                if (written[c] - target[j]).abs() <= tolerance {
+                if (written - target[j]).abs() <= tolerance {
                     continue;
                 }
                 for i in 0..n_rows {
@@ -191,7 +191,7 @@ pub(super) fn settle_columns(
                     col_steps[i] = steps[k];
                 }
                 let line = Line {
-                    miss: written[c] - target[j],
+                    miss: written - target[j],
                     tolerance,
                     values: &values,
                     ideals: &ideals,
