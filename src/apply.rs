@@ -32,6 +32,9 @@ pub struct ApplyOptions {
     /// Grid-aware projection: iterate until the quantized tensor itself has
     /// lost the requested share of its component (`--exact-grid off`: one pass).
     pub exact_grid: bool,
+    /// Give every write vector its norm back after the projection
+    /// (`--preserve-norms`).
+    pub preserve_norms: bool,
 }
 
 impl ApplyOptions {
@@ -56,6 +59,7 @@ impl Default for ApplyOptions {
             progress: true,
             imatrix: None,
             exact_grid: true,
+            preserve_norms: false,
         }
     }
 }
@@ -260,6 +264,7 @@ fn edit_tensor(
         scale,
         importance: importance_for(t, opts.imatrix.as_deref())?,
         exact_grid: opts.exact_grid,
+        preserve_norms: opts.preserve_norms,
     };
     let out = rewrite::rewrite(t.ty, shard.tensor_data(t), t.row_len() as usize, &request)
         .with_context(|| format!("rewriting {}", t.name))?;
@@ -312,6 +317,7 @@ fn provenance_kvs(plan: &EditPlan, direction: &[f32], opts: &ApplyOptions) -> Ve
             ),
         ),
         (key("imatrix"), Value::String(imatrix_source(opts))),
+        (key("preserve_norms"), Value::Bool(opts.preserve_norms)),
         (
             key("direction"),
             Value::Array(

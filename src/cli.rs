@@ -179,6 +179,11 @@ struct EditArgs {
     /// as 0.1.0 did, for comparison).
     #[arg(long, value_name = "on|off", default_value = "on", value_parser = ["on", "off"])]
     exact_grid: String,
+    /// After the projection, give every write vector its norm back: each
+    /// input column of attn_output/ffn_down, each token_embd row
+    /// (norm-preserving abliteration). Measured on the written file.
+    #[arg(long)]
+    preserve_norms: bool,
     /// Importance matrix for requantizing (llama-imatrix's GGUF or legacy
     /// .dat); needed for IQ2_XXS, IQ2_XS and IQ1_S. The main command
     /// collects one over the training prompts when none is given.
@@ -251,6 +256,7 @@ impl EditArgs {
             skip_embeddings: self.skip_embeddings,
             pick: self.pick,
             exact_grid: self.exact_grid == "on",
+            preserve_norms: self.preserve_norms,
             imatrix: self.imatrix.clone(),
             force: self.force,
             quiet: self.quiet,

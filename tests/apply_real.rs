@@ -28,7 +28,11 @@ fn check_real_model(input: &Path, prompt: &str) {
             a.key
         );
     }
-    assert_eq!(edited.kvs.len(), original.kvs.len() + 7);
+    assert_eq!(edited.kvs.len(), original.kvs.len() + 8);
+    assert_eq!(
+        edited.get("abliterate.preserve_norms"),
+        Some(&gguf_abliterate::gguf::Value::Bool(false))
+    );
     // An independent reader agrees on the layout.
     let mut container = gguf_rs::get_gguf_container(out.to_str().unwrap()).unwrap();
     let decoded = container.decode().unwrap();

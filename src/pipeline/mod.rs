@@ -88,6 +88,8 @@ pub struct EditConfig {
     pub pick: Option<usize>,
     /// Grid-aware projection (see `ApplyOptions::exact_grid`).
     pub exact_grid: bool,
+    /// See `ApplyOptions::preserve_norms`.
+    pub preserve_norms: bool,
     /// `--imatrix FILE`; without it the main command collects importances.
     pub imatrix: Option<PathBuf>,
     pub force: bool,
@@ -101,6 +103,7 @@ impl Default for EditConfig {
             skip_embeddings: false,
             pick: None,
             exact_grid: true,
+            preserve_norms: false,
             imatrix: None,
             force: false,
             quiet: false,
@@ -156,6 +159,7 @@ pub fn run_apply(
         provenance: dir.provenance_kvs(),
         progress: !edit.quiet,
         exact_grid: edit.exact_grid,
+        preserve_norms: edit.preserve_norms,
         imatrix: imatrix.map(Arc::new),
     };
     let report = apply::apply(input, out, &dir.direction, &opts)?;
@@ -221,6 +225,7 @@ pub fn run_all(cfg: &RunConfig) -> Result<()> {
         provenance: file.provenance_kvs(),
         progress,
         exact_grid: cfg.edit.exact_grid,
+        preserve_norms: cfg.edit.preserve_norms,
         imatrix,
     };
     let applied = apply::apply(input, output, &file.direction, &opts)?;

@@ -125,7 +125,8 @@ pub(super) struct Settled {
 }
 
 /// Output projection: every stored row is an output feature `i`, so column
-/// `j` of the slab gets `Σ_i u_i V_ij` to `target_j`. Columns are
+/// `j` of the slab gets `Σ_i u_i V_ij` to `target_j`; the ideal edit is
+/// `(W_ij − s u_i v_j) norm_j`. Columns are
 /// independent; tasks take one block-column each, which owns disjoint bytes
 /// of every row.
 #[allow(clippy::too_many_arguments)]
@@ -137,6 +138,7 @@ pub(super) fn settle_columns(
     u: &[f32],
     scale: f32,
     v: &[f32],
+    norm: &[f32],
     target: &[f64],
     tolerance: f64,
 ) -> Result<Settled> {
@@ -187,7 +189,7 @@ pub(super) fn settle_columns(
                 for i in 0..n_rows {
                     let k = i * per_block + c;
                     values[i] = q[k];
-                    ideals[i] = w[k] - scale * u[i] * v[j];
+                    ideals[i] = (w[k] - scale * u[i] * v[j]) * norm[j];
                     col_steps[i] = steps[k];
                 }
                 let line = Line {
@@ -211,7 +213,8 @@ pub(super) fn settle_columns(
                 for (c, (a, &x)) in after.iter_mut().zip(&q[span.clone()]).enumerate() {
                     non_finite += u64::from(!x.is_finite());
                     *a += u[i] as f64 * x as f64;
-                    let ideal = w[span.start + c] - scale * u[i] * v[b * per_block + c];
+                    let j = b * per_block + c;
+                    let ideal = (w[span.start + c] - scale * u[i] * v[j]) * norm[j];
                     error2 += (x as f64 - ideal as f64).powi(2);
                 }
             }

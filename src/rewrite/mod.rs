@@ -50,6 +50,9 @@ pub struct Request<'a> {
     pub importance: Option<&'a [f32]>,
     /// Iterate until the quantized result holds the requested component.
     pub exact_grid: bool,
+    /// Give every write vector its norm back after the projection: each
+    /// input column of an output projection, each embedding row.
+    pub preserve_norms: bool,
 }
 
 pub struct Rewritten {
@@ -215,17 +218,28 @@ impl Job<'_> {
                 let n_rows = w.len() / n;
                 let mut ideal = vec![0f32; w.len()];
                 let mut before = Vec::with_capacity(n_rows);
+                let mut target = Vec::with_capacity(n_rows);
                 for (w, x) in w.chunks_exact(n).zip(ideal.chunks_exact_mut(n)) {
                     let b = edit::dot(w, u);
                     let coef = (b * s) as f32;
                     for ((x, &w), &ui) in x.iter_mut().zip(w).zip(u) {
                         *x = w - coef * ui;
                     }
+                    // The row's norm back: ‖x‖² = ‖w‖² − (2s − s²) b².
+                    let mut norm = 1.0;
+                    if self.req.preserve_norms {
+                        let before2 = edit::dot(w, w);
+                        let after2 = before2 - (2.0 * s - s * s) * b * b;
+                        if after2 > 0.0 && before2 > 0.0 {
+                            norm = (before2 / after2).sqrt();
+                            x.iter_mut().for_each(|x| *x *= norm as f32);
+                        }
+                    }
                     before.push(b);
+                    target.push((1.0 - s) * b * norm);
                 }
                 let mut values = vec![0f32; w.len()];
                 self.quantize(&ideal, dst, &mut values, imp)?;
-                let target: Vec<f64> = before.iter().map(|b| (1.0 - s) * b).collect();
                 let mut after: Vec<f64> = values.chunks_exact(n).map(|r| edit::dot(r, u)).collect();
                 let plain: Vec<f64> = values
                     .chunks_exact(n)
@@ -335,30 +349,65 @@ impl Job<'_> {
         let s = self.req.scale;
         let max_abs = |v: &[f64]| v.iter().fold(0f64, |m, x| m.max(x.abs()));
         let norm2 = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>();
-        // Pass 1: v = uᵀW.
-        let v = sum_vectors(
-            n,
+        // Pass 1: v = uᵀW, and each column's squared norm when norms are
+        // preserved (the second half of the sums).
+        let preserve = self.req.preserve_norms;
+        let width = if preserve { 2 * n } else { n };
+        let sums = sum_vectors(
+            width,
             src.par_chunks(self.task)
                 .enumerate()
                 .map(|(task, src)| -> Result<Vec<f64>> {
-                    let mut acc = vec![0f64; n];
-                    edit::accumulate_projection(
-                        &self.dequantize(src)?,
-                        n,
-                        &u[task * rows..],
-                        &mut acc,
-                    );
+                    let w = self.dequantize(src)?;
+                    let mut acc = vec![0f64; width];
+                    edit::accumulate_projection(&w, n, &u[task * rows..], &mut acc[..n]);
+                    if preserve {
+                        for row in w.chunks_exact(n) {
+                            for (a, &x) in acc[n..].iter_mut().zip(row) {
+                                *a += x as f64 * x as f64;
+                            }
+                        }
+                    }
                     Ok(acc)
                 })
                 .collect::<Result<Vec<_>>>()?,
         );
+        let v = sums[..n].to_vec();
+        // Column j's norm after the projection is √(‖W_j‖² − (2s − s²) v_j²);
+        // `norm` scales it back.
+        let norm: Vec<f32> = (0..n)
+            .map(|j| {
+                if !preserve {
+                    return 1.0;
+                }
+                let before2 = sums[n + j];
+                let after2 = before2 - (2.0 * s as f64 - (s as f64).powi(2)) * v[j] * v[j];
+                if after2 > 0.0 && before2 > 0.0 {
+                    (before2 / after2).sqrt() as f32
+                } else {
+                    1.0
+                }
+            })
+            .collect();
         let v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-        let target: Vec<f64> = v.iter().map(|x| (1.0 - s as f64) * x).collect();
+        let target: Vec<f64> = v
+            .iter()
+            .zip(&norm)
+            .map(|(x, &f)| (1.0 - s as f64) * x * f as f64)
+            .collect();
         // Pass 2: the plain edit, X = W − s u vᵀ, requantized.
         let mut row_error = vec![0f64; u.len()];
         let no_correction = vec![0f32; n];
-        let mut after =
-            self.output_pass(src, dst, &v32, &no_correction, u, &mut row_error, None, imp)?;
+        let mut after = self.output_pass(
+            src,
+            dst,
+            (&v32, &norm),
+            &no_correction,
+            u,
+            &mut row_error,
+            None,
+            imp,
+        )?;
         let plain_error2: f64 = row_error.iter().sum();
         let mut passes = 1;
         // Further passes push what the grid kept, e = uᵀV − (1 − s) uᵀW,
@@ -381,8 +430,9 @@ impl Job<'_> {
             // whole miss is within it too; no closer, as each further move
             // adds quantization error.
             let per_column = FLIP_TOLERANCE * norm2(&v).sqrt() / (n as f64).sqrt();
-            let settled =
-                flips::settle_columns(self.ty, src, dst, n, u, s, &v32, &target, per_column)?;
+            let settled = flips::settle_columns(
+                self.ty, src, dst, n, u, s, &v32, &norm, &target, per_column,
+            )?;
             self.non_finite
                 .fetch_add(settled.non_finite, std::sync::atomic::Ordering::Relaxed);
             (after, moves, error2) = (settled.after, settled.moves, settled.error2);
@@ -404,7 +454,7 @@ impl Job<'_> {
             let delta = self.output_pass(
                 src,
                 dst,
-                &v32,
+                (&v32, &norm),
                 &c32,
                 &weights,
                 &mut row_error,
@@ -446,7 +496,7 @@ impl Job<'_> {
         &self,
         src: &[u8],
         dst: &mut [u8],
-        v: &[f32],
+        (v, norm): (&[f32], &[f32]),
         correction: &[f32],
         weights: &[f32],
         row_error: &mut [f64],
@@ -490,13 +540,14 @@ impl Job<'_> {
                     if !first && wi == 0.0 {
                         continue;
                     }
-                    for (((id, xi), &wj), (&vj, &cj)) in ideal
+                    for ((((id, xi), &wj), (&vj, &cj)), &fj) in ideal
                         .iter_mut()
                         .zip(&mut x)
                         .zip(w)
                         .zip(v.iter().zip(correction))
+                        .zip(norm)
                     {
-                        *id = wj - s * ui * vj;
+                        *id = (wj - s * ui * vj) * fj;
                         *xi = *id - wi * cj;
                     }
                     old_bytes.copy_from_slice(dst);
@@ -582,6 +633,7 @@ mod tests {
             scale,
             importance: None,
             exact_grid,
+            preserve_norms: false,
         }
     }
 
@@ -662,5 +714,94 @@ mod tests {
             single.kept
         );
         assert!(exact.error_ratio < 1.5, "error x{:.2}", exact.error_ratio);
+    }
+
+    /// `--preserve-norms`: read back through ggml, every input column of an
+    /// output projection and every embedding row keeps its norm, and the
+    /// component along `u` is still gone.
+    #[test]
+    fn preserved_norms_survive_quantization() {
+        let (n_out, n_in) = (96, 256);
+        let u = edit::normalized(
+            &(0..n_out)
+                .map(|i| (i as f32 * 0.3).cos() + 0.5)
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        // Noise plus a strong component along u, so that the projection
+        // shrinks the columns visibly.
+        let values: Vec<f32> = (0..n_out * n_in)
+            .map(|k| {
+                let (i, j) = (k / n_in, k % n_in);
+                ((k * 2654435761usize) % 1000) as f32 / 1000.0 - 0.5
+                    + 3.0 * u[i] * (j as f32 * 0.7).sin()
+            })
+            .collect();
+        let column_norms = |w: &[f32]| -> Vec<f64> {
+            (0..n_in)
+                .map(|j| {
+                    (0..n_out)
+                        .map(|i| (w[i * n_in + j] as f64).powi(2))
+                        .sum::<f64>()
+                        .sqrt()
+                })
+                .collect()
+        };
+        for ty in [GgmlType::F32, GgmlType::Q8_0, GgmlType::Q4_K] {
+            let data = quant::quantize(ty, &values, n_in, None).unwrap();
+            let w = quant::dequantize(ty, &data, n_in).unwrap();
+            let mut req = request(EditKind::OutputProjection, &u, 1.0, true);
+            req.preserve_norms = true;
+            let got = rewrite(ty, &data, n_in, &req).unwrap();
+            let v = quant::dequantize(ty, &got.bytes, n_in).unwrap();
+            let (before, after) = (column_norms(&w), column_norms(&v));
+            let worst = before
+                .iter()
+                .zip(&after)
+                .map(|(b, a)| (a / b - 1.0).abs())
+                .fold(0f64, f64::max);
+            // A plain projection shrinks columns by up to ~10 % here.
+            let plain = rewrite(
+                ty,
+                &data,
+                n_in,
+                &request(EditKind::OutputProjection, &u, 1.0, true),
+            )
+            .unwrap();
+            let shrunk = column_norms(&quant::dequantize(ty, &plain.bytes, n_in).unwrap())
+                .iter()
+                .zip(&before)
+                .map(|(a, b)| 1.0 - a / b)
+                .fold(0f64, f64::max);
+            let tolerance = if ty == GgmlType::Q4_K { 0.05 } else { 0.01 };
+            assert!(
+                worst < tolerance && shrunk > 4.0 * tolerance,
+                "{ty}: column norms off by {worst:.4} (plain projection shrinks by {shrunk:.4})"
+            );
+            assert!(got.kept < 0.05, "{ty}: kept {:.3}", got.kept);
+
+            let rows = quant::quantize(ty, &values[..n_out * n_in], n_in, None).unwrap();
+            let u_row = edit::normalized(
+                &(0..n_in)
+                    .map(|j| (j as f32 * 0.1).sin())
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+            let mut req = request(EditKind::EmbeddingRows, &u_row, 1.0, true);
+            req.preserve_norms = true;
+            let got = rewrite(ty, &rows, n_in, &req).unwrap();
+            let (w, v) = (
+                quant::dequantize(ty, &rows, n_in).unwrap(),
+                quant::dequantize(ty, &got.bytes, n_in).unwrap(),
+            );
+            for (a, b) in v.chunks(n_in).zip(w.chunks(n_in)) {
+                let ratio = (edit::dot(a, a) / edit::dot(b, b)).sqrt();
+                assert!(
+                    (ratio - 1.0).abs() < tolerance,
+                    "{ty}: row norm x{ratio:.4}"
+                );
+            }
+            assert!(got.kept < 0.05, "{ty}: rows kept {:.3}", got.kept);
+        }
     }
 }
