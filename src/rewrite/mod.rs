@@ -395,7 +395,7 @@ impl Job<'_> {
             .zip(&norm)
             .map(|(x, &f)| (1.0 - s as f64) * x * f as f64)
             .collect();
-        // Pass 2: the plain edit, X = W − s u vᵀ, requantized.
+        // Pass 2: the plain edit, X = (W − s u vᵀ) diag(norm), requantized.
         let mut row_error = vec![0f64; u.len()];
         let no_correction = vec![0f32; n];
         let mut after = self.output_pass(
