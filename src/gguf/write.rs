@@ -57,31 +57,35 @@ pub fn write_patched(
     order.sort_by_key(|t| t.offset);
     // A writer thread does all output I/O, in order, so that writing one
     // tensor (a kernel copy of up to hundreds of MB) overlaps producing the
-    // next. One tensor may wait in the queue.
+    // next ones. Produced bytes wait in its queue up to QUEUED_BYTES.
+    let budget = Budget::default();
     std::thread::scope(|scope| -> Result<()> {
-        let (queue, jobs) = std::sync::mpsc::sync_channel::<Output>(1);
+        let (queue, jobs) = std::sync::mpsc::channel::<Output>();
+        let budget = &budget;
         let writer = scope.spawn(move || -> Result<()> {
+            // However the writer ends, a producer waiting for room wakes up.
+            let _stop = StopOnDrop(budget);
             for job in jobs {
                 match job {
                     Output::Copy(from, to) => copy_range(input, from, to, out)?,
-                    Output::Tensor(name, bytes) => out
-                        .write_all(&bytes)
-                        .with_context(|| format!("writing {name}"))?,
+                    Output::Tensor(name, bytes) => {
+                        out.write_all(&bytes)
+                            .with_context(|| format!("writing {name}"))?;
+                        budget.release(bytes.len() as u64);
+                    }
                 }
             }
             out.flush()?;
             Ok(())
         });
         let produced = (|| -> Result<()> {
+            let stopped = || anyhow::anyhow!("writer stopped");
             let mut pos = input.data_start; // next input byte to copy
             for t in order {
                 let start = input.data_start + t.offset;
-                let send = |job| {
-                    queue
-                        .send(job)
-                        .map_err(|_| anyhow::anyhow!("writer stopped"))
-                };
-                send(Output::Copy(pos, start))?;
+                queue
+                    .send(Output::Copy(pos, start))
+                    .map_err(|_| stopped())?;
                 let bytes = produce(t)?;
                 if bytes.len() as u64 != t.size {
                     bail!(
@@ -91,18 +95,63 @@ pub fn write_patched(
                         t.size
                     );
                 }
-                send(Output::Tensor(t.name.clone(), bytes))?;
+                if !budget.reserve(bytes.len() as u64) {
+                    return Err(stopped());
+                }
+                queue
+                    .send(Output::Tensor(t.name.clone(), bytes))
+                    .map_err(|_| stopped())?;
                 pos = start + t.size;
             }
             queue
                 .send(Output::Copy(pos, input.mmap.len() as u64))
-                .map_err(|_| anyhow::anyhow!("writer stopped"))
+                .map_err(|_| stopped())
         })();
         drop(queue);
         let written = writer.join().expect("writer thread panicked");
         // The writer's error explains a "writer stopped".
         written.and(produced)
     })
+}
+
+/// Bytes of produced tensors that may wait for the writer. A larger tensor
+/// waits until the queue is empty.
+const QUEUED_BYTES: u64 = 256 << 20;
+
+/// Bytes queued for the writer, and whether it has stopped.
+#[derive(Default)]
+struct Budget {
+    state: std::sync::Mutex<(u64, bool)>,
+    changed: std::sync::Condvar,
+}
+
+impl Budget {
+    /// Waits for room for `n` bytes and takes it; false if the writer
+    /// stopped.
+    fn reserve(&self, n: u64) -> bool {
+        let mut state = self.state.lock().expect("budget lock");
+        while !state.1 && state.0 > 0 && state.0 + n > QUEUED_BYTES {
+            state = self.changed.wait(state).expect("budget lock");
+        }
+        state.0 += n;
+        !state.1
+    }
+
+    fn release(&self, n: u64) {
+        self.state.lock().expect("budget lock").0 -= n;
+        self.changed.notify_all();
+    }
+}
+
+struct StopOnDrop<'a>(&'a Budget);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut state) = self.0.state.lock() {
+            state.1 = true;
+        }
+        self.0.changed.notify_all();
+    }
 }
 
 /// What the writer thread does next.
