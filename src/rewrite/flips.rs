@@ -58,17 +58,22 @@ fn settle(line: &Line, mut try_move: impl FnMut(usize, i32) -> bool) -> u64 {
         ));
     }
     // Few moves are needed as a rule: order only the cheapest few, then
-    // more if those did not suffice.
-    let by_price = |a: &(f32, u32), b: &(f32, u32)| a.0.total_cmp(&b.0);
+    // more if those did not suffice. Ties go to the lower index.
+    let by_price = |a: &(f32, u32), b: &(f32, u32)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
     let mut taken = 0;
-    let (mut start, mut batch) = (0, 32);
+    let (mut start, mut batch) = (0, 8);
     while start < moves.len() && miss.abs() > line.tolerance {
         let end = (start + batch).min(moves.len());
         let rest = &mut moves[start..];
-        if end - start < rest.len() {
-            rest.select_nth_unstable_by(end - start - 1, by_price);
+        if start == 0 {
+            // One scan for the first few (a selection costs several).
+            cheapest_first(rest, end, by_price);
+        } else {
+            if end - start < rest.len() {
+                rest.select_nth_unstable_by(end - start - 1, by_price);
+            }
+            rest[..end - start].sort_unstable_by(by_price);
         }
-        rest[..end - start].sort_unstable_by(by_price);
         for &(_, k) in &moves[start..end] {
             if miss.abs() <= line.tolerance {
                 break;
@@ -91,6 +96,25 @@ fn settle(line: &Line, mut try_move: impl FnMut(usize, i32) -> bool) -> u64 {
         (start, batch) = (end, batch * 4);
     }
     taken
+}
+
+/// Puts the `k` smallest of `items` first, in order, in one scan.
+fn cheapest_first<T: Copy>(items: &mut [T], k: usize, cmp: impl Fn(&T, &T) -> std::cmp::Ordering) {
+    let k = k.min(items.len());
+    if k == 0 {
+        return;
+    }
+    items[..k].sort_unstable_by(&cmp);
+    for i in k..items.len() {
+        if cmp(&items[i], &items[k - 1]).is_lt() {
+            // Insert into the sorted prefix; the displaced largest goes to i.
+            let item = items[i];
+            let at = items[..k].partition_point(|x| cmp(x, &item).is_lt());
+            items[i] = items[k - 1];
+            items.copy_within(at..k - 1, at + 1);
+            items[at] = item;
+        }
+    }
 }
 
 /// Moves element `k`'s code by `delta` if it stays in range.
@@ -205,20 +229,31 @@ pub(super) fn settle_columns(
                 moved += settle(&line, |i, delta| move_code(ty, blocks[i], c, delta));
             }
             // What ggml reads back from the final bytes.
+            // Per-column sums (vectorized across the block), added up at the end.
             let mut after = vec![0f64; per_block];
-            let (mut error2, mut non_finite) = (0f64, 0u64);
+            let mut error2 = vec![0f64; per_block];
+            let (v, norm) = (
+                &v[b * per_block..][..per_block],
+                &norm[b * per_block..][..per_block],
+            );
             for (i, block) in blocks.iter().enumerate() {
                 let span = i * per_block..(i + 1) * per_block;
                 ffi::dequantize_rows(ty, block, &mut q[span.clone()])?;
-                for (c, (a, &x)) in after.iter_mut().zip(&q[span.clone()]).enumerate() {
-                    non_finite += u64::from(!x.is_finite());
-                    *a += u[i] as f64 * x as f64;
-                    let j = b * per_block + c;
-                    let ideal = (w[span.start + c] - scale * u[i] * v[j]) * norm[j];
-                    error2 += (x as f64 - ideal as f64).powi(2);
+                let (su, ui) = (scale * u[i], u[i] as f64);
+                for ((((a, e), &x), &w), (&vj, &fj)) in after
+                    .iter_mut()
+                    .zip(&mut error2)
+                    .zip(&q[span.clone()])
+                    .zip(&w[span])
+                    .zip(v.iter().zip(norm))
+                {
+                    *a += ui * x as f64;
+                    let d = x as f64 - ((w - su * vj) * fj) as f64;
+                    *e += d * d;
                 }
             }
-            Ok((after, error2, moved, non_finite))
+            let non_finite = q.iter().filter(|x| !x.is_finite()).count() as u64;
+            Ok((after, error2.iter().sum(), moved, non_finite))
         })
         .collect::<Result<Vec<_>>>()?;
     // Gathered in order, so the sums never depend on thread timing.
