@@ -250,3 +250,32 @@ pub fn encode_new(kvs: &[(String, Value)], tensors: &[NewTensor]) -> Vec<u8> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A producer waiting for room wakes when the writer frees it, and when
+    /// the writer stops (an I/O error), instead of waiting forever.
+    #[test]
+    fn the_writer_queue_never_leaves_a_producer_waiting() {
+        let budget = Budget::default();
+        assert!(budget.reserve(QUEUED_BYTES)); // full, but never refused when empty
+        std::thread::scope(|scope| {
+            let waiter = scope.spawn(|| budget.reserve(1));
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(!waiter.is_finished(), "no room yet");
+            budget.release(QUEUED_BYTES);
+            assert!(waiter.join().unwrap(), "room freed");
+        });
+        budget.release(1);
+        assert!(budget.reserve(QUEUED_BYTES));
+        std::thread::scope(|scope| {
+            let waiter = scope.spawn(|| budget.reserve(1));
+            std::thread::sleep(Duration::from_millis(50));
+            drop(StopOnDrop(&budget)); // the writer ends with an error
+            assert!(!waiter.join().unwrap(), "a stopped writer refuses");
+        });
+    }
+}
