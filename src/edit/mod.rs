@@ -37,6 +37,19 @@ pub fn orthogonalize_rows_seq(rows: &mut [f32], u: &[f32], scale: f32) {
     }
 }
 
+/// The factor that gives a vector its norm back after the projection
+/// removed share `scale` of its component along a unit direction:
+/// `‖w‖ / ‖w − s c u‖` with `‖w‖² = norm2` and `c = component`, so
+/// `√(‖w‖² / (‖w‖² − (2s − s²) c²))`; 1 where that is undefined.
+pub fn norm_restoring_factor(norm2: f64, component: f64, scale: f64) -> f64 {
+    let after2 = norm2 - (2.0 * scale - scale * scale) * component * component;
+    if after2 > 0.0 && norm2 > 0.0 {
+        (norm2 / after2).sqrt()
+    } else {
+        1.0
+    }
+}
+
 /// `acc += Σ_i u_i row_i` over consecutive rows of `n_in`, starting at `u[0]`.
 pub fn accumulate_projection(rows: &[f32], n_in: usize, u: &[f32], acc: &mut [f64]) {
     for (row, &ui) in rows.chunks_exact(n_in).zip(u) {

@@ -209,12 +209,16 @@ impl Job<'_> {
         Ok(())
     }
 
-    /// Every value ggml reads back from written bytes passes through here.
+    /// Every value ggml reads back from written bytes passes through here
+    /// (or is counted by `settle_columns` and added).
     fn count_non_finite(&self, values: &[f32]) {
-        let bad = values.iter().filter(|x| !x.is_finite()).count() as u64;
-        if bad > 0 {
+        self.add_non_finite(values.iter().filter(|x| !x.is_finite()).count() as u64);
+    }
+
+    fn add_non_finite(&self, count: u64) {
+        if count > 0 {
             self.non_finite
-                .fetch_add(bad, std::sync::atomic::Ordering::Relaxed);
+                .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -231,27 +235,20 @@ impl Job<'_> {
             .map(|(dst, src)| -> Result<Stats> {
                 let w = self.dequantize(src)?;
                 let n_rows = w.len() / n;
-                let mut ideal = vec![0f32; w.len()];
-                let mut before = Vec::with_capacity(n_rows);
-                let mut target = Vec::with_capacity(n_rows);
-                for (w, x) in w.chunks_exact(n).zip(ideal.chunks_exact_mut(n)) {
-                    let b = edit::dot(w, u);
-                    let coef = (b * s) as f32;
-                    for ((x, &w), &ui) in x.iter_mut().zip(w).zip(u) {
-                        *x = w - coef * ui;
+                let mut ideal = w.clone();
+                edit::orthogonalize_rows_seq(&mut ideal, u, s as f32);
+                let before: Vec<f64> = w.chunks_exact(n).map(|r| edit::dot(r, u)).collect();
+                let mut target: Vec<f64> = before.iter().map(|b| (1.0 - s) * b).collect();
+                if self.req.preserve_norms {
+                    for ((x, w), (t, &b)) in ideal
+                        .chunks_exact_mut(n)
+                        .zip(w.chunks_exact(n))
+                        .zip(target.iter_mut().zip(&before))
+                    {
+                        let norm = edit::norm_restoring_factor(edit::dot(w, w), b, s);
+                        x.iter_mut().for_each(|x| *x *= norm as f32);
+                        *t *= norm;
                     }
-                    // The row's norm back: ‖x‖² = ‖w‖² − (2s − s²) b².
-                    let mut norm = 1.0;
-                    if self.req.preserve_norms {
-                        let before2 = edit::dot(w, w);
-                        let after2 = before2 - (2.0 * s - s * s) * b * b;
-                        if after2 > 0.0 && before2 > 0.0 {
-                            norm = (before2 / after2).sqrt();
-                            x.iter_mut().for_each(|x| *x *= norm as f32);
-                        }
-                    }
-                    before.push(b);
-                    target.push((1.0 - s) * b * norm);
                 }
                 let mut values = vec![0f32; w.len()];
                 self.quantize(&ideal, dst, &mut values, imp)?;
@@ -388,20 +385,11 @@ impl Job<'_> {
                 .collect::<Result<Vec<_>>>()?,
         );
         let v = sums[..n].to_vec();
-        // Column j's norm after the projection is √(‖W_j‖² − (2s − s²) v_j²);
-        // `norm` scales it back.
+        // `norm` gives each column its norm back.
         let norm: Vec<f32> = (0..n)
-            .map(|j| {
-                if !preserve {
-                    return 1.0;
-                }
-                let before2 = sums[n + j];
-                let after2 = before2 - (2.0 * s as f64 - (s as f64).powi(2)) * v[j] * v[j];
-                if after2 > 0.0 && before2 > 0.0 {
-                    (before2 / after2).sqrt() as f32
-                } else {
-                    1.0
-                }
+            .map(|j| match preserve {
+                true => edit::norm_restoring_factor(sums[n + j], v[j], s as f64) as f32,
+                false => 1.0,
             })
             .collect();
         let v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
@@ -448,8 +436,7 @@ impl Job<'_> {
             let settled = flips::settle_columns(
                 self.ty, src, dst, n, u, s, &v32, &norm, &target, per_column,
             )?;
-            self.non_finite
-                .fetch_add(settled.non_finite, std::sync::atomic::Ordering::Relaxed);
+            self.add_non_finite(settled.non_finite);
             (after, moves, error2) = (settled.after, settled.moves, settled.error2);
         }
         // Only the rows with the largest |u_i| are requantized again: they
