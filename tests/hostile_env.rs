@@ -41,13 +41,8 @@ fn fixture_direction() -> &'static Path {
 }
 
 fn apply_cmd(direction: &Path, input: &Path, out: &Path, extra: &[&str]) -> Command {
-    let mut cmd = bin();
-    cmd.args(["apply", "-q", "-t", "1", "--direction"])
-        .arg(direction)
-        .arg(input)
-        .arg(out)
-        .args(extra)
-        .env("RAYON_NUM_THREADS", "2");
+    let mut cmd = common::apply_command(direction, input, out, &["-q", "-t", "1"]);
+    cmd.args(extra).env("RAYON_NUM_THREADS", "2");
     cmd
 }
 

@@ -404,21 +404,32 @@ pub fn apply_quietly(
     gguf_abliterate::apply::apply(input, output, r, &opts).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-/// `gguf-abliterate apply --direction DIRECTION INPUT OUTPUT EXTRA…`, run
-/// to completion (stderr is not a terminal, so no progress bar).
+/// `gguf-abliterate apply --direction DIRECTION INPUT OUTPUT EXTRA…`.
+pub fn apply_command(
+    direction: &Path,
+    input: &Path,
+    output: &Path,
+    extra: &[&str],
+) -> std::process::Command {
+    let mut cmd = bin();
+    cmd.arg("apply")
+        .arg("--direction")
+        .arg(direction)
+        .arg(input)
+        .arg(output)
+        .args(extra);
+    cmd
+}
+
+/// [`apply_command`] run to completion (stderr is not a terminal, so no
+/// progress bar).
 pub fn run_apply(
     direction: &Path,
     input: &Path,
     output: &Path,
     extra: &[&str],
 ) -> std::process::Output {
-    bin()
-        .arg("apply")
-        .arg("--direction")
-        .arg(direction)
-        .arg(input)
-        .arg(output)
-        .args(extra)
+    apply_command(direction, input, output, extra)
         .output()
         .unwrap()
 }
