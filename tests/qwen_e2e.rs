@@ -77,7 +77,8 @@ fn main_command_abliterates_qwen2_5_coder_0_5b_instruct() {
     // The default pick is the fewest refusals within --kl-target 0.25 on
     // the search's prompts, and grid-aware projection makes the file carry
     // the edit the search measured (0.1.0's single pass kept about half of
-    // it on Q4_K and landed lower: 0.13 here); held back, 0.258.
+    // it on Q4_K and landed lower: 0.13 here); held back, 0.258 with one
+    // KL target for every refinement trial, 0.096 with the target ladder.
     assert!(
         kl <= 0.35,
         "first-token KL on answered harmless prompts: {kl}"

@@ -96,8 +96,19 @@ pub struct Space {
 }
 
 /// Trials sampled uniformly before TPE takes over (TPE needs a few
-/// observations to split into better and worse).
-pub const STARTUP_TRIALS: usize = 8;
+/// observations to split into better and worse): a third of the budget,
+/// at least 2 and at most 8, so that a small budget is not all random.
+pub fn startup_trials(trials: usize) -> usize {
+    (trials / 3).clamp(2, 8)
+}
+
+/// The KL targets the refinement's trials aim at in turn, as shares of
+/// `--kl-target`. One scalar objective would spend every trial near the
+/// target; cycling through gentler ones (ParEGO's idea: a different
+/// scalarization per trial, the optimizer refit to each) also fills the
+/// front's low-KL end, where users who want the least damage pick. Half
+/// the trials still aim at the target itself, where the default pick is.
+pub const TARGET_LADDER: [f64; 4] = [1.0, 0.4, 1.0, 0.15];
 
 /// TPE over the edit space.
 pub struct Optimizer {
@@ -131,26 +142,23 @@ impl Optimizer {
         bounds.extend(kernel());
         bounds.extend(kernel());
         bounds.push(r(0.0, 1.0)); // token_embd weight
-        let mut params: Vec<tpe::TpeOptimizer> = bounds
-            .iter()
-            .map(|&(a, b)| {
-                tpe::TpeOptimizer::new(
-                    tpe::parzen_estimator(),
-                    tpe::range(a, b).expect("valid range"),
-                )
-            })
-            .collect();
-        params.push(tpe::TpeOptimizer::new(
-            tpe::histogram_estimator(),
-            tpe::categorical_range(2).expect("valid range"),
-        ));
-        debug_assert_eq!(params.len(), N_PARAMS + 1);
+        let params = fresh_estimators(&bounds);
         Ok(Optimizer {
             space,
             params,
             bounds,
             rng: rand::rngs::StdRng::seed_from_u64(seed),
         })
+    }
+
+    /// Forgets every observation and learns `observed` instead: how each
+    /// trial is scored under another objective.
+    pub fn refit(&mut self, observed: &[(Vec<f64>, f64)]) -> Result<()> {
+        self.params = fresh_estimators(&self.bounds);
+        for (raw, objective) in observed {
+            self.tell(raw, *objective)?;
+        }
+        Ok(())
     }
 
     /// A point drawn uniformly from the space.
@@ -243,6 +251,24 @@ impl Optimizer {
     }
 }
 
+fn fresh_estimators(bounds: &[(f64, f64)]) -> Vec<tpe::TpeOptimizer> {
+    let mut params: Vec<tpe::TpeOptimizer> = bounds
+        .iter()
+        .map(|&(a, b)| {
+            tpe::TpeOptimizer::new(
+                tpe::parzen_estimator(),
+                tpe::range(a, b).expect("valid range"),
+            )
+        })
+        .collect();
+    params.push(tpe::TpeOptimizer::new(
+        tpe::histogram_estimator(),
+        tpe::categorical_range(2).expect("valid range"),
+    ));
+    debug_assert_eq!(params.len(), N_PARAMS + 1);
+    params
+}
+
 /// The scalar TPE minimizes: refusals, plus a penalty that makes any point
 /// beyond the KL target worse than every point within it.
 pub fn objective(refusal_rate: Option<f64>, kl: f64, kl_target: f64) -> f64 {
@@ -279,13 +305,21 @@ pub fn pareto_front(trials: &[Trial]) -> Vec<usize> {
     front
 }
 
-/// The default pick: the fewest refusals within the KL target, then the
-/// lowest KL.
-pub fn pick(trials: &[Trial], kl_target: f64) -> Option<usize> {
+/// The default pick: the fewest refusals within the KL target; but among
+/// the points within one prompt of that (`resolution`, the share one
+/// prompt is), the lowest KL. A single reply out of 32 is within the
+/// measurement's noise, while the KL a point costs is not.
+pub fn pick(trials: &[Trial], kl_target: f64, resolution: f64) -> Option<usize> {
+    let within = |i: &usize| trials[*i].refusal_rate.is_some() && trials[*i].kl <= kl_target;
+    let fewest = (0..trials.len())
+        .filter(within)
+        .filter_map(|i| trials[i].refusal_rate)
+        .fold(f64::INFINITY, f64::min);
     (0..trials.len())
-        .filter(|&i| trials[i].refusal_rate.is_some() && trials[i].kl <= kl_target)
+        .filter(within)
+        .filter(|&i| trials[i].refusal_rate.unwrap() <= fewest + resolution + 1e-9)
         .min_by(|&a, &b| {
-            let key = |i: usize| (trials[i].refusal_rate.unwrap(), trials[i].kl);
+            let key = |i: usize| (trials[i].kl, trials[i].refusal_rate.unwrap());
             key(a)
                 .partial_cmp(&key(b))
                 .unwrap_or(std::cmp::Ordering::Equal)
@@ -320,8 +354,20 @@ mod tests {
             trial(Some(0.1), 0.5),
         ];
         assert_eq!(pareto_front(&t), vec![0, 1, 4]);
-        assert_eq!(pick(&t, 0.3), Some(1));
-        assert_eq!(pick(&t, 0.05), None);
+        assert_eq!(pick(&t, 0.3, 0.01), Some(1));
+        assert_eq!(pick(&t, 0.05, 0.01), None);
+        assert_eq!(pick(&t, 0.3, 0.2), Some(0));
+        // Qwen's front: one refusal in 32 more buys a KL six times lower;
+        // two more do not count as noise.
+        let q = vec![
+            trial(Some(0.0), 0.23),
+            trial(Some(0.0625), 0.06),
+            trial(Some(0.22), 0.02),
+        ];
+        assert_eq!(pick(&q, 0.25, 1.0 / 32.0), Some(0));
+        let mut q = q;
+        q.push(trial(Some(0.03125), 0.04));
+        assert_eq!(pick(&q, 0.25, 1.0 / 32.0), Some(3));
         assert!(objective(Some(1.0), 0.1, 0.3) < objective(Some(0.0), 0.31, 0.3));
     }
 

@@ -17,8 +17,11 @@ use crate::ffi::Model;
 use crate::prompts::PromptSet;
 use crate::verify::{detokenize, judge, judge_answer, Verdict};
 
-/// Bisection steps when searching the largest scale within the KL threshold.
-const SCALE_STEPS: usize = 5;
+/// KL measurements when searching the largest scale within the KL threshold.
+const SCALE_STEPS: usize = 3;
+/// The share of the KL threshold that search aims at, so that a small
+/// misfit lands within it rather than just over.
+const AIM: f64 = 0.95;
 /// Tokens generated per reply when judging refusals during the search:
 /// enough for the judge to see whether a reply answers the request.
 const JUDGE_TOKENS: usize = 24;
@@ -581,31 +584,35 @@ pub fn search(
             })
         };
         let t = run_trial(&first, &mut runner, 1.0)?;
-        optimizer.tell(
-            &optimizer.raw_of(&first),
-            refine::objective(t.refusal_rate, t.kl, opts.kl_threshold),
-        )?;
+        // Every trial's raw parameters, to refit the optimizer to each target.
+        let mut raws = vec![optimizer.raw_of(&first)];
         trials.push(t);
+        let startup = refine::startup_trials(opts.trials);
         for i in 0..opts.trials {
-            let (point, raw) = if i < refine::STARTUP_TRIALS {
+            let target = opts.kl_threshold
+                * refine::TARGET_LADDER[i.saturating_sub(startup) % refine::TARGET_LADDER.len()];
+            let (point, raw) = if i < startup {
                 optimizer.ask_random()
             } else {
+                let observed: Vec<(Vec<f64>, f64)> = raws
+                    .iter()
+                    .zip(&trials)
+                    .map(|(raw, t)| (raw.clone(), refine::objective(t.refusal_rate, t.kl, target)))
+                    .collect();
+                optimizer.refit(&observed)?;
                 optimizer.ask()?
             };
             let best = trials
                 .iter()
-                .filter(|t: &&Trial| t.kl <= opts.kl_threshold)
+                .filter(|t: &&Trial| t.kl <= target)
                 .filter_map(|t| t.refusal_rate)
                 .fold(1.0, f64::min);
             let t = run_trial(&point, &mut runner, best)?;
-            optimizer.tell(
-                &raw,
-                refine::objective(t.refusal_rate, t.kl, opts.kl_threshold),
-            )?;
+            raws.push(raw);
             trials.push(t);
         }
         pb.finish_and_clear();
-        if let Some(i) = refine::pick(&trials, opts.kl_threshold) {
+        if let Some(i) = refine::pick(&trials, opts.kl_threshold, 1.0 / harm_val.len() as f64) {
             chosen_point = trials[i].point.clone();
         }
     }
@@ -722,9 +729,12 @@ impl Measure<'_> {
         Ok(mean_kl(&ablated, self.base_answered))
     }
 
-    /// KL first (cheap), bisecting the scale down to the largest within the
-    /// threshold (KL grows with the scale); then refusals of generated
-    /// replies and the first-token bypass score at that scale.
+    /// KL first (cheap); where it is over the threshold, the largest scale
+    /// within it, found by fitting KL ≈ a·scaleᵏ through the last two
+    /// measurements (k = 2 to start: a small edit moves the logits linearly,
+    /// the KL quadratically) and aiming just under the threshold; then
+    /// refusals of generated replies and the first-token bypass score at
+    /// that scale.
     fn ablation(
         &self,
         runner: &mut Runner,
@@ -734,17 +744,34 @@ impl Measure<'_> {
         hook.scale = 1.0;
         let (mut scale, mut kl) = (1.0f32, self.kl(runner, hook)?);
         if kl > self.kl_threshold {
-            let (mut lo, mut hi, mut kl_lo) = (0.0f32, 1.0f32, 0.0);
+            let aim = AIM * self.kl_threshold;
+            let (mut within, mut kl_within) = (0.0f32, 0.0);
+            let (mut over, mut kl_over) = (1.0f32, kl);
+            let mut next = over * (aim / kl_over).sqrt() as f32;
             for _ in 0..SCALE_STEPS {
-                hook.scale = (lo + hi) / 2.0;
-                let k_mid = self.kl(runner, hook)?;
-                if k_mid <= self.kl_threshold {
-                    (lo, kl_lo) = (hook.scale, k_mid);
+                hook.scale = next.clamp(0.0, 1.0);
+                let k = self.kl(runner, hook)?;
+                let measured = hook.scale;
+                if k <= self.kl_threshold {
+                    (within, kl_within) = (measured, k);
                 } else {
-                    hi = hook.scale;
+                    (over, kl_over) = (measured, k);
+                }
+                // The exponent through the nearest points on either side, when
+                // both are known and it is sensible; else quadratic.
+                let power = if within > 0.0 && kl_within > 0.0 {
+                    ((kl_over / kl_within).ln() / (over as f64 / within as f64).ln())
+                        .clamp(0.5, 4.0)
+                } else {
+                    2.0
+                };
+                next = measured * (aim / k.max(1e-12)).powf(1.0 / power) as f32;
+                next = next.clamp(within, over);
+                if within > 0.0 && (over - within) < 0.02 * over {
+                    break;
                 }
             }
-            (scale, kl) = (lo, kl_lo);
+            (scale, kl) = (within, kl_within);
         }
         hook.scale = scale;
         (c.scale, c.kl) = (scale, Some(kl));

@@ -13,6 +13,9 @@ use crate::quant::codes;
 use anyhow::Result;
 use rayon::prelude::*;
 
+/// The fewest moves ordered at once: one scan finds them.
+const FIRST_BATCH: usize = 8;
+
 /// One line to settle: a column of an output projection (elements are
 /// rows) or one embedding row (elements are its entries).
 struct Line<'a> {
@@ -38,34 +41,32 @@ fn settle(line: &Line, mut try_move: impl FnMut(usize, i32) -> bool) -> u64 {
     // Price: added squared error per unit of |effect|. With d = ±1 the
     // direction that lowers |miss|, e = value − ideal and s the step:
     // ((e + d s)² − e²) / |a s| = (2 d e s + s²) / |a s|.
-    let mut moves: Vec<(f32, u32)> = Vec::with_capacity(line.values.len());
-    for k in 0..line.values.len() {
-        let per_unit = line.along[k] * line.steps[k];
-        if per_unit == 0.0 {
-            continue;
-        }
-        let delta = if (per_unit > 0.0) == (miss < 0.0) {
-            1.0
-        } else {
-            -1.0
-        };
-        let e = line.values[k] - line.ideals[k];
-        let s = line.steps[k];
-        let weight = line.importance.map_or(1.0, |imp| imp[k]);
-        moves.push((
-            weight * (2.0 * delta * e * s + s * s) / per_unit.abs(),
-            k as u32,
-        ));
-    }
-    // Few moves are needed as a rule: order only the cheapest few, then
-    // more if those did not suffice. Ties go to the lower index.
-    let by_price = |a: &(f32, u32), b: &(f32, u32)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
+    let n = line.values.len();
+    let mut moves = vec![u64::MAX; n];
+    let lowers = miss < 0.0;
+    let total_effect = match line.importance {
+        Some(imp) => price_moves(line, lowers, |k| imp[k], &mut moves),
+        None => price_moves(line, lowers, |_| 1.0, &mut moves),
+    };
+    let movable = moves.iter().filter(|&&m| m != u64::MAX).count();
+    // Order only as many of the cheapest as the miss should need (an
+    // average move's effect), then more if those did not suffice. Moves are
+    // still taken in price order, ties to the lower index, so the batch
+    // sizes change the time, never the result.
+    let by_price = |a: &u64, b: &u64| a.cmp(b);
+    let mean_effect = total_effect / movable.max(1) as f64;
+    let needed = ((miss.abs() - line.tolerance) / mean_effect).ceil();
+    let first = if needed.is_finite() {
+        (needed as usize).clamp(FIRST_BATCH, movable.max(FIRST_BATCH))
+    } else {
+        FIRST_BATCH
+    };
     let mut taken = 0;
-    let (mut start, mut batch) = (0, 8);
-    while start < moves.len() && miss.abs() > line.tolerance {
-        let end = (start + batch).min(moves.len());
+    let (mut start, mut batch) = (0, first);
+    while start < movable && miss.abs() > line.tolerance {
+        let end = (start + batch).min(movable);
         let rest = &mut moves[start..];
-        if start == 0 {
+        if start == 0 && end <= FIRST_BATCH {
             // One scan for the first few (a selection costs several).
             cheapest_first(rest, end, by_price);
         } else {
@@ -74,11 +75,11 @@ fn settle(line: &Line, mut try_move: impl FnMut(usize, i32) -> bool) -> u64 {
             }
             rest[..end - start].sort_unstable_by(by_price);
         }
-        for &(_, k) in &moves[start..end] {
+        for &key in &moves[start..end] {
             if miss.abs() <= line.tolerance {
                 break;
             }
-            let k = k as usize;
+            let k = key as u32 as usize;
             let per_unit = (line.along[k] * line.steps[k]) as f64;
             // The direction priced above: toward the initial miss's zero.
             let delta = if (per_unit > 0.0) == (line.miss < 0.0) {
@@ -96,6 +97,45 @@ fn settle(line: &Line, mut try_move: impl FnMut(usize, i32) -> bool) -> u64 {
         (start, batch) = (end, batch * 4);
     }
     taken
+}
+
+/// A move as one integer that sorts by price (in `f32::total_cmp`'s order),
+/// then by element: comparing integers is what makes the selection cheap.
+fn move_key(price: f32, element: usize) -> u64 {
+    let bits = price.to_bits();
+    // Negative: all bits flipped; positive: the sign bit set.
+    let ordered = bits ^ (((bits as i32) >> 31) as u32 | 0x8000_0000);
+    (u64::from(ordered) << 32) | element as u64
+}
+
+/// Prices every element's move into `moves` (see `settle`), branch-free so
+/// that it vectorizes; an element that cannot move (no effect along u)
+/// keeps the largest key and is never reached. Returns the moves' total
+/// |effect|.
+#[inline(always)]
+fn price_moves(line: &Line, lowers: bool, weight: impl Fn(usize) -> f32, moves: &mut [u64]) -> f64 {
+    let mut effects = [0f32; 8];
+    for (chunk, keys) in moves.chunks_mut(8).enumerate() {
+        for (lane, key) in keys.iter_mut().enumerate() {
+            let k = chunk * 8 + lane;
+            let per_unit = line.along[k] * line.steps[k];
+            let delta = if (per_unit > 0.0) == lowers {
+                1.0
+            } else {
+                -1.0
+            };
+            let e = line.values[k] - line.ideals[k];
+            let s = line.steps[k];
+            let price = weight(k) * (2.0 * delta * e * s + s * s) / per_unit.abs();
+            effects[lane] += per_unit.abs();
+            *key = if per_unit != 0.0 {
+                move_key(price, k)
+            } else {
+                u64::MAX
+            };
+        }
+    }
+    effects.iter().map(|&x| f64::from(x)).sum()
 }
 
 /// Puts the `k` smallest of `items` first, in order, in one scan.
@@ -150,13 +190,13 @@ pub(super) struct Settled {
 
 /// Output projection: every stored row is an output feature `i`, so column
 /// `j` of the slab gets `Σ_i u_i V_ij` to `target_j`; the ideal edit is
-/// `(W_ij − s u_i v_j) norm_j`. Columns are
-/// independent; tasks take one block-column each, which owns disjoint bytes
-/// of every row.
+/// `(W_ij − s u_i v_j) norm_j`, with `original` W as ggml reads it (row
+/// major). Columns are independent; tasks take one block-column each,
+/// which owns disjoint bytes of every row.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn settle_columns(
     ty: GgmlType,
-    src: &[u8],
+    original: &[f32],
     dst: &mut [u8],
     row_len: usize,
     u: &[f32],
@@ -187,9 +227,9 @@ pub(super) fn settle_columns(
             let mut q = vec![0f32; per_block * n_rows];
             let mut steps = vec![0f32; per_block * n_rows];
             for (i, block) in blocks.iter().enumerate() {
-                let at = i * row_bytes + b * block_bytes;
                 let span = i * per_block..(i + 1) * per_block;
-                ffi::dequantize_rows(ty, &src[at..at + block_bytes], &mut w[span.clone()])?;
+                w[span.clone()]
+                    .copy_from_slice(&original[i * row_len + b * per_block..][..per_block]);
                 ffi::dequantize_rows(ty, block, &mut q[span.clone()])?;
                 block_steps(ty, block, &mut steps[span]);
             }
@@ -312,4 +352,35 @@ pub(super) fn settle_row(
         let block = &mut dst[k / per_block * block_bytes..][..block_bytes];
         move_code(ty, block, k % per_block, delta)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::move_key;
+
+    #[test]
+    fn move_keys_sort_as_price_then_element() {
+        let prices = [
+            f32::NEG_INFINITY,
+            -3.5,
+            -0.0,
+            0.0,
+            1e-30,
+            0.25,
+            0.25,
+            7.0,
+            f32::INFINITY,
+        ];
+        let mut moves: Vec<(f32, usize)> = prices
+            .iter()
+            .enumerate()
+            .rev()
+            .map(|(i, &p)| (p, 10 - i))
+            .collect();
+        let mut keys: Vec<u64> = moves.iter().map(|&(p, k)| move_key(p, k)).collect();
+        moves.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        keys.sort_unstable();
+        let elements: Vec<usize> = keys.iter().map(|&k| k as u32 as usize).collect();
+        assert_eq!(elements, moves.iter().map(|m| m.1).collect::<Vec<_>>());
+    }
 }

@@ -365,14 +365,19 @@ impl Job<'_> {
         // preserved (the second half of the sums).
         let preserve = self.req.preserve_norms;
         let width = if preserve { 2 * n } else { n };
+        // The slab in f32, dequantized once for every pass below (within
+        // the memory target: the largest edited tensor in f32).
+        let mut weights_f32 = vec![0f32; src.len() / self.row_bytes * n];
         let sums = sum_vectors(
             width,
             src.par_chunks(self.task)
+                .zip(weights_f32.par_chunks_mut(rows * n))
                 .enumerate()
-                .map(|(task, src)| -> Result<Vec<f64>> {
-                    let w = self.dequantize(src)?;
+                .map(|(task, (src, w))| -> Result<Vec<f64>> {
+                    ffi::dequantize_rows(self.ty, src, w)?;
+                    let w = &*w;
                     let mut acc = vec![0f64; width];
-                    edit::accumulate_projection(&w, n, &u[task * rows..], &mut acc[..n]);
+                    edit::accumulate_projection(w, n, &u[task * rows..], &mut acc[..n]);
                     if preserve {
                         for row in w.chunks_exact(n) {
                             for (a, &x) in acc[n..].iter_mut().zip(row) {
@@ -402,7 +407,7 @@ impl Job<'_> {
         let mut row_error = vec![0f64; u.len()];
         let no_correction = vec![0f32; n];
         let mut after = self.output_pass(
-            src,
+            &weights_f32,
             dst,
             (&v32, &norm),
             &no_correction,
@@ -434,7 +439,16 @@ impl Job<'_> {
             // adds quantization error.
             let per_column = FLIP_TOLERANCE * norm2(&v).sqrt() / (n as f64).sqrt();
             let settled = flips::settle_columns(
-                self.ty, src, dst, n, u, s, &v32, &norm, &target, per_column,
+                self.ty,
+                &weights_f32,
+                dst,
+                n,
+                u,
+                s,
+                &v32,
+                &norm,
+                &target,
+                per_column,
             )?;
             self.add_non_finite(settled.non_finite);
             (after, moves, error2) = (settled.after, settled.moves, settled.error2);
@@ -454,7 +468,7 @@ impl Job<'_> {
                 .for_each(|(c, e)| *c += e);
             let c32: Vec<f32> = correction.iter().map(|&x| x as f32).collect();
             let delta = self.output_pass(
-                src,
+                &weights_f32,
                 dst,
                 (&v32, &norm),
                 &c32,
@@ -496,7 +510,7 @@ impl Job<'_> {
     #[allow(clippy::too_many_arguments)]
     fn output_pass(
         &self,
-        src: &[u8],
+        weights_f32: &[f32],
         dst: &mut [u8],
         (v, norm): (&[f32], &[f32]),
         correction: &[f32],
@@ -511,17 +525,16 @@ impl Job<'_> {
         let first = miss.is_none();
         let parts = dst
             .par_chunks_mut(self.task)
-            .zip(src.par_chunks(self.task))
+            .zip(weights_f32.par_chunks(rows * n))
             .zip(row_error.par_chunks_mut(rows))
             .enumerate()
-            .map(|(task, ((dst, src), row_error))| -> Result<Vec<f64>> {
+            .map(|(task, ((dst, w), row_error))| -> Result<Vec<f64>> {
                 let u_rows = &self.req.u[task * rows..];
                 let w_rows = &weights[task * rows..];
-                let n_rows = src.len() / self.row_bytes;
+                let n_rows = w.len() / n;
                 if !first && w_rows[..n_rows].iter().all(|&w| w == 0.0) {
                     return Ok(vec![0f64; n]);
                 }
-                let w = self.dequantize(src)?;
                 let old = if first {
                     None
                 } else {
