@@ -128,9 +128,16 @@ pub fn max_component(kind: EditKind, values: &[f32], row_len: usize, u: &[f32]) 
     }
 }
 
-/// f64-accumulated dot product. Eight independent partial sums let the
-/// compiler vectorize what a single running sum would serialize.
+/// f64-accumulated dot product.
 pub fn dot(a: &[f32], b: &[f32]) -> f64 {
+    sum_pairs(a, b, |x, y| x * y)
+}
+
+/// `Σ f(a_i, b_i)` over paired elements, in f64. Eight independent partial
+/// sums let the compiler vectorize what a single running sum would
+/// serialize.
+#[inline(always)]
+pub fn sum_pairs(a: &[f32], b: &[f32], f: impl Fn(f64, f64) -> f64) -> f64 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut lanes = [0f64; 8];
@@ -138,10 +145,14 @@ pub fn dot(a: &[f32], b: &[f32]) -> f64 {
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for k in 0..8 {
-            lanes[k] += x[k] as f64 * y[k] as f64;
+            lanes[k] += f(x[k] as f64, y[k] as f64);
         }
     }
-    let tail: f64 = ra.iter().zip(rb).map(|(&x, &y)| x as f64 * y as f64).sum();
+    let tail: f64 = ra
+        .iter()
+        .zip(rb)
+        .map(|(&x, &y)| f(x as f64, y as f64))
+        .sum();
     lanes.iter().sum::<f64>() + tail
 }
 

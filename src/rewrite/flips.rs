@@ -41,14 +41,12 @@ fn settle(line: &Line, mut try_move: impl FnMut(usize, i32) -> bool) -> u64 {
     // Price: added squared error per unit of |effect|. With d = ±1 the
     // direction that lowers |miss|, e = value − ideal and s the step:
     // ((e + d s)² − e²) / |a s| = (2 d e s + s²) / |a s|.
-    let n = line.values.len();
-    let mut moves = vec![u64::MAX; n];
+    let mut moves = vec![0u64; line.values.len()];
     let lowers = miss < 0.0;
-    let total_effect = match line.importance {
+    let (total_effect, movable) = match line.importance {
         Some(imp) => price_moves(line, lowers, |k| imp[k], &mut moves),
         None => price_moves(line, lowers, |_| 1.0, &mut moves),
     };
-    let movable = moves.iter().filter(|&&m| m != u64::MAX).count();
     // Order only as many of the cheapest as the miss should need (an
     // average move's effect), then more if those did not suffice. Moves are
     // still taken in price order, ties to the lower index, so the batch
@@ -82,11 +80,7 @@ fn settle(line: &Line, mut try_move: impl FnMut(usize, i32) -> bool) -> u64 {
             let k = key as u32 as usize;
             let per_unit = (line.along[k] * line.steps[k]) as f64;
             // The direction priced above: toward the initial miss's zero.
-            let delta = if (per_unit > 0.0) == (line.miss < 0.0) {
-                1
-            } else {
-                -1
-            };
+            let delta = if (per_unit > 0.0) == lowers { 1 } else { -1 };
             let effect = delta as f64 * per_unit;
             // Only moves that leave |miss| smaller, and codes in range.
             if (miss + effect).abs() < miss.abs() && try_move(k, delta) {
@@ -110,11 +104,17 @@ fn move_key(price: f32, element: usize) -> u64 {
 
 /// Prices every element's move into `moves` (see `settle`), branch-free so
 /// that it vectorizes; an element that cannot move (no effect along u)
-/// keeps the largest key and is never reached. Returns the moves' total
-/// |effect|.
+/// gets the largest key and is never reached. Returns the moves' total
+/// |effect| and how many can move.
 #[inline(always)]
-fn price_moves(line: &Line, lowers: bool, weight: impl Fn(usize) -> f32, moves: &mut [u64]) -> f64 {
+fn price_moves(
+    line: &Line,
+    lowers: bool,
+    weight: impl Fn(usize) -> f32,
+    moves: &mut [u64],
+) -> (f64, usize) {
     let mut effects = [0f32; 8];
+    let mut movable = 0;
     for (chunk, keys) in moves.chunks_mut(8).enumerate() {
         for (lane, key) in keys.iter_mut().enumerate() {
             let k = chunk * 8 + lane;
@@ -128,6 +128,7 @@ fn price_moves(line: &Line, lowers: bool, weight: impl Fn(usize) -> f32, moves: 
             let s = line.steps[k];
             let price = weight(k) * (2.0 * delta * e * s + s * s) / per_unit.abs();
             effects[lane] += per_unit.abs();
+            movable += usize::from(per_unit != 0.0);
             *key = if per_unit != 0.0 {
                 move_key(price, k)
             } else {
@@ -135,7 +136,7 @@ fn price_moves(line: &Line, lowers: bool, weight: impl Fn(usize) -> f32, moves: 
             };
         }
     }
-    effects.iter().map(|&x| f64::from(x)).sum()
+    (effects.iter().map(|&x| f64::from(x)).sum(), movable)
 }
 
 /// Puts the `k` smallest of `items` first, in order, in one scan.

@@ -166,26 +166,9 @@ struct Job<'a> {
     non_finite: std::sync::atomic::AtomicU64,
 }
 
-/// `‖a − b‖²` in f64, with eight partial sums so that it vectorizes (as
-/// `edit::dot`).
+/// `‖a − b‖²` in f64.
 fn sq_dist(a: &[f32], b: &[f32]) -> f64 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut lanes = [0f64; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f64 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for k in 0..8 {
-            let d = x[k] as f64 - y[k] as f64;
-            lanes[k] += d * d;
-        }
-    }
-    lanes.iter().sum::<f64>() + tail
+    edit::sum_pairs(a, b, |x, y| (x - y) * (x - y))
 }
 
 impl Job<'_> {
