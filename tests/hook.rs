@@ -7,7 +7,7 @@ use gguf_abliterate::activations::capture_means;
 use gguf_abliterate::chat::ChatFormat;
 use gguf_abliterate::direction::refine::{point_direction, EditPoint};
 use gguf_abliterate::edit::{EditWeights, Kernel};
-use gguf_abliterate::eval::{AblateHook, AddHook, NoHook, Runner};
+use gguf_abliterate::eval::{kl_divergence, AblateHook, AddHook, NoHook, Runner};
 use gguf_abliterate::ffi::{self, Model};
 use indicatif::ProgressBar;
 
@@ -176,8 +176,7 @@ fn edit_and_hook_kls(
     opts: &gguf_abliterate::apply::ApplyOptions,
     out: &std::path::Path,
 ) -> Vec<(f64, f64)> {
-    use gguf_abliterate::eval::kl_divergence;
-    gguf_abliterate::apply::apply(model_path, out, r, opts).unwrap();
+    let report = gguf_abliterate::apply::apply(model_path, out, r, opts).unwrap();
     let edited_model = Model::load(out, 0).unwrap();
     let mut edited_runner = Runner::new(&edited_model, 512, 2).unwrap();
     let kl = |x: &[Vec<f32>], y: &[Vec<f32>]| {
@@ -191,8 +190,12 @@ fn edit_and_hook_kls(
         .map(|p| {
             let plain = runner.first_token_logprobs(p, &mut NoHook).unwrap();
             let mut hook = AblateHook::new(r).unwrap();
-            (hook.scale, hook.weights, hook.embeddings, hook.unembedding) =
-                (opts.scale, opts.weights, !opts.skip_embeddings, true);
+            (hook.scale, hook.weights, hook.embeddings, hook.unembedding) = (
+                opts.scale,
+                opts.weights,
+                !opts.skip_embeddings,
+                report.tied_embeddings,
+            );
             let predicted = runner.first_token_logprobs(p, &mut hook).unwrap();
             let edited = edited_runner.first_token_logprobs(p, &mut NoHook).unwrap();
             (kl(&plain, &edited), kl(&predicted, &edited))
@@ -328,4 +331,87 @@ fn on_a_4_bit_model_grid_aware_projection_makes_the_file_match_the_hook() {
         exact.2,
         single.2
     );
+}
+
+/// Issue 7, point 4, on a K-quant model: Qwen2.5-Coder-0.5B-Instruct
+/// Q4_K_M (Q4_K/Q6_K `ffn_down`, Q5_0 `attn_output` and `token_embd`),
+/// with its own refusal direction at half strength, as the search picks
+/// partial edits. A single pass keeps 0.75–0.90 of the component on the
+/// Q4_K and Q5_0 tensors, so the file carries little of what the hook
+/// measured; grid-aware projection keeps 0.53 of 0.5, and the file's
+/// first-token KL against the hooked original falls several-fold on both
+/// prompt sets.
+#[test]
+fn on_a_k_quant_model_grid_aware_projection_makes_the_file_agree_with_the_hook() {
+    let path = require_model!("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
+    use gguf_abliterate::apply::ApplyOptions;
+    use gguf_abliterate::prompts::{Kind, PromptSet};
+    ffi::init_backend(false);
+    let model = Model::load(&path, 0).unwrap();
+    let fmt = ChatFormat::resolve(&model, None).unwrap();
+    let tokens = |p: &[gguf_abliterate::prompts::Prompt]| -> Vec<Vec<i32>> {
+        p.iter()
+            .take(12)
+            .map(|p| fmt.tokenize(&model, &p.text).unwrap())
+            .collect()
+    };
+    let [harmful, harmless] = [Kind::Harmful, Kind::Harmless].map(PromptSet::builtin);
+    let mut runner = Runner::new(&model, 512, 2).unwrap();
+    let bar = ProgressBar::hidden();
+    let layer = 18;
+    let a = capture_means(&mut runner, &tokens(&harmful.train), layer + 1, 1, &bar).unwrap();
+    let b = capture_means(&mut runner, &tokens(&harmless.train), layer + 1, 1, &bar).unwrap();
+    let r: Vec<f32> = a
+        .at(layer, 0)
+        .iter()
+        .zip(b.at(layer, 0))
+        .map(|(x, y)| (x - y) as f32)
+        .collect();
+    let sets = [tokens(&harmless.val), tokens(&harmful.val)];
+    let mut hook = AblateHook::new(&r).unwrap();
+    hook.scale = 0.5;
+    let hooked: Vec<_> = sets
+        .iter()
+        .map(|p| runner.first_token_logprobs(p, &mut hook).unwrap())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let mut kls = Vec::new();
+    for exact_grid in [false, true] {
+        let opts = ApplyOptions {
+            scale: 0.5,
+            exact_grid,
+            progress: false,
+            ..Default::default()
+        };
+        let out = dir.path().join(format!("exact-{exact_grid}.gguf"));
+        let report = gguf_abliterate::apply::apply(&path, &out, &r, &opts).unwrap();
+        assert!(!report.tied_embeddings && report.embeddings_edited);
+        let edited = Model::load(&out, 0).unwrap();
+        let mut edited_runner = Runner::new(&edited, 512, 2).unwrap();
+        let kl: Vec<f64> = sets
+            .iter()
+            .zip(&hooked)
+            .map(|(p, hooked)| {
+                let file = edited_runner.first_token_logprobs(p, &mut NoHook).unwrap();
+                let sum: f64 = hooked
+                    .iter()
+                    .zip(&file)
+                    .map(|(h, f)| kl_divergence(h, f))
+                    .sum();
+                sum / p.len() as f64
+            })
+            .collect();
+        kls.push(kl);
+    }
+    let (single, exact) = (&kls[0], &kls[1]);
+    eprintln!(
+        "Qwen2.5-Coder-0.5B Q4_K_M, scale 0.5, single pass / grid-aware: first-token KL file vs hook, harmless {:.4} / {:.4}, harmful {:.4} / {:.4}",
+        single[0], exact[0], single[1], exact[1]
+    );
+    for (set, (s, e)) in ["harmless", "harmful"].iter().zip(single.iter().zip(exact)) {
+        assert!(
+            e * 2.0 < *s,
+            "{set}: grid-aware file vs hook KL {e:.4} should be several times below the single pass's {s:.4}"
+        );
+    }
 }

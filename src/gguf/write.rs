@@ -65,6 +65,7 @@ pub fn write_patched(
         let writer = scope.spawn(move || -> Result<()> {
             // However the writer ends, a producer waiting for room wakes up.
             let _stop = StopOnDrop(budget);
+            let mut writeback = Writeback::default();
             for job in jobs {
                 match job {
                     Output::Copy(from, to) => copy_range(input, from, to, out)?,
@@ -74,6 +75,7 @@ pub fn write_patched(
                         budget.release(bytes.len() as u64);
                     }
                 }
+                writeback.start(out);
             }
             out.flush()?;
             Ok(())
@@ -112,6 +114,47 @@ pub fn write_patched(
         // The writer's error explains a "writer stopped".
         written.and(produced)
     })
+}
+
+/// Starts the kernel's writeback of what has been written so far, without
+/// waiting for it, so that the final `fsync` finds little left to write
+/// (on a 469 MB model it otherwise waited 0.2–0.7 s with every core idle).
+#[derive(Default)]
+struct Writeback {
+    started_to: u64,
+}
+
+impl Writeback {
+    /// At least this much new data before another request.
+    const STEP: u64 = 32 << 20;
+
+    fn start(&mut self, out: &mut File) {
+        #[cfg(target_os = "linux")]
+        {
+            use std::io::Seek;
+            use std::os::fd::AsRawFd;
+            let Ok(end) = out.stream_position() else {
+                return;
+            };
+            if end < self.started_to + Self::STEP {
+                return;
+            }
+            // SAFETY: a valid fd; SYNC_FILE_RANGE_WRITE only queues the
+            // range's dirty pages for writing. A failure is harmless: the
+            // final fsync writes whatever is left and reports any error.
+            unsafe {
+                libc::sync_file_range(
+                    out.as_raw_fd(),
+                    self.started_to as libc::off64_t,
+                    (end - self.started_to) as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+            self.started_to = end;
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = out;
+    }
 }
 
 /// Bytes of produced tensors that may wait for the writer. A larger tensor

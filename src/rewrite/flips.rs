@@ -33,19 +33,21 @@ struct Line<'a> {
 
 /// The moves, cheapest first, that bring the line's miss within its
 /// tolerance; `try_move(element, delta)` applies one if the code allows.
-fn settle(line: &Line, mut try_move: impl FnMut(usize, i32) -> bool) -> u64 {
+fn settle(line: &Line, moves: &mut Vec<u64>, mut try_move: impl FnMut(usize, i32) -> bool) -> u64 {
     let mut miss = line.miss;
     if miss.abs() <= line.tolerance {
         return 0;
     }
+    // Reused from line to line: every key is rewritten below, so it is
+    // zeroed only when it grows.
+    moves.resize(line.values.len(), 0);
     // Price: added squared error per unit of |effect|. With d = ±1 the
     // direction that lowers |miss|, e = value − ideal and s the step:
     // ((e + d s)² − e²) / |a s| = (2 d e s + s²) / |a s|.
-    let mut moves = vec![0u64; line.values.len()];
     let lowers = miss < 0.0;
     let (total_effect, movable) = match line.importance {
-        Some(imp) => price_moves(line, lowers, |k| imp[k], &mut moves),
-        None => price_moves(line, lowers, |_| 1.0, &mut moves),
+        Some(imp) => price_moves(line, lowers, |k| imp[k], moves),
+        None => price_moves(line, lowers, |_| 1.0, moves),
     };
     // Order only as many of the cheapest as the miss should need (an
     // average move's effect), then more if those did not suffice. Moves are
@@ -242,32 +244,36 @@ pub(super) fn settle_columns(
                     *a += u[i] as f64 * x as f64;
                 }
             }
-            // Column-major copies for one column at a time.
-            let (mut values, mut ideals, mut col_steps) =
-                (vec![0f32; n_rows], vec![0f32; n_rows], vec![0f32; n_rows]);
+            // Column-major copies, transposed in tiles: gathering each
+            // column with a stride of a whole block missed the cache on
+            // every element.
+            let [wt, qt, st] = [&w, &q, &steps].map(|m| transposed(m, n_rows, per_block));
+            let mut ideals = vec![0f32; n_rows];
+            let mut keys = Vec::new();
             let mut moved = 0;
             for (c, &written) in written.iter().enumerate() {
                 let j = b * per_block + c;
                 if (written - target[j]).abs() <= tolerance {
                     continue;
                 }
-                for i in 0..n_rows {
-                    let k = i * per_block + c;
-                    values[i] = q[k];
-                    ideals[i] = (w[k] - scale * u[i] * v[j]) * norm[j];
-                    col_steps[i] = steps[k];
+                let column = c * n_rows..(c + 1) * n_rows;
+                let (vj, fj) = (v[j], norm[j]);
+                for ((ideal, &w), &ui) in ideals.iter_mut().zip(&wt[column.clone()]).zip(u) {
+                    *ideal = (w - scale * ui * vj) * fj;
                 }
                 let line = Line {
                     miss: written - target[j],
                     tolerance,
-                    values: &values,
+                    values: &qt[column.clone()],
                     ideals: &ideals,
                     along: u,
-                    steps: &col_steps,
+                    steps: &st[column],
                     // One column, one importance: it cannot change the order.
                     importance: None,
                 };
-                moved += settle(&line, |i, delta| move_code(ty, blocks[i], c, delta));
+                moved += settle(&line, &mut keys, |i, delta| {
+                    move_code(ty, blocks[i], c, delta)
+                });
             }
             // What ggml reads back from the final bytes.
             // Per-column sums (vectorized across the block), added up at the end.
@@ -313,9 +319,35 @@ pub(super) fn settle_columns(
     Ok(settled)
 }
 
+/// `m` (`rows × cols`, row major) as `cols × rows`, a strip of rows at a
+/// time so that reads and writes both stay in the cache.
+fn transposed(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const STRIP: usize = 8;
+    let mut t = vec![0f32; m.len()];
+    for i0 in (0..rows).step_by(STRIP) {
+        let strip = &m[i0 * cols..(i0 + STRIP).min(rows) * cols];
+        let h = strip.len() / cols;
+        for j in 0..cols {
+            let out = &mut t[j * rows + i0..][..h];
+            for (r, x) in out.iter_mut().enumerate() {
+                *x = strip[r * cols + j];
+            }
+        }
+    }
+    t
+}
+
+/// Buffers `settle_row` reuses from row to row.
+#[derive(Default)]
+pub(super) struct RowScratch {
+    steps: Vec<f32>,
+    keys: Vec<u64>,
+}
+
 /// A row that is itself a residual vector (embedding rows): its dot with
-/// `u` goes to `target`. `values` is the row as ggml reads `dst` back and
-/// `ideal` the f32 edit; `importance` weighs each element's error.
+/// `u`, `written` now, goes to `target`. `values` is the row as ggml reads
+/// `dst` back and `ideal` the f32 edit; `importance` weighs each element's
+/// error.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn settle_row(
     ty: GgmlType,
@@ -323,20 +355,22 @@ pub(super) fn settle_row(
     values: &[f32],
     ideal: &[f32],
     u: &[f32],
-    target: f64,
+    (written, target): (f64, f64),
     tolerance: f64,
     importance: Option<&[f32]>,
+    scratch: &mut RowScratch,
 ) -> u64 {
     let block_bytes = ty.type_size() as usize;
     let per_block = ty.block_size() as usize;
-    let miss = crate::edit::dot(values, u) - target;
+    let miss = written - target;
     if miss.abs() <= tolerance {
         return 0;
     }
-    let mut steps = vec![0f32; values.len()];
+    // Every step is rewritten below.
+    scratch.steps.resize(values.len(), 0.0);
     for (block, steps) in dst
         .chunks_exact(block_bytes)
-        .zip(steps.chunks_mut(per_block))
+        .zip(scratch.steps.chunks_mut(per_block))
     {
         block_steps(ty, block, steps);
     }
@@ -346,10 +380,10 @@ pub(super) fn settle_row(
         values,
         ideals: ideal,
         along: u,
-        steps: &steps,
+        steps: &scratch.steps,
         importance,
     };
-    settle(&line, |k, delta| {
+    settle(&line, &mut scratch.keys, |k, delta| {
         let block = &mut dst[k / per_block * block_bytes..][..block_bytes];
         move_code(ty, block, k % per_block, delta)
     })

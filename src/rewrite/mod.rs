@@ -241,6 +241,8 @@ impl Job<'_> {
                     .zip(ideal.chunks_exact(n))
                     .map(|(v, x)| sq_dist(v, x))
                     .collect();
+                // Each row's error as written: only settled rows change.
+                let mut errors = plain.clone();
                 let before2: f64 = before.iter().map(|b| b * b).sum();
                 // A row whose own component is tiny need not be matched more
                 // closely than a typical row.
@@ -256,6 +258,7 @@ impl Job<'_> {
                             .sum()
                     };
                     let bound2 = FLIP_TOLERANCE.powi(2) * before2;
+                    let mut scratch = flips::RowScratch::default();
                     let mut order: Vec<usize> = (0..n_rows).collect();
                     order.sort_by(|&a, &b| {
                         (after[b] - target[b])
@@ -277,13 +280,15 @@ impl Job<'_> {
                             &values[span.clone()],
                             &ideal[span.clone()],
                             u,
-                            target[r],
+                            (after[r], target[r]),
                             FLIP_TOLERANCE * share,
                             imp,
+                            &mut scratch,
                         );
                         ffi::dequantize_rows(self.ty, row, &mut values[span.clone()])?;
                         self.count_non_finite(&values[span.clone()]);
-                        after[r] = edit::dot(&values[span], u);
+                        after[r] = edit::dot(&values[span.clone()], u);
+                        errors[r] = sq_dist(&values[span.clone()], &ideal[span]);
                     }
                 } else if self.iterate {
                     // Requantize each row with what it kept pushed back in.
@@ -312,8 +317,8 @@ impl Job<'_> {
                     }
                 }
                 let plain_error2: f64 = plain.iter().sum();
-                let error2: f64 = if moves == 0 && passes == 1 {
-                    plain_error2
+                let error2: f64 = if passes == 1 {
+                    errors.iter().sum()
                 } else {
                     values
                         .chunks_exact(n)
