@@ -244,9 +244,9 @@ pub(super) fn settle_columns(
                     *a += u[i] as f64 * x as f64;
                 }
             }
-            // Column-major copies, transposed in tiles: gathering each
-            // column with a stride of a whole block missed the cache on
-            // every element.
+            // Column-major copies, transposed a strip of rows at a time:
+            // gathering each column with a whole block's stride missed the
+            // cache on every element.
             let [wt, qt, st] = [&w, &q, &steps].map(|m| transposed(m, n_rows, per_block));
             let mut ideals = vec![0f32; n_rows];
             let mut keys = Vec::new();
@@ -392,6 +392,19 @@ pub(super) fn settle_row(
 #[cfg(test)]
 mod tests {
     use super::move_key;
+
+    #[test]
+    fn transposed_swaps_rows_and_columns() {
+        // 11 rows: a whole strip of 8 and a partial one.
+        let (rows, cols) = (11, 5);
+        let m: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
+        let t = super::transposed(&m, rows, cols);
+        for i in 0..rows {
+            for j in 0..cols {
+                assert_eq!(t[j * rows + i], m[i * cols + j]);
+            }
+        }
+    }
 
     #[test]
     fn move_keys_sort_as_price_then_element() {
