@@ -23,6 +23,16 @@ impl Means {
         let i = (layer * self.n_pos + pos) * self.n_embd;
         &self.values[i..i + self.n_embd]
     }
+
+    /// `self − other` at one layer and position, in f32: the difference
+    /// of means every candidate direction is made of.
+    pub fn minus(&self, other: &Means, layer: usize, pos: usize) -> Vec<f32> {
+        self.at(layer, pos)
+            .iter()
+            .zip(other.at(layer, pos))
+            .map(|(a, b)| (a - b) as f32)
+            .collect()
+    }
 }
 
 struct CaptureHook<'a> {

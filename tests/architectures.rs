@@ -370,12 +370,7 @@ fn gemma3_270m_hook_predicts_the_edit() {
     let mut runner = Runner::new(&model, 512, 2).unwrap();
     let a = capture_means(&mut runner, &harmful, layer + 1, 1, &bar).unwrap();
     let b = capture_means(&mut runner, &harmless, layer + 1, 1, &bar).unwrap();
-    let r: Vec<f32> = a
-        .at(layer, 0)
-        .iter()
-        .zip(b.at(layer, 0))
-        .map(|(x, y)| (x - y) as f32)
-        .collect();
+    let r = a.minus(&b, layer, 0);
     let shards = gguf_abliterate::gguf::open_model(&path).unwrap();
     let norms = PostNorms::read(&shards).unwrap();
     let tied = !shards.iter().any(|s| s.tensor("output.weight").is_some());

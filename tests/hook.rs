@@ -143,12 +143,7 @@ fn layer_12_direction(
     let bar = ProgressBar::hidden();
     let a = capture_means(runner, &harmful_prompts(model), 13, 1, &bar).unwrap();
     let b = capture_means(runner, &prompts(model), 13, 1, &bar).unwrap();
-    let r = a
-        .at(12, 0)
-        .iter()
-        .zip(b.at(12, 0))
-        .map(|(x, y)| (x - y) as f32)
-        .collect();
+    let r = a.minus(&b, 12, 0);
     (r, [a, b])
 }
 
@@ -361,12 +356,7 @@ fn on_a_k_quant_model_grid_aware_projection_makes_the_file_agree_with_the_hook()
     let layer = 18;
     let a = capture_means(&mut runner, &tokens(&harmful.train), layer + 1, 1, &bar).unwrap();
     let b = capture_means(&mut runner, &tokens(&harmless.train), layer + 1, 1, &bar).unwrap();
-    let r: Vec<f32> = a
-        .at(layer, 0)
-        .iter()
-        .zip(b.at(layer, 0))
-        .map(|(x, y)| (x - y) as f32)
-        .collect();
+    let r = a.minus(&b, layer, 0);
     let sets = [tokens(&harmless.val), tokens(&harmful.val)];
     let mut hook = AblateHook::new(&r).unwrap();
     hook.scale = 0.5;

@@ -50,12 +50,7 @@ pub fn point_direction(harmful: &Means, harmless: &Means, point: &EditPoint) -> 
     let hi = (lo + 1).min(last);
     let t = index - lo as f32;
     let unit = |l: usize| -> Result<Vec<f32>> {
-        let d: Vec<f32> = harmful
-            .at(l, point.position)
-            .iter()
-            .zip(harmless.at(l, point.position))
-            .map(|(a, b)| (a - b) as f32)
-            .collect();
+        let d = harmful.minus(harmless, l, point.position);
         normalized(&d).with_context(|| format!("zero difference of means at layer {l}"))
     };
     let (a, b) = (unit(lo)?, unit(hi)?);

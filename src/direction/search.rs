@@ -10,7 +10,7 @@
 //! 4. discard layers ≥ 0.8 L, induce ≤ 0, KL > threshold; take the lowest bypass.
 
 use super::refine::{self, EditPoint, Optimizer, Space, Trial};
-use crate::activations::{capture_collecting, Means};
+use crate::activations::capture_collecting;
 use crate::chat::ChatFormat;
 use crate::eval::{kl_divergence, refusal_score, AblateHook, AddHook, NoHook, Runner};
 use crate::ffi::Model;
@@ -388,7 +388,7 @@ pub fn search(
         Some(p) => vec![p],
         None => (0..n_post).collect(),
     };
-    let direction_of = |l: usize, p: usize| diff(&harm_means, &safe_means, l, p);
+    let direction_of = |l: usize, p: usize| harm_means.minus(&safe_means, l, p);
 
     // 3a. Cheap ranking: bypass and KL on the shortest few prompts, in one batch.
     let shortest = |set: &[Vec<i32>], n: usize| {
@@ -658,15 +658,6 @@ pub fn search(
         stage_seconds: stages,
         imatrix,
     })
-}
-
-fn diff(harmful: &Means, harmless: &Means, layer: usize, pos: usize) -> Vec<f32> {
-    harmful
-        .at(layer, pos)
-        .iter()
-        .zip(harmless.at(layer, pos))
-        .map(|(a, b)| (a - b) as f32)
-        .collect()
 }
 
 /// Refusal tokens: the tokens whose first-token probability most separates
