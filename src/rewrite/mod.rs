@@ -274,7 +274,7 @@ impl Job<'_> {
                         let share = ((before[r].powi(2) + typical2) / 2.0).sqrt();
                         let span = r * n..(r + 1) * n;
                         let row = &mut dst[r * self.row_bytes..(r + 1) * self.row_bytes];
-                        moves += flips::settle_row(
+                        let moved = flips::settle_row(
                             self.ty,
                             row,
                             &values[span.clone()],
@@ -285,6 +285,11 @@ impl Job<'_> {
                             imp,
                             &mut scratch,
                         );
+                        if moved == 0 {
+                            // Unchanged bytes: values, after and errors hold.
+                            continue;
+                        }
+                        moves += moved;
                         ffi::dequantize_rows(self.ty, row, &mut values[span.clone()])?;
                         self.count_non_finite(&values[span.clone()]);
                         after[r] = edit::dot(&values[span.clone()], u);
