@@ -15,7 +15,7 @@ fn main() -> anyhow::Result<()> {
     };
     let shards = gguf::open_model(model.as_ref())?;
     let r = DirectionFile::read(direction.as_ref())?.direction;
-    let plan = edit::plan_edits(&shards, &r, &EditWeights::default())?;
+    let plan = edit::plan_edits(&shards, &r, &[], &EditWeights::default())?;
     let mut spent = Duration::ZERO;
     for e in &plan.edits {
         let t = shards[e.shard].tensor(&e.name).expect("planned");

@@ -35,6 +35,9 @@ pub struct ApplyOptions {
     /// Give every write vector its norm back after the projection
     /// (`--preserve-norms`).
     pub preserve_norms: bool,
+    /// Per-layer scope: one direction per layer for its writers (empty:
+    /// every tensor loses the one direction).
+    pub layer_directions: Vec<Vec<f32>>,
 }
 
 impl ApplyOptions {
@@ -60,6 +63,7 @@ impl Default for ApplyOptions {
             imatrix: None,
             exact_grid: true,
             preserve_norms: false,
+            layer_directions: Vec::new(),
         }
     }
 }
@@ -107,8 +111,13 @@ pub fn apply(
         bail!("--scale must be in (0, 1], got {}", opts.scale);
     }
     let shards = gguf::open_model(input)?;
-    let plan = edit::plan_edits(&shards, direction, &opts.effective_weights())
-        .with_context(|| format!("planning the edit of {}", input.display()))?;
+    let plan = edit::plan_edits(
+        &shards,
+        direction,
+        &opts.layer_directions,
+        &opts.effective_weights(),
+    )
+    .with_context(|| format!("planning the edit of {}", input.display()))?;
     check_rewritable(&shards, &plan, opts.imatrix.as_deref())?;
 
     let out_paths = if shards.len() == 1 {
@@ -325,7 +334,25 @@ fn provenance_kvs(plan: &EditPlan, direction: &[f32], opts: &ApplyOptions) -> Ve
                 direction.iter().map(|&x| Value::F32(x)).collect(),
             ),
         ),
+        (
+            key("per_layer"),
+            Value::Bool(!opts.layer_directions.is_empty()),
+        ),
     ];
+    if !opts.layer_directions.is_empty() {
+        // Layer after layer, n_embd values each: what `apply` used.
+        kvs.push((
+            key("layer_directions"),
+            Value::Array(
+                gguf::value_type::F32,
+                opts.layer_directions
+                    .iter()
+                    .flatten()
+                    .map(|&x| Value::F32(x))
+                    .collect(),
+            ),
+        ));
+    }
     for (k, v) in &opts.provenance {
         let k = key(k);
         if !kvs.iter().any(|(existing, _)| *existing == k) {

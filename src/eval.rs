@@ -70,9 +70,10 @@ pub struct AblateHook {
     carried: Vec<f32>,
     /// Batch rows that produce outputs (the rows of a last-layer node).
     output_rows: Vec<usize>,
-    /// Post-norm families only: the unit direction removed from each
-    /// projection's output *before* its post-norm, keyed by
-    /// `Node::AttnProj(l)` / `Node::FfnProj(l)` (see `with_post_norms`).
+    /// The unit direction removed from a projection's output (before any
+    /// post-norm), keyed by `Node::AttnProj(l)` / `Node::FfnProj(l)`: for
+    /// post-norm families (`with_post_norms`) and per-layer directions
+    /// (`with_layer_directions`). Other writes are ablated on the residual.
     pre_norm: Vec<(Node, Vec<f32>)>,
 }
 
@@ -109,6 +110,44 @@ impl AblateHook {
                 edit::post_norm_direction(g, &self.direction).map(|u| (node, u))
             })
             .collect();
+        self
+    }
+
+    /// Per-layer scope: layer ℓ's writers lose `directions[ℓ]` (unit
+    /// vectors), each on its projection's output as the weight edit does;
+    /// `direction` stays the one `token_embd` (and a tied unembedding) loses.
+    /// Biases added after the projection are not ablated here, so this
+    /// emulates `apply` exactly only for models without writer biases.
+    pub fn with_layer_directions(
+        mut self,
+        directions: &[Vec<f32>],
+        norms: &edit::PostNorms,
+    ) -> AblateHook {
+        if directions.is_empty() {
+            return self;
+        }
+        let post_norm = |layer: usize, proj: edit::Projection| {
+            norms
+                .weights
+                .iter()
+                .find(|(l, p, _)| *l == layer && *p == proj)
+                .map(|(_, _, g)| g.as_slice())
+        };
+        self.pre_norm.clear();
+        for (layer, r) in directions.iter().enumerate() {
+            for (proj, node) in [
+                (edit::Projection::Attention, Node::AttnProj(layer)),
+                (edit::Projection::Mlp, Node::FfnProj(layer)),
+            ] {
+                let u = match post_norm(layer, proj) {
+                    Some(g) => edit::post_norm_direction(g, r),
+                    None => edit::normalized(r),
+                };
+                if let Some(u) = u {
+                    self.pre_norm.push((node, u));
+                }
+            }
+        }
         self
     }
 
@@ -264,7 +303,7 @@ impl<'m> Runner<'m> {
         };
         Ok(Runner {
             ctx: Context::new(model, opts)?,
-            batch: Batch::new(n_batch),
+            batch: Batch::new(n_batch, n_seq as usize),
         })
     }
 
@@ -283,12 +322,26 @@ impl<'m> Runner<'m> {
 
     /// Decodes `prompts` packed into as few batches as the context allows,
     /// each prompt in its own sequence, and hands each batch's layout to
-    /// `hook.begin` before and to `read` after its decode.
+    /// `hook.begin` before and to `read` after its decode. Every token of
+    /// every prompt is its own batch row (what a capture of inputs counts).
     pub fn run(
         &mut self,
         prompts: &[Vec<i32>],
         hook: &mut dyn BatchHook,
+        read: impl FnMut(&Context, &[Entry]) -> Result<()>,
+    ) -> Result<()> {
+        self.run_packed(prompts, hook, read, false)
+    }
+
+    /// `run`, with the prefix a batch's prompts share (a chat template's
+    /// system prompt) decoded once for all of them: fewer rows, the same
+    /// sequences. Entries then cover each prompt's own tokens only.
+    fn run_packed(
+        &mut self,
+        prompts: &[Vec<i32>],
+        hook: &mut dyn BatchHook,
         mut read: impl FnMut(&Context, &[Entry]) -> Result<()>,
+        share_prefix: bool,
     ) -> Result<()> {
         let max = self.max_tokens();
         let n_seq = self.ctx.options().n_seq as usize;
@@ -305,24 +358,26 @@ impl<'m> Runner<'m> {
         let mut next = 0;
         let mut entries = Vec::new();
         while next < prompts.len() {
+            // A group that fits the batch even unshared.
+            let (first, mut used) = (next, 0);
+            while next < prompts.len()
+                && next - first < n_seq
+                && used + prompts[next].len() <= self.max_tokens()
+            {
+                used += prompts[next].len();
+                next += 1;
+            }
+            let group = &prompts[first..next];
+            let shared = if share_prefix {
+                shared_prefix(group)
+            } else {
+                0
+            };
             self.batch.clear();
             entries.clear();
-            while next < prompts.len()
-                && entries.len() < n_seq
-                && prompts[next].len() <= self.batch.free_space()
-            {
-                let start = self.batch.len();
-                let p = &prompts[next];
-                for (pos, &tok) in p.iter().enumerate() {
-                    self.batch
-                        .push(tok, pos, entries.len() as i32, pos + 1 == p.len());
-                }
-                entries.push(Entry {
-                    prompt: next,
-                    start,
-                    len: p.len(),
-                });
-                next += 1;
+            self.push_group(group, shared, &mut entries);
+            for e in &mut entries {
+                e.prompt += first;
             }
             self.ctx.clear();
             hook.begin(&entries);
@@ -333,6 +388,28 @@ impl<'m> Runner<'m> {
         Ok(())
     }
 
+    /// Pushes `group`'s prompts as sequences 0.., the first `shared`
+    /// tokens (common to all of them) once, and records each prompt's own
+    /// rows in `entries` (prompt indices relative to the group).
+    fn push_group(&mut self, group: &[Vec<i32>], shared: usize, entries: &mut Vec<Entry>) {
+        if let Some(p) = group.first() {
+            for (pos, &tok) in p[..shared].iter().enumerate() {
+                self.batch.push_shared(tok, pos, group.len());
+            }
+        }
+        for (seq, p) in group.iter().enumerate() {
+            let start = self.batch.len();
+            for (pos, &tok) in p.iter().enumerate().skip(shared) {
+                self.batch.push(tok, pos, seq as i32, pos + 1 == p.len());
+            }
+            entries.push(Entry {
+                prompt: seq,
+                start,
+                len: p.len() - shared,
+            });
+        }
+    }
+
     /// Log-probabilities of the first generated token for each prompt.
     pub fn first_token_logprobs(
         &mut self,
@@ -340,12 +417,17 @@ impl<'m> Runner<'m> {
         hook: &mut dyn BatchHook,
     ) -> Result<Vec<Vec<f32>>> {
         let mut out = vec![Vec::new(); prompts.len()];
-        self.run(prompts, hook, |ctx, entries| {
-            for e in entries {
-                out[e.prompt] = log_softmax(ctx.logits(e.last())?);
-            }
-            Ok(())
-        })?;
+        self.run_packed(
+            prompts,
+            hook,
+            |ctx, entries| {
+                for e in entries {
+                    out[e.prompt] = log_softmax(ctx.logits(e.last())?);
+                }
+                Ok(())
+            },
+            true,
+        )?;
         Ok(out)
     }
 }
@@ -424,20 +506,12 @@ impl<'m> Runner<'m> {
             // prompts and generations together fit the context.
             self.ctx.clear();
             self.batch.clear();
+            let texts: Vec<Vec<i32>> = group.iter().map(|&p| prompts[p].clone()).collect();
             let mut entries = Vec::new();
-            let mut last_row = Vec::new();
-            for (seq, &p) in group.iter().enumerate() {
-                let start = self.batch.len();
-                for (pos, &tok) in prompts[p].iter().enumerate() {
-                    self.batch
-                        .push(tok, pos, seq as i32, pos + 1 == prompts[p].len());
-                }
-                entries.push(Entry {
-                    prompt: p,
-                    start,
-                    len: prompts[p].len(),
-                });
-                last_row.push(self.batch.len() - 1);
+            self.push_group(&texts, shared_prefix(&texts), &mut entries);
+            let last_row: Vec<usize> = entries.iter().map(Entry::last).collect();
+            for e in &mut entries {
+                e.prompt = group[e.prompt];
             }
             hook.begin(&entries);
             self.decode(hook)?;
@@ -489,6 +563,23 @@ impl<'m> Runner<'m> {
     }
 }
 
+/// Tokens every prompt of `group` begins with, leaving each at least one
+/// of its own (whose logits are read); 0 for a single prompt, which has
+/// nothing to share.
+pub fn shared_prefix(group: &[Vec<i32>]) -> usize {
+    let Some((first, rest)) = group.split_first() else {
+        return 0;
+    };
+    if rest.is_empty() {
+        return 0;
+    }
+    let shortest = group.iter().map(Vec::len).min().unwrap_or(0);
+    let common = rest.iter().fold(first.len(), |n, p| {
+        first[..n].iter().zip(p).take_while(|(a, b)| a == b).count()
+    });
+    common.min(shortest.saturating_sub(1))
+}
+
 fn argmax(xs: &[f32]) -> i32 {
     xs.iter()
         .enumerate()
@@ -500,4 +591,19 @@ fn argmax(xs: &[f32]) -> i32 {
             }
         })
         .0 as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shared_prefix;
+
+    #[test]
+    fn the_shared_prefix_leaves_every_prompt_a_token_of_its_own() {
+        assert_eq!(shared_prefix(&[]), 0);
+        assert_eq!(shared_prefix(&[vec![1, 2, 3]]), 0);
+        assert_eq!(shared_prefix(&[vec![1, 2, 3], vec![1, 2, 4]]), 2);
+        assert_eq!(shared_prefix(&[vec![1, 2, 3], vec![1, 2, 3, 4]]), 2);
+        assert_eq!(shared_prefix(&[vec![1, 2], vec![3, 2]]), 0);
+        assert_eq!(shared_prefix(&[vec![7], vec![7]]), 0);
+    }
 }

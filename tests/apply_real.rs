@@ -28,9 +28,13 @@ fn check_real_model(input: &Path, prompt: &str) {
             a.key
         );
     }
-    assert_eq!(edited.kvs.len(), original.kvs.len() + 8);
+    assert_eq!(edited.kvs.len(), original.kvs.len() + 9);
     assert_eq!(
         edited.get("abliterate.preserve_norms"),
+        Some(&gguf_abliterate::gguf::Value::Bool(false))
+    );
+    assert_eq!(
+        edited.get("abliterate.per_layer"),
         Some(&gguf_abliterate::gguf::Value::Bool(false))
     );
     // An independent reader agrees on the layout.

@@ -368,3 +368,81 @@ fn write_with_split_keys(
     ];
     write_gguf(path, &kv, &model.tensors);
 }
+
+#[test]
+fn per_layer_directions_edit_each_layer_along_its_own() {
+    let r = unit(&noise(N_EMBD, 21));
+    let layers: Vec<Vec<f32>> = (0..2).map(|l| unit(&noise(N_EMBD, 30 + l))).collect();
+    // Each layer's writers carry a strong component along their own direction.
+    let mut model = SynthModel::new("llama", N_EMBD, GgmlType::Q8_0, &r);
+    for (l, d) in layers.iter().enumerate() {
+        let planted = SynthModel::new("llama", N_EMBD, GgmlType::Q8_0, d);
+        let prefix = format!("blk.{l}.");
+        for t in model
+            .tensors
+            .iter_mut()
+            .filter(|t| t.name.starts_with(&prefix))
+        {
+            t.source = planted.tensor(&t.name).source.clone();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (inp, out) = (dir.path().join("m.gguf"), dir.path().join("m-abl.gguf"));
+    model.write(&inp);
+    let opts = ApplyOptions {
+        progress: false,
+        layer_directions: layers.clone(),
+        ..Default::default()
+    };
+    apply(&inp, &out, &r, &opts).unwrap();
+    // token_embd loses r; layer l's writers lose their own direction.
+    let u_for = |name: &str| match name.strip_prefix("blk.") {
+        Some(rest) => layers[rest[..1].parse::<usize>().unwrap()].clone(),
+        None => r.clone(),
+    };
+    let (input, output) = (GgufFile::open(&inp).unwrap(), GgufFile::open(&out).unwrap());
+    check_output(&model, &input, &output, u_for);
+    // The file records what it used, layer after layer.
+    assert_eq!(
+        output.get("abliterate.per_layer"),
+        Some(&gguf_abliterate::gguf::Value::Bool(true))
+    );
+    // (Read back as the raw little-endian f32 array it is.)
+    match output.get("abliterate.layer_directions") {
+        Some(gguf_abliterate::gguf::Value::ScalarArray(ty, bytes)) => {
+            assert_eq!(*ty, gguf_abliterate::gguf::value_type::F32);
+            let values: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            assert_eq!(values, layers.concat());
+        }
+        other => panic!("abliterate.layer_directions: {other:?}"),
+    }
+
+    // One direction per layer, each n_embd long: anything else is refused.
+    for (bad, needle) in [
+        (
+            vec![layers[0].clone()],
+            "1 per-layer directions but the model has 2 layers",
+        ),
+        (
+            vec![layers[0].clone(), vec![0.5; N_EMBD - 1]],
+            "the direction of layer 1 has 255 values",
+        ),
+        (
+            vec![layers[0].clone(), vec![0.0; N_EMBD]],
+            "the direction of layer 1 is zero",
+        ),
+    ] {
+        let opts = ApplyOptions {
+            progress: false,
+            layer_directions: bad,
+            ..Default::default()
+        };
+        let bad_out = dir.path().join("bad.gguf");
+        let err = apply(&inp, &bad_out, &r, &opts).unwrap_err();
+        assert!(format!("{err:#}").contains(needle), "{err:#}");
+        assert!(!bad_out.exists());
+    }
+}

@@ -122,7 +122,7 @@ fn capture_sees_every_layer(fam: &Family, path: &Path) {
 
 fn plan_touches_exactly_the_writers(fam: &Family, path: &Path, r: &[f32]) {
     let shards = gguf_abliterate::gguf::open_model(path).unwrap();
-    let plan = plan_edits(&shards, r, &Default::default()).unwrap();
+    let plan = plan_edits(&shards, r, &[], &Default::default()).unwrap();
     let mut planned: Vec<String> = plan.edits.iter().map(|e| e.name.clone()).collect();
     planned.sort();
     assert_eq!(planned, fam.residual_writers(), "{}", fam.label);

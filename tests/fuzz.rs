@@ -624,7 +624,7 @@ fn exercise_gguf(path: &Path, out: &Path) -> bool {
         .filter(|&n| (1..=4096).contains(&n))
         .unwrap_or(32) as usize;
     let direction: Vec<f32> = (0..n_embd).map(|i| ((i * 7 % 13) as f32) - 6.0).collect();
-    if plan_edits(&shards, &direction, &Default::default()).is_err() {
+    if plan_edits(&shards, &direction, &[], &Default::default()).is_err() {
         return true;
     }
     drop(shards);

@@ -16,7 +16,7 @@ use std::path::Path;
 /// with X the ideal f32 edit and Q plain requantization.
 fn measure(input: &Path, output: &Path, r: &[f32], scale: f32) -> Vec<(String, String, f64, f64)> {
     let shards = gguf::open_model(input).unwrap();
-    let plan = edit::plan_edits(&shards, r, &EditWeights::default()).unwrap();
+    let plan = edit::plan_edits(&shards, r, &[], &EditWeights::default()).unwrap();
     let (inp, out) = (
         GgufFile::open(input).unwrap(),
         GgufFile::open(output).unwrap(),

@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use gguf_abliterate::activations::capture_means;
 use gguf_abliterate::chat::ChatFormat;
-use gguf_abliterate::direction::refine::{point_direction, EditPoint};
+use gguf_abliterate::direction::refine::{layer_directions, point_direction, EditPoint};
 use gguf_abliterate::edit::{EditWeights, Kernel};
 use gguf_abliterate::eval::{kl_divergence, AblateHook, AddHook, NoHook, Runner};
 use gguf_abliterate::ffi::{self, Model};
@@ -141,8 +141,10 @@ fn layer_12_direction(
     runner: &mut Runner,
 ) -> (Vec<f32>, [gguf_abliterate::activations::Means; 2]) {
     let bar = ProgressBar::hidden();
-    let a = capture_means(runner, &harmful_prompts(model), 13, 1, &bar).unwrap();
-    let b = capture_means(runner, &prompts(model), 13, 1, &bar).unwrap();
+    // Every captured layer, for per-layer directions.
+    let n = model.n_layer() - 1;
+    let a = capture_means(runner, &harmful_prompts(model), n, 1, &bar).unwrap();
+    let b = capture_means(runner, &prompts(model), n, 1, &bar).unwrap();
     let r = a.minus(&b, 12, 0);
     (r, [a, b])
 }
@@ -184,7 +186,9 @@ fn edit_and_hook_kls(
     sets.iter()
         .map(|p| {
             let plain = runner.first_token_logprobs(p, &mut NoHook).unwrap();
-            let mut hook = AblateHook::new(r).unwrap();
+            let mut hook = AblateHook::new(r)
+                .unwrap()
+                .with_layer_directions(&opts.layer_directions, &Default::default());
             (hook.scale, hook.weights, hook.embeddings, hook.unembedding) = (
                 opts.scale,
                 opts.weights,
@@ -213,6 +217,7 @@ fn ablation_hook_predicts_the_weight_edit_at_any_scale() {
         direction_index: 11.4,
         position: 0,
         biprojected: true,
+        per_layer: false,
         scale: 1.0,
         weights: EditWeights {
             attention: Some(Kernel {
@@ -231,26 +236,44 @@ fn ablation_hook_predicts_the_weight_edit_at_any_scale() {
         },
     };
     let refined = point_direction(&a, &b, &point).unwrap();
+    // The same with each layer's own direction for its writers.
+    let per_layer = EditPoint {
+        per_layer: true,
+        ..point.clone()
+    };
+    let layers = layer_directions(&a, &b, &per_layer, model.n_layer()).unwrap();
+    assert_eq!(layers.len(), model.n_layer());
     let uniform = EditWeights::default();
     let dir = tempfile::tempdir().unwrap();
+    let none = Vec::new();
     let cases = [
-        ("scale 1", &r, 1.0, false, uniform),
-        ("scale 0.5", &r, 0.5, false, uniform),
-        ("scale 0.5, token_embd kept", &r, 0.5, true, uniform),
+        ("scale 1", &r, &none, 1.0, false, uniform),
+        ("scale 0.5", &r, &none, 0.5, false, uniform),
+        ("scale 0.5, token_embd kept", &r, &none, 0.5, true, uniform),
         (
             "kernel-weighted, biprojected",
             &refined,
+            &none,
+            1.0,
+            false,
+            point.weights,
+        ),
+        (
+            "per-layer directions, kernel-weighted, biprojected",
+            &refined,
+            &layers,
             1.0,
             false,
             point.weights,
         ),
     ];
-    for (i, (what, r, scale, skip_embeddings, weights)) in cases.into_iter().enumerate() {
+    for (i, (what, r, layers, scale, skip_embeddings, weights)) in cases.into_iter().enumerate() {
         let out = dir.path().join(format!("case{i}.gguf"));
         let opts = ApplyOptions {
             scale,
             skip_embeddings,
             weights,
+            layer_directions: layers.clone(),
             progress: false,
             ..Default::default()
         };
@@ -403,5 +426,70 @@ fn on_a_k_quant_model_grid_aware_projection_makes_the_file_agree_with_the_hook()
             e * 2.0 < *s,
             "{set}: grid-aware file vs hook KL {e:.4} should be several times below the single pass's {s:.4}"
         );
+    }
+}
+
+/// `first_token_logprobs` and `generate` decode the template's common
+/// prefix once for a batch's prompts; what each prompt gets must be what
+/// it gets decoded whole, hook or no hook. (Not bit for bit: llama.cpp's
+/// kernels differ with the batch's shape: a batch of whole prompts already
+/// differs from each prompt decoded alone by a KL of up to 4e-3 here.)
+#[test]
+fn a_shared_prompt_prefix_changes_no_logits_and_no_replies() {
+    require_model!(fixture);
+    use gguf_abliterate::eval::{log_softmax, shared_prefix};
+    use gguf_abliterate::prompts::{Kind, PromptSet};
+    ffi::init_backend(false);
+    let model = Model::load(&fixture(), 0).unwrap();
+    let fmt = ChatFormat::resolve(&model, None).unwrap();
+    let mut p = prompts(&model);
+    // "<|im_start|>user\n": the fixture's template has no system prompt.
+    assert_eq!(shared_prefix(&p), 3);
+    p.extend(
+        PromptSet::builtin(Kind::Harmful).val[..12]
+            .iter()
+            .map(|x| fmt.tokenize(&model, &x.text).unwrap()),
+    );
+    let mut runner = Runner::new(&model, 2048, 2).unwrap();
+    let mut hook = AblateHook::new(&noise(model.n_embd(), 5)).unwrap();
+    hook.scale = 0.7;
+    for (what, hook) in [
+        (
+            "no hook",
+            &mut NoHook as &mut dyn gguf_abliterate::eval::BatchHook,
+        ),
+        ("ablation hook", &mut hook),
+    ] {
+        // `run` decodes every token of every prompt.
+        let mut whole = vec![Vec::new(); p.len()];
+        runner
+            .run(&p, hook, |ctx, entries| {
+                for e in entries {
+                    assert_eq!(e.len, p[e.prompt].len());
+                    whole[e.prompt] = log_softmax(ctx.logits(e.last())?);
+                }
+                Ok(())
+            })
+            .unwrap();
+        let shared = runner.first_token_logprobs(&p, hook).unwrap();
+        let kl = whole
+            .iter()
+            .zip(&shared)
+            .map(|(a, b)| kl_divergence(a, b))
+            .fold(0.0, f64::max);
+        eprintln!("{what}: largest first-token KL, whole vs shared prefix, {kl:e}");
+        assert!(kl < 0.03, "{what}: {kl}");
+        // One prompt at a time there is nothing to share; greedy replies
+        // agree but for a near tie.
+        let batch = runner.generate(&p[..4], 12, hook).unwrap();
+        let mut same = 0;
+        for (i, prompt) in p[..4].iter().enumerate() {
+            let alone = runner
+                .generate(std::slice::from_ref(prompt), 12, hook)
+                .unwrap();
+            assert_eq!(batch[i].tokens[0], alone[0].tokens[0], "{what}, prompt {i}");
+            same += usize::from(batch[i].tokens == alone[0].tokens);
+        }
+        assert!(same >= 3, "{what}: {same} of 4 replies agree");
     }
 }

@@ -65,6 +65,10 @@ fn pick_and_apply_reproduce_front_points_byte_for_byte() {
             576,
             "each front point carries its direction"
         );
+        // And, with per-layer scope, one direction per layer.
+        let layers = p["layer_directions"].as_array().map_or(0, Vec::len);
+        let per_layer = p["point"]["per_layer"].as_bool().unwrap();
+        assert_eq!(layers, if per_layer { 30 } else { 0 });
     }
 
     // The chosen point, applied from the file, equals --pick of its front index.
@@ -78,6 +82,7 @@ fn pick_and_apply_reproduce_front_points_byte_for_byte() {
     let same_point = |p: &serde_json::Value| {
         weights(&p["point"]["weights"]) == weights(&json["weights"])
             && index(&p["point"]["direction_index"]) == index(&json["direction_index"])
+            && p["point"]["per_layer"] == json["per_layer"]
     };
     let index = front.iter().position(same_point);
     let index = index.expect("the chosen point is on the front");

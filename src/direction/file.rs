@@ -8,6 +8,9 @@ use std::path::Path;
 
 pub struct DirectionFile {
     pub direction: Vec<f32>,
+    /// Per-layer scope: one direction per layer for its writers (empty:
+    /// global scope, `direction` for every tensor).
+    pub layer_directions: Vec<Vec<f32>>,
     /// Every other key, kept as provenance.
     pub provenance: Map<String, Json>,
 }
@@ -34,12 +37,35 @@ impl DirectionFile {
         let Some(Json::Array(values)) = map.remove("direction") else {
             bail!("missing \"direction\": [numbers]");
         };
-        let direction = values
-            .iter()
-            .map(|v| v.as_f64().map(|x| x as f32))
-            .collect::<Option<Vec<f32>>>()
-            .context("\"direction\" must contain only numbers")?;
-        Self::new(direction, map)
+        let direction = numbers(&values).context("\"direction\" must contain only numbers")?;
+        let layers = match map.remove("layer_directions") {
+            None | Some(Json::Null) => Vec::new(),
+            Some(Json::Array(layers)) => layers
+                .iter()
+                .map(|l| l.as_array().and_then(|v| numbers(v)))
+                .collect::<Option<Vec<_>>>()
+                .context("\"layer_directions\" must be a list of lists of numbers")?,
+            Some(_) => bail!("\"layer_directions\" must be a list of lists of numbers"),
+        };
+        Self::new(direction, map)?.with_layer_directions(layers)
+    }
+
+    /// Per-layer scope, provided every layer's vector has the global one's
+    /// length and can be normalised.
+    pub fn with_layer_directions(mut self, layers: Vec<Vec<f32>>) -> Result<DirectionFile> {
+        for (l, d) in layers.iter().enumerate() {
+            if d.len() != self.direction.len() {
+                bail!(
+                    "the direction of layer {l} has {} values, \"direction\" {}",
+                    d.len(),
+                    self.direction.len()
+                );
+            }
+            Self::new(d.clone(), Map::new())
+                .with_context(|| format!("the direction of layer {l}"))?;
+        }
+        self.layer_directions = layers;
+        Ok(self)
     }
 
     /// A direction file, provided the vector can be projected out: not
@@ -68,6 +94,7 @@ impl DirectionFile {
         }
         Ok(DirectionFile {
             direction,
+            layer_directions: Vec::new(),
             provenance,
         })
     }
@@ -78,6 +105,14 @@ impl DirectionFile {
             "direction".into(),
             Json::from(self.direction.iter().map(|&x| x as f64).collect::<Vec<_>>()),
         );
+        if !self.layer_directions.is_empty() {
+            let layers: Vec<Vec<f64>> = self
+                .layer_directions
+                .iter()
+                .map(|d| d.iter().map(|&x| x as f64).collect())
+                .collect();
+            map.insert("layer_directions".into(), Json::from(layers));
+        }
         serde_json::to_string_pretty(&Json::Object(map)).expect("serializable")
     }
 
@@ -124,10 +159,14 @@ impl DirectionFile {
         let point: crate::direction::refine::EditPoint =
             serde_json::from_value(entry["point"].clone())
                 .with_context(|| format!("front point {n} is not a valid edit point"))?;
-        let direction =
-            DirectionFile::parse(&serde_json::json!({"direction": entry["direction"]}).to_string())
-                .with_context(|| format!("front point {n} has no valid direction"))?
-                .direction;
+        let picked = DirectionFile::parse(
+            &serde_json::json!({
+                "direction": entry["direction"],
+                "layer_directions": entry.get("layer_directions"),
+            })
+            .to_string(),
+        )
+        .with_context(|| format!("front point {n} has no valid direction"))?;
         point.weights.validate()?;
         let mut provenance = self.provenance.clone();
         let index = point.direction_index;
@@ -141,12 +180,14 @@ impl DirectionFile {
             ),
             ("direction_index", Json::from(index as f64)),
             ("biprojected", Json::from(point.biprojected)),
+            ("per_layer", Json::from(point.per_layer)),
             ("weights", serde_json::to_value(point.weights)?),
         ] {
             provenance.insert(k.into(), v);
         }
         Ok(DirectionFile {
-            direction,
+            direction: picked.direction,
+            layer_directions: picked.layer_directions,
             provenance,
         })
     }
@@ -167,6 +208,13 @@ impl DirectionFile {
         }
         kvs
     }
+}
+
+fn numbers(values: &[Json]) -> Option<Vec<f32>> {
+    values
+        .iter()
+        .map(|v| v.as_f64().map(|x| x as f32))
+        .collect()
 }
 
 #[cfg(test)]
@@ -222,5 +270,43 @@ mod tests {
             let f = DirectionFile::parse(bad).unwrap();
             assert!(f.recorded_edit().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn per_layer_directions_round_trip_and_are_checked() {
+        let f = DirectionFile::parse(
+            r#"{"direction":[1,0],"layer_directions":[[0,1],[1,1]],"per_layer":true}"#,
+        )
+        .unwrap();
+        assert_eq!(f.layer_directions, vec![vec![0.0, 1.0], vec![1.0, 1.0]]);
+        let round = DirectionFile::parse(&f.to_json()).unwrap();
+        assert_eq!(round.layer_directions, f.layer_directions);
+        // Global scope writes no key.
+        let global = DirectionFile::parse(r#"{"direction":[1,0]}"#).unwrap();
+        assert!(global.layer_directions.is_empty());
+        assert!(!global.to_json().contains("layer_directions"));
+        for bad in [
+            r#"{"direction":[1,0],"layer_directions":[[1]]}"#,
+            r#"{"direction":[1,0],"layer_directions":[[0,0]]}"#,
+            r#"{"direction":[1,0],"layer_directions":[[1,"x"]]}"#,
+            r#"{"direction":[1,0],"layer_directions":[1,0]}"#,
+            r#"{"direction":[1,0],"layer_directions":"x"}"#,
+        ] {
+            assert!(DirectionFile::parse(bad).is_err(), "{bad}");
+        }
+        // --pick takes a front point's per-layer directions with it.
+        let point = r#"{"direction_index":1.5,"position":0,"biprojected":true,"per_layer":true,"scale":1.0,
+                        "weights":{"attention":null,"mlp":null,"embeddings":0.5}}"#;
+        let f = DirectionFile::parse(&format!(
+            r#"{{"direction":[1,0],"front":[{{"point":{point},"direction":[0,1],"layer_directions":[[1,1],[1,-1]]}}]}}"#
+        ))
+        .unwrap();
+        let picked = f.pick(0).unwrap();
+        assert_eq!(picked.direction, vec![0.0, 1.0]);
+        assert_eq!(
+            picked.layer_directions,
+            vec![vec![1.0, 1.0], vec![1.0, -1.0]]
+        );
+        assert_eq!(picked.provenance["per_layer"], Json::from(true));
     }
 }

@@ -26,6 +26,10 @@ pub struct EditPoint {
     pub position: usize,
     /// Orthogonalized against the harmless mean at that layer.
     pub biprojected: bool,
+    /// Each layer's writers lose their own layer's direction (heretic's
+    /// "per layer" scope); `direction_index` then only picks `token_embd`'s.
+    #[serde(default)]
+    pub per_layer: bool,
     /// Global share (`apply --scale`); the weights carry the rest.
     pub scale: f32,
     pub weights: EditWeights,
@@ -49,36 +53,72 @@ pub fn point_direction(harmful: &Means, harmless: &Means, point: &EditPoint) -> 
     let lo = index.floor() as usize;
     let hi = (lo + 1).min(last);
     let t = index - lo as f32;
-    let unit = |l: usize| -> Result<Vec<f32>> {
-        let d = harmful.minus(harmless, l, point.position);
-        normalized(&d).with_context(|| format!("zero difference of means at layer {l}"))
-    };
-    let (a, b) = (unit(lo)?, unit(hi)?);
-    let mut r: Vec<f32> = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (1.0 - t) * x + t * y)
-        .collect();
-    if point.biprojected {
-        let mean_at = |l: usize| -> Vec<f32> {
-            harmless
-                .at(l, point.position)
-                .iter()
-                .map(|&x| x as f32)
-                .collect()
-        };
-        let (ga, gb) = (mean_at(lo), mean_at(hi));
-        let g: Vec<f32> = ga
-            .iter()
-            .zip(&gb)
+    let blend = |a: &[f32], b: &[f32]| -> Vec<f32> {
+        a.iter()
+            .zip(b)
             .map(|(x, y)| (1.0 - t) * x + t * y)
-            .collect();
-        if let Some(g) = normalized(&g) {
-            let along = crate::edit::dot(&r, &g) as f32;
-            r.iter_mut().zip(&g).for_each(|(x, gi)| *x -= along * gi);
-        }
+            .collect()
+    };
+    let (a, b) = (
+        unit_difference(harmful, harmless, lo, point.position)?,
+        unit_difference(harmful, harmless, hi, point.position)?,
+    );
+    let mut r = blend(&a, &b);
+    if point.biprojected {
+        let g = blend(
+            &harmless_mean(harmless, lo, point.position),
+            &harmless_mean(harmless, hi, point.position),
+        );
+        orthogonalize_against(&mut r, &g);
     }
     normalized(&r).context("the refined direction is zero")
+}
+
+/// Per-layer scope: layer ℓ's writers use the direction measured at ℓ's
+/// output (the last layer, whose output is not captured, its input's),
+/// biprojected like the point. Empty for a point of global scope.
+pub fn layer_directions(
+    harmful: &Means,
+    harmless: &Means,
+    point: &EditPoint,
+    n_layer: usize,
+) -> Result<Vec<Vec<f32>>> {
+    if !point.per_layer {
+        return Ok(Vec::new());
+    }
+    (0..n_layer)
+        .map(|l| {
+            let l = l.min(harmful.n_layers - 1);
+            let mut r = unit_difference(harmful, harmless, l, point.position)?;
+            if point.biprojected {
+                orthogonalize_against(&mut r, &harmless_mean(harmless, l, point.position));
+            }
+            normalized(&r).with_context(|| format!("the direction of layer {l} is zero"))
+        })
+        .collect()
+}
+
+fn unit_difference(
+    harmful: &Means,
+    harmless: &Means,
+    layer: usize,
+    pos: usize,
+) -> Result<Vec<f32>> {
+    normalized(&harmful.minus(harmless, layer, pos))
+        .with_context(|| format!("zero difference of means at layer {layer}"))
+}
+
+fn harmless_mean(harmless: &Means, layer: usize, pos: usize) -> Vec<f32> {
+    harmless.at(layer, pos).iter().map(|&x| x as f32).collect()
+}
+
+/// Biprojection: `r ← r − (r·ĝ)ĝ`, which leaves the harmless mean's own
+/// direction (what every prompt shares) untouched.
+fn orthogonalize_against(r: &mut [f32], g: &[f32]) {
+    if let Some(g) = normalized(g) {
+        let along = crate::edit::dot(r, &g) as f32;
+        r.iter_mut().zip(&g).for_each(|(x, gi)| *x -= along * gi);
+    }
 }
 
 /// The search space, given the model's depth and the layers the direction
@@ -88,6 +128,9 @@ pub struct Space {
     /// Direction indices searched: the first stage's layer, a few either side.
     pub direction_layers: (usize, usize),
     pub position: usize,
+    /// Whether per-layer scope may be searched (the hook can emulate it
+    /// only where every writer is a plain `mul_mat`: no expert tensors).
+    pub per_layer: bool,
 }
 
 /// Trials sampled uniformly before TPE takes over (TPE needs a few
@@ -114,8 +157,10 @@ pub struct Optimizer {
     rng: rand::rngs::StdRng,
 }
 
-/// Parameter order in `Optimizer::params`.
+/// Parameter order in `Optimizer::params`: the numeric ones, then the
+/// categorical ones (biprojected, per-layer scope).
 const N_PARAMS: usize = 11;
+const N_CATEGORICAL: usize = 2;
 
 impl Optimizer {
     pub fn new(space: Space, seed: u64) -> Result<Optimizer> {
@@ -164,7 +209,9 @@ impl Optimizer {
             .iter()
             .map(|&(a, b)| self.rng.gen_range(a..b))
             .collect();
-        raw.push(if self.rng.gen_bool(0.5) { 1.0 } else { 0.0 });
+        for _ in 0..N_CATEGORICAL {
+            raw.push(if self.rng.gen_bool(0.5) { 1.0 } else { 0.0 });
+        }
         (self.point_of(&raw), raw)
     }
 
@@ -222,6 +269,7 @@ impl Optimizer {
         raw.extend(kernel(point.weights.mlp).map(f64::from));
         raw.push(point.weights.embeddings as f64);
         raw.push(if point.biprojected { 1.0 } else { 0.0 });
+        raw.push(if point.per_layer { 1.0 } else { 0.0 });
         raw
     }
 
@@ -236,6 +284,7 @@ impl Optimizer {
             direction_index: raw[0] as f32,
             position: self.space.position,
             biprojected: raw[10] >= 0.5,
+            per_layer: self.space.per_layer && raw[11] >= 0.5,
             scale: 1.0,
             weights: EditWeights {
                 attention: Some(kernel(&raw[1..5])),
@@ -256,11 +305,13 @@ fn fresh_estimators(bounds: &[(f64, f64)]) -> Vec<tpe::TpeOptimizer> {
             )
         })
         .collect();
-    params.push(tpe::TpeOptimizer::new(
-        tpe::histogram_estimator(),
-        tpe::categorical_range(2).expect("valid range"),
-    ));
-    debug_assert_eq!(params.len(), N_PARAMS + 1);
+    for _ in 0..N_CATEGORICAL {
+        params.push(tpe::TpeOptimizer::new(
+            tpe::histogram_estimator(),
+            tpe::categorical_range(2).expect("valid range"),
+        ));
+    }
+    debug_assert_eq!(params.len(), N_PARAMS + N_CATEGORICAL);
     params
 }
 
@@ -331,6 +382,7 @@ mod tests {
                 direction_index: 0.0,
                 position: 0,
                 biprojected: false,
+                per_layer: false,
                 scale: 1.0,
                 weights: EditWeights::default(),
             },
@@ -373,6 +425,7 @@ mod tests {
                 n_layer: 30,
                 direction_layers: (0, 23),
                 position: 3,
+                per_layer: true,
             },
             7,
         )

@@ -58,6 +58,9 @@ pub struct SearchOptions {
     pub post_norms: crate::edit::PostNorms,
     /// Weights whose importances to collect during the capture (none: skip).
     pub imatrix_weights: Option<std::collections::HashSet<String>>,
+    /// The refinement may give each layer its own direction (not on models
+    /// with expert tensors, whose writes the hook cannot ablate per layer).
+    pub per_layer: bool,
 }
 
 impl Default for SearchOptions {
@@ -77,6 +80,7 @@ impl Default for SearchOptions {
             seed: 0,
             post_norms: Default::default(),
             imatrix_weights: None,
+            per_layer: true,
         }
     }
 }
@@ -134,6 +138,12 @@ pub struct SearchResult {
     /// The direction of each front point, in `front`'s order (for `--pick`).
     #[serde(skip)]
     pub front_directions: Vec<Vec<f32>>,
+    /// The chosen point's per-layer directions (empty: global scope).
+    #[serde(skip)]
+    pub layer_directions: Vec<Vec<f32>>,
+    /// Each front point's per-layer directions, in `front`'s order.
+    #[serde(skip)]
+    pub front_layer_directions: Vec<Vec<Vec<f32>>>,
     pub n_layer: usize,
     pub refusal_tokens: Vec<RefusalToken>,
     /// Mean refusal score of the unedited model on the validation prompts.
@@ -303,29 +313,32 @@ pub fn search(
         .map(|p| p.text)
         .collect();
     let replies = runner.generate(&harm_val, JUDGE_TOKENS, &mut NoHook)?;
-    let refused_first: Vec<i32> = replies
-        .iter()
+    // The first-token distributions of the replies judged refusals (and,
+    // below, of the harmless replies judged answers).
+    let refused_first: Vec<Vec<f32>> = replies
+        .into_iter()
         .zip(&harm_texts)
         .filter(|(g, request)| {
             judge_answer(request, &detokenize(model, &g.tokens), &g.tokens) == Verdict::Refused
         })
-        .filter_map(|(g, _)| g.tokens.first().copied())
+        .map(|(g, _)| g.first_log_probs)
         .collect();
-    let baseline_refusal_rate = refused_first.len() as f64 / replies.len().max(1) as f64;
+    let n_replies = harm_val.len();
+    let baseline_refusal_rate = refused_first.len() as f64 / n_replies.max(1) as f64;
     if baseline_refusal_rate < MIN_BASELINE_REFUSAL {
         bail!(
             "the model refuses {} of {} harmful validation prompts ({:.0}%, judged from its replies): \
              there is no refusal to remove (a base model, or one already abliterated?)",
             refused_first.len(),
-            replies.len(),
+            n_replies,
             100.0 * baseline_refusal_rate
         );
     }
-    let answered_first: Vec<i32> = runner
+    let answered_first: Vec<Vec<f32>> = runner
         .generate(&safe_val, JUDGE_TOKENS, &mut NoHook)?
-        .iter()
+        .into_iter()
         .filter(|g| judge(&detokenize(model, &g.tokens), &g.tokens) == Verdict::Complied)
-        .filter_map(|g| g.tokens.first().copied())
+        .map(|g| g.first_log_probs)
         .collect();
     let refusal_ids = refusal_tokens(&lp_harm, &lp_safe, &refused_first, &answered_first);
     if refusal_ids.is_empty() {
@@ -359,18 +372,30 @@ pub fn search(
     let mut base_answered: Vec<Vec<f32>> = answered.iter().map(|&i| base_safe[i].clone()).collect();
     // KL is cheap (first tokens only) and noisy on a few prompts: the
     // refinement's many trials would fit its noise. So it is also measured
-    // on answered training prompts (up to as many again), whose first-token
-    // distributions the capture already computed.
-    let train_answered: Vec<usize> = score(&lp_safe)
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| **s < 0.0)
-        .map(|(i, _)| i)
-        .take(safe_val.len())
-        .collect();
-    safe_answered.extend(train_answered.iter().map(|&i| safe_train[i].clone()));
-    base_answered.extend(train_answered.iter().map(|&i| lp_safe[i].clone()));
+    // on answered training prompts the capture did not use (up to as many
+    // again). Not on the captured ones: the direction is made from their
+    // means (and biprojection removes their harmless mean), so KL there is
+    // biased low; on the fixture a per-layer point measured 0.22 on them
+    // with the validation prompts, 0.26 on the validation prompts alone.
     drop(lp_safe);
+    let spare = tokenize_all(
+        model,
+        fmt,
+        &harmless
+            .train
+            .iter()
+            .skip(safe_train.len())
+            .take(safe_val.len())
+            .cloned()
+            .collect::<Vec<_>>(),
+    )?;
+    let spare_base = runner.first_token_logprobs(&spare, &mut NoHook)?;
+    for (i, s) in score(&spare_base).iter().enumerate() {
+        if *s < 0.0 {
+            safe_answered.push(spare[i].clone());
+            base_answered.push(spare_base[i].clone());
+        }
+    }
 
     // 2. Candidates.
     let max_layer = ((0.8 * n_layer as f64).ceil() as usize).min(capture_layers);
@@ -551,6 +576,7 @@ pub fn search(
         direction_index: best.layer as f32,
         position: best.position,
         biprojected: false,
+        per_layer: false,
         scale: best.scale,
         weights: crate::edit::EditWeights::uniform(!best.skip_embeddings),
     };
@@ -564,14 +590,17 @@ pub fn search(
                 (best.layer + 2).min(max_layer.max(1) - 1),
             ),
             position: best.position,
+            per_layer: opts.per_layer,
         };
         let mut optimizer = Optimizer::new(space, opts.seed)?;
         let pb = bar(opts.progress, opts.trials as u64 + 1, "refine");
         let run_trial = |point: &EditPoint, runner: &mut Runner, best: f64| -> Result<Trial> {
             let r = refine::point_direction(&harm_means, &safe_means, point)?;
+            let layers = refine::layer_directions(&harm_means, &safe_means, point, n_layer)?;
             let mut hook = AblateHook::new(&r)
                 .context("zero refined direction")?
-                .with_post_norms(&opts.post_norms);
+                .with_post_norms(&opts.post_norms)
+                .with_layer_directions(&layers, &opts.post_norms);
             hook.scale = point.scale;
             hook.weights = point.weights;
             hook.unembedding = opts.tied_embeddings;
@@ -627,14 +656,23 @@ pub fn search(
             refine::point_direction(&harm_means, &safe_means, point)
         }
     };
+    let layers_for =
+        |point: &EditPoint| refine::layer_directions(&harm_means, &safe_means, point, n_layer);
     let direction = direction_for(&chosen_point)?;
+    let layer_directions = layers_for(&chosen_point)?;
     let front_directions = front
         .iter()
         .map(|&i| direction_for(&trials[i].point))
         .collect::<Result<Vec<_>>>()?;
+    let front_layer_directions = front
+        .iter()
+        .map(|&i| layers_for(&trials[i].point))
+        .collect::<Result<Vec<_>>>()?;
     Ok(SearchResult {
         frontier,
         direction,
+        layer_directions,
+        front_layer_directions,
         layer: chosen_point.direction_index.round() as usize,
         position: best.position,
         scale: chosen_point.scale,
@@ -662,26 +700,28 @@ pub fn search(
 
 /// Refusal tokens: the tokens whose first-token probability most separates
 /// harmful from harmless training prompts ("I" of "I'm sorry", "As" of
-/// "As an AI"), less any that opens more of the model's real answers to
-/// harmless prompts than of its judged refusals: an ordinary answer opening
-/// such as "To" or "There" must not count as refusing.
+/// "As an AI"), less any likelier to open the model's real answers to
+/// harmless prompts than its judged refusals: an ordinary answer opening
+/// such as "To" or "There" must not count as refusing. Likelier in mean
+/// probability, not in greedy openings: a token that opens one answer in
+/// 29 and no refusal in 25 (the fixture's "As") would flip on one reply.
 fn refusal_tokens(
     harmful: &[Vec<f32>],
     harmless: &[Vec<f32>],
-    refused_first: &[i32],
-    answered_first: &[i32],
+    refused_first: &[Vec<f32>],
+    answered_first: &[Vec<f32>],
 ) -> Vec<i32> {
     let n_vocab = harmful[0].len();
     let mean_p = |lps: &[Vec<f32>], t: usize| {
-        lps.iter().map(|lp| (lp[t] as f64).exp()).sum::<f64>() / lps.len() as f64
-    };
-    let share = |tokens: &[i32], t: i32| {
-        tokens.iter().filter(|&&x| x == t).count() as f64 / tokens.len().max(1) as f64
+        lps.iter().map(|lp| (lp[t] as f64).exp()).sum::<f64>() / lps.len().max(1) as f64
     };
     let mut gaps: Vec<(f64, i32)> = (0..n_vocab)
         .map(|t| (mean_p(harmful, t) - mean_p(harmless, t), t as i32))
         .filter(|(g, _)| *g > 0.02)
-        .filter(|&(_, t)| share(answered_first, t) <= share(refused_first, t))
+        .filter(|&(_, t)| {
+            let t = t as usize;
+            answered_first.is_empty() || mean_p(answered_first, t) <= mean_p(refused_first, t)
+        })
         .collect();
     gaps.sort_by(|a, b| b.0.total_cmp(&a.0));
     gaps.truncate(4);
@@ -839,11 +879,23 @@ mod tests {
         let lp = |p: [f64; 4]| p.iter().map(|x| x.ln() as f32).collect::<Vec<f32>>();
         let harmful = vec![lp([0.1, 0.5, 0.3, 0.1])];
         let harmless = vec![lp([0.6, 0.1, 0.1, 0.2])];
+        let refused = vec![lp([0.05, 0.8, 0.1, 0.05]), lp([0.1, 0.7, 0.1, 0.1])];
+        let answered = vec![lp([0.3, 0.1, 0.5, 0.1]), lp([0.5, 0.05, 0.4, 0.05])];
         assert_eq!(
-            refusal_tokens(&harmful, &harmless, &[1, 1], &[0, 2, 2]),
+            refusal_tokens(&harmful, &harmless, &refused, &answered),
             vec![1]
         );
-        // With no replies to tell them apart, both count.
-        assert_eq!(refusal_tokens(&harmful, &harmless, &[], &[]), vec![1, 2]);
+        // A token a little likelier in refusals than in answers counts,
+        // though greedy decoding opens no refusal with it.
+        let answered = vec![lp([0.5, 0.1, 0.08, 0.32])];
+        assert_eq!(
+            refusal_tokens(&harmful, &harmless, &refused, &answered),
+            vec![1, 2]
+        );
+        // With no answers to tell them apart, both count.
+        assert_eq!(
+            refusal_tokens(&harmful, &harmless, &refused, &[]),
+            vec![1, 2]
+        );
     }
 }

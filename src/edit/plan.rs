@@ -146,10 +146,13 @@ impl PostNorms {
 
 /// Plans the edit of every residual-writing tensor across `shards`
 /// (the first shard carries the model metadata). Tensors whose weight is 0
-/// are left out: they are copied unchanged.
+/// are left out: they are copied unchanged. With `layer_directions` (one
+/// per layer, or none) layer ℓ's writers lose `layer_directions[ℓ]` and
+/// only `token_embd` loses `direction`.
 pub fn plan_edits(
     shards: &[GgufFile],
     direction: &[f32],
+    layer_directions: &[Vec<f32>],
     weights: &EditWeights,
 ) -> Result<EditPlan> {
     weights.validate()?;
@@ -169,6 +172,7 @@ pub fn plan_edits(
         bail!("direction contains NaN or infinite values");
     }
     let r = Arc::new(normalized(direction).context("direction is zero")?);
+    let per_layer = unit_layer_directions(meta, arch, n_embd, layer_directions)?;
     let tied_embeddings = !shards.iter().any(|s| s.tensor("output.weight").is_some());
 
     let find = |name: &str| shards.iter().find_map(|s| s.tensor(name).map(|t| (s, t)));
@@ -198,9 +202,18 @@ pub fn plan_edits(
             // (normalised) from W's output is what zeroes rᵀ·(that write).
             // GGUF stores g as the effective multiplier (the Gemma converter
             // already folds in the +1).
+            let r = match Component::of(&t.name) {
+                Some(Component::Attention(l) | Component::Mlp(l)) if !per_layer.is_empty() => {
+                    per_layer
+                        .get(l)
+                        .with_context(|| format!("{} is beyond the model's layers", t.name))?
+                        .clone()
+                }
+                _ => r.clone(),
+            };
             let (direction, post_norm) =
                 match post_norm.and_then(|n| find(&n).map(|(s, t)| (n, s, t))) {
-                    None => (r.clone(), None),
+                    None => (r, None),
                     Some((norm_name, s, norm)) => {
                         let g = s.read_f32(norm)?;
                         if g.len() != n_embd {
@@ -232,6 +245,44 @@ pub fn plan_edits(
         n_embd,
         tied_embeddings,
     })
+}
+
+/// Per-layer directions, checked against the model and normalized.
+fn unit_layer_directions(
+    meta: &GgufFile,
+    arch: &str,
+    n_embd: usize,
+    layer_directions: &[Vec<f32>],
+) -> Result<Vec<Arc<Vec<f32>>>> {
+    if layer_directions.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n_layer = meta
+        .arch_u64("block_count")
+        .with_context(|| format!("no {arch}.block_count key"))? as usize;
+    if layer_directions.len() != n_layer {
+        bail!(
+            "{} per-layer directions but the model has {n_layer} layers",
+            layer_directions.len()
+        );
+    }
+    layer_directions
+        .iter()
+        .enumerate()
+        .map(|(l, d)| {
+            if d.len() != n_embd {
+                bail!(
+                    "the direction of layer {l} has {} values but the model's n_embd is {n_embd}",
+                    d.len()
+                );
+            }
+            if d.iter().any(|x| !x.is_finite()) {
+                bail!("the direction of layer {l} contains NaN or infinite values");
+            }
+            let u = normalized(d).with_context(|| format!("the direction of layer {l} is zero"))?;
+            Ok(Arc::new(u))
+        })
+        .collect()
 }
 
 #[cfg(test)]

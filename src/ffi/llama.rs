@@ -686,6 +686,7 @@ impl<'m> Context<'m> {
 pub struct Batch {
     raw: sys::llama_batch,
     capacity: usize,
+    max_seqs: usize,
 }
 
 impl Drop for Batch {
@@ -696,10 +697,17 @@ impl Drop for Batch {
 }
 
 impl Batch {
-    pub fn new(capacity: usize) -> Batch {
-        // SAFETY: allocates token/pos/seq/logit arrays for `capacity` tokens, one seq each.
-        let raw = unsafe { sys::llama_batch_init(capacity as i32, 0, 1) };
-        Batch { raw, capacity }
+    /// Room for `capacity` tokens, each in up to `max_seqs` sequences.
+    pub fn new(capacity: usize, max_seqs: usize) -> Batch {
+        let max_seqs = max_seqs.max(1);
+        // SAFETY: allocates token/pos/logit arrays for `capacity` tokens
+        // and a seq-id array of `max_seqs` for each.
+        let raw = unsafe { sys::llama_batch_init(capacity as i32, 0, max_seqs as i32) };
+        Batch {
+            raw,
+            capacity,
+            max_seqs,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -729,6 +737,30 @@ impl Batch {
             *self.raw.n_seq_id.add(i) = 1;
             *(*self.raw.seq_id.add(i)) = seq;
             *self.raw.logits.add(i) = output as i8;
+        }
+        self.raw.n_tokens += 1;
+        i
+    }
+
+    /// Appends a token that sequences `0..n_seqs` share (a common prompt
+    /// prefix: one KV cell that all of them attend to), without output.
+    pub fn push_shared(&mut self, token: i32, pos: usize, n_seqs: usize) -> usize {
+        let i = self.len();
+        assert!(i < self.capacity, "batch overflow");
+        assert!(
+            (1..=self.max_seqs).contains(&n_seqs),
+            "{n_seqs} sequences per token"
+        );
+        // SAFETY: i < capacity and n_seqs ≤ the max_seqs each seq-id array holds.
+        unsafe {
+            *self.raw.token.add(i) = token;
+            *self.raw.pos.add(i) = pos as i32;
+            *self.raw.n_seq_id.add(i) = n_seqs as i32;
+            let ids = *self.raw.seq_id.add(i);
+            for k in 0..n_seqs {
+                *ids.add(k) = k as i32;
+            }
+            *self.raw.logits.add(i) = 0;
         }
         self.raw.n_tokens += 1;
         i

@@ -68,6 +68,10 @@ pub fn find_direction(input: &Path, args: &SearchConfig, progress: bool) -> Resu
         .map(|s| s.tensors.iter().map(|t| t.size).sum::<u64>())
         .sum();
     let post_norms = crate::edit::PostNorms::read(&shards)?;
+    // Expert writers are `mul_mat_id`s the hook does not see one by one.
+    let has_experts = shards
+        .iter()
+        .any(|s| s.tensors.iter().any(|t| t.name.contains("_exps")));
     let imatrix_weights = args.collect_imatrix.then(|| imatrix::edit_targets(&shards));
     drop(shards);
     let model = ffi::Model::load(input, args.n_gpu_layers)?;
@@ -87,6 +91,7 @@ pub fn find_direction(input: &Path, args: &SearchConfig, progress: bool) -> Resu
         seed: args.seed.unwrap_or(0),
         post_norms,
         imatrix_weights,
+        per_layer: !has_experts,
     };
     let result = direction::search(&model, &fmt, &harmful, &harmless, &opts)?;
     let c = &result.chosen;
@@ -144,6 +149,7 @@ pub fn find_direction(input: &Path, args: &SearchConfig, progress: bool) -> Resu
         (result.point.direction_index as f64).into(),
     );
     provenance.insert("biprojected".into(), result.point.biprojected.into());
+    provenance.insert("per_layer".into(), result.point.per_layer.into());
     provenance.insert(
         "weights".into(),
         serde_json::to_value(result.point.weights)?,
@@ -154,16 +160,21 @@ pub fn find_direction(input: &Path, args: &SearchConfig, progress: bool) -> Resu
         .front
         .iter()
         .zip(&result.front_directions)
-        .map(|(&i, direction)| {
+        .zip(&result.front_layer_directions)
+        .map(|((&i, direction), layers)| {
             let t = &result.trials[i];
-            serde_json::json!({
+            let mut entry = serde_json::json!({
                 "refusal_rate": t.refusal_rate,
                 "kl": t.kl,
                 "point": t.point,
                 "direction": direction,
-            })
+            });
+            if !layers.is_empty() {
+                entry["layer_directions"] = serde_json::to_value(layers)?;
+            }
+            Ok(entry)
         })
-        .collect();
+        .collect::<Result<_>>()?;
     provenance.insert("front".into(), front.into());
     provenance.insert("chat_template".into(), fmt.origin.clone().into());
     provenance.insert("harmful_prompts".into(), harmful.source.clone().into());
@@ -176,6 +187,7 @@ pub fn find_direction(input: &Path, args: &SearchConfig, progress: bool) -> Resu
     // Checked before anything is written: NaN/Inf or a zero difference of
     // means would otherwise become a corrupted model.
     let file = DirectionFile::new(result.direction.clone(), provenance)
+        .and_then(|f| f.with_layer_directions(result.layer_directions.clone()))
         .context("the search produced an unusable direction")?;
     Ok(Found { result, file, arch })
 }
@@ -225,11 +237,12 @@ fn print_front(result: &SearchResult) {
         result.trials.len() - 1
     );
     eprintln!(
-        "  {:>3} {:>8} {:>6}  {:>5} {:>5} {:>5}  {:<28} {:<28}",
+        "  {:>3} {:>8} {:>6}  {:>5} {:>6} {:>5} {:>5}  {:<28} {:<28}",
         "#",
         "refusals",
         "KL",
         "index",
+        "scope",
         "biprj",
         "embd",
         "attention max@pos min/dist",
@@ -246,12 +259,13 @@ fn print_front(result: &SearchResult) {
         let t = &result.trials[i];
         let p = &t.point;
         eprintln!(
-            "{} {:>3} {:>7.0}% {:>6.3}  {:>5.2} {:>5} {:>5.2}  {:<28} {:<28}{}",
+            "{} {:>3} {:>7.0}% {:>6.3}  {:>5.2} {:>6} {:>5} {:>5.2}  {:<28} {:<28}{}",
             if *p == result.point { "*" } else { " " },
             n,
             100.0 * t.refusal_rate.unwrap_or(f64::NAN),
             t.kl,
             p.direction_index,
+            if p.per_layer { "layer" } else { "global" },
             if p.biprojected { "yes" } else { "no" },
             p.weights.embeddings * p.scale,
             kernel(p.weights.attention),

@@ -161,6 +161,7 @@ pub fn run_apply(
         exact_grid: edit.exact_grid,
         preserve_norms: edit.preserve_norms,
         imatrix: imatrix.map(Arc::new),
+        layer_directions: dir.layer_directions.clone(),
     };
     let report = apply::apply(input, out, &dir.direction, &opts)?;
     for out in &report.outputs {
@@ -227,6 +228,7 @@ pub fn run_all(cfg: &RunConfig) -> Result<()> {
         exact_grid: cfg.edit.exact_grid,
         preserve_norms: cfg.edit.preserve_norms,
         imatrix,
+        layer_directions: file.layer_directions.clone(),
     };
     let applied = apply::apply(input, output, &file.direction, &opts)?;
     eprintln!(
@@ -265,16 +267,10 @@ pub fn run_all(cfg: &RunConfig) -> Result<()> {
     if let Some(path) = &cfg.report {
         // The direction file without the search's tables: `--direction
         // REPORT.json [--pick N]` reads it back.
-        let mut provenance = file.provenance.clone();
-        provenance.remove("search");
-        provenance.insert(
-            "direction".into(),
-            file.direction
-                .iter()
-                .map(|&x| x as f64)
-                .collect::<Vec<_>>()
-                .into(),
-        );
+        let mut provenance: serde_json::Value = serde_json::from_str(&file.to_json())?;
+        if let Some(map) = provenance.as_object_mut() {
+            map.remove("search");
+        }
         let report = serde_json::json!({
             "tool": format!("gguf-abliterate {}", env!("CARGO_PKG_VERSION")),
             "input": input,
