@@ -483,6 +483,18 @@ impl<'m> Runner<'m> {
         n_gen: usize,
         hook: &mut dyn BatchHook,
     ) -> Result<Vec<Generation>> {
+        self.generate_until(prompts, n_gen, hook, &|_| false)
+    }
+
+    /// `generate`, ending a reply early once `done` holds for its tokens
+    /// (a judge whose verdict can no longer change needs no more of it).
+    pub fn generate_until(
+        &mut self,
+        prompts: &[Vec<i32>],
+        n_gen: usize,
+        hook: &mut dyn BatchHook,
+        done: &dyn Fn(&[i32]) -> bool,
+    ) -> Result<Vec<Generation>> {
         let model = self.ctx.model();
         let budget = self.max_tokens();
         let n_seq = self.ctx.options().n_seq as usize;
@@ -534,7 +546,7 @@ impl<'m> Runner<'m> {
                         continue;
                     }
                     out[p].tokens.push(tok);
-                    if step + 1 == n_gen {
+                    if step + 1 == n_gen || done(&out[p].tokens) {
                         continue;
                     }
                     let row = self

@@ -493,3 +493,46 @@ fn a_shared_prompt_prefix_changes_no_logits_and_no_replies() {
         assert!(same >= 3, "{what}: {same} of 4 replies agree");
     }
 }
+
+/// The search ends a reply once it holds a refusal marker: the judge's
+/// verdict cannot change after that, and fewer tokens are generated.
+#[test]
+fn replies_ended_at_a_refusal_marker_keep_their_verdict() {
+    require_model!(fixture);
+    use gguf_abliterate::prompts::{Kind, PromptSet};
+    use gguf_abliterate::verify::{detokenize, has_refusal_marker, judge, Verdict};
+    ffi::init_backend(false);
+    let model = Model::load(&fixture(), 0).unwrap();
+    let fmt = ChatFormat::resolve(&model, None).unwrap();
+    let p: Vec<Vec<i32>> = PromptSet::builtin(Kind::Harmful).val[..12]
+        .iter()
+        .map(|x| fmt.tokenize(&model, &x.text).unwrap())
+        .collect();
+    let mut runner = Runner::new(&model, 2048, 2).unwrap();
+    let full = runner.generate(&p, 24, &mut NoHook).unwrap();
+    let refused = |tokens: &[i32]| has_refusal_marker(&detokenize(&model, tokens));
+    let early = runner
+        .generate_until(&p, 24, &mut NoHook, &refused)
+        .unwrap();
+    let verdicts = |g: &[gguf_abliterate::eval::Generation]| -> Vec<bool> {
+        g.iter()
+            .map(|g| judge(&detokenize(&model, &g.tokens), &g.tokens) == Verdict::Complied)
+            .collect()
+    };
+    let n =
+        |g: &[gguf_abliterate::eval::Generation]| g.iter().map(|g| g.tokens.len()).sum::<usize>();
+    eprintln!(
+        "tokens generated: {} whole, {} ended at a marker",
+        n(&full),
+        n(&early)
+    );
+    assert_eq!(verdicts(&full), verdicts(&early));
+    assert!(
+        verdicts(&full).iter().any(|&c| !c),
+        "the fixture refuses some"
+    );
+    assert!(n(&early) < n(&full));
+    for (a, b) in full.iter().zip(&early) {
+        assert!(a.tokens.starts_with(&b.tokens));
+    }
+}

@@ -15,7 +15,7 @@ use crate::chat::ChatFormat;
 use crate::eval::{kl_divergence, refusal_score, AblateHook, AddHook, NoHook, Runner};
 use crate::ffi::Model;
 use crate::prompts::PromptSet;
-use crate::verify::{detokenize, judge, judge_answer, Verdict};
+use crate::verify::{detokenize, has_refusal_marker, judge, judge_answer, Verdict};
 
 /// KL measurements when searching the largest scale within the KL threshold.
 const SCALE_STEPS: usize = 3;
@@ -814,7 +814,7 @@ impl Measure<'_> {
     /// Share of harmful validation replies that are not real answers, and
     /// the mean first-token refusal score.
     fn refusals(&self, runner: &mut Runner, hook: &mut AblateHook) -> Result<(f64, f64)> {
-        let replies = runner.generate(self.harm_val, JUDGE_TOKENS, hook)?;
+        let replies = self.replies(runner, hook, 0..self.harm_val.len())?;
         let refused = self.count_refused(&replies, self.harm_texts);
         let scores = refusal_scores(replies.iter().map(|g| &g.first_log_probs), self.refusal_ids);
         Ok((refused as f64 / replies.len() as f64, mean(&scores)))
@@ -851,8 +851,21 @@ impl Measure<'_> {
         hook: &mut AblateHook,
         range: std::ops::Range<usize>,
     ) -> Result<usize> {
-        let replies = runner.generate(&self.harm_val[range.clone()], JUDGE_TOKENS, hook)?;
+        let replies = self.replies(runner, hook, range.clone())?;
         Ok(self.count_refused(&replies, &self.harm_texts[range]))
+    }
+
+    /// Replies to harmful validation prompts in `range`, each ended as soon
+    /// as it holds a refusal marker: counted as refused either way.
+    fn replies(
+        &self,
+        runner: &mut Runner,
+        hook: &mut AblateHook,
+        range: std::ops::Range<usize>,
+    ) -> Result<Vec<crate::eval::Generation>> {
+        let model = self.model;
+        let refused = |tokens: &[i32]| has_refusal_marker(&detokenize(model, tokens));
+        runner.generate_until(&self.harm_val[range], JUDGE_TOKENS, hook, &refused)
     }
 
     /// Replies to `requests` that are not real answers.
