@@ -9,8 +9,10 @@
 //!   p:<pos>:<scale>[:b][:from=N][:to=M]     each layer's writers lose their own direction
 //!   point:REPORT.json:N                     front point N of a main-command report
 //! `pos` is a post-instruction position, a comma list of them or `all`
-//! (their normalized directions summed); `b` biprojects; writers outside
-//! layers [from, to) are left alone. No `token_embd` edit except in `point:`.
+//! (their normalized directions summed); `b` biprojects; `r2=P` also
+//! removes each layer's direction at position P (orthogonalized: rank 2);
+//! writers outside layers [from, to) are left alone. No `token_embd` edit
+//! except in `point:`.
 use anyhow::Result;
 use gguf_abliterate::activations::capture;
 use gguf_abliterate::chat::ChatFormat;
@@ -22,6 +24,8 @@ use gguf_abliterate::verify::{detokenize, judge, judge_answer, Verdict};
 
 struct ProjHook {
     dirs: Vec<Vec<f32>>,
+    /// Optional second direction per layer, orthogonal to the first.
+    second: Vec<Vec<f32>>,
     share: Vec<f32>,
 }
 impl ResidualHook for ProjHook {
@@ -38,9 +42,11 @@ impl ResidualHook for ProjHook {
             return false;
         }
         let s = self.share[l];
-        for row in rows.chunks_exact_mut(n_embd) {
-            let d = dot(row, u) as f32 * s;
-            row.iter_mut().zip(u).for_each(|(x, ui)| *x -= d * ui);
+        for u in std::iter::once(u).chain(self.second.get(l)) {
+            for row in rows.chunks_exact_mut(n_embd) {
+                let d = dot(row, u) as f32 * s;
+                row.iter_mut().zip(u).for_each(|(x, ui)| *x -= d * ui);
+            }
         }
         true
     }
@@ -184,10 +190,32 @@ fn main() -> Result<()> {
         } else {
             (0..n_layer).map(dir_at).collect()
         };
+        // r2=P: also remove each layer's direction at position P,
+        // orthogonalized against the first.
+        let second: Vec<Vec<f32>> = match parts.iter().find_map(|p| p.strip_prefix("r2=")) {
+            None => Vec::new(),
+            Some(p2) => {
+                let p2: usize = p2.parse()?;
+                dirs.iter()
+                    .enumerate()
+                    .map(|(l, u)| {
+                        let l = l.min(n_layer - 2);
+                        let mut v = normalized(&hm.minus(&sm, l, p2)).unwrap();
+                        let a = dot(&v, u) as f32;
+                        v.iter_mut().zip(u).for_each(|(x, ui)| *x -= a * ui);
+                        normalized(&v).unwrap()
+                    })
+                    .collect()
+            }
+        };
         let share = (0..n_layer)
             .map(|l| if l >= from && l < to { scale } else { 0.0 })
             .collect();
-        let mut hook = ProjHook { dirs, share };
+        let mut hook = ProjHook {
+            dirs,
+            second,
+            share,
+        };
         let k = kl(&mut runner, &mut hook)?;
         let r = refused(&mut runner, &mut hook)?;
         println!("{spec:<24} refusals {:>5.1}%  KL {k:.3}", 100.0 * r);
