@@ -518,9 +518,10 @@ impl<'m> Runner<'m> {
             // prompts and generations together fit the context.
             self.ctx.clear();
             self.batch.clear();
-            let texts: Vec<Vec<i32>> = group.iter().map(|&p| prompts[p].clone()).collect();
+            // The group's prompts are consecutive.
+            let texts = &prompts[group[0]..group[0] + group.len()];
             let mut entries = Vec::new();
-            self.push_group(&texts, shared_prefix(&texts), &mut entries);
+            self.push_group(texts, shared_prefix(texts), &mut entries);
             let last_row: Vec<usize> = entries.iter().map(Entry::last).collect();
             for e in &mut entries {
                 e.prompt = group[e.prompt];

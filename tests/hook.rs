@@ -429,6 +429,16 @@ fn on_a_k_quant_model_grid_aware_projection_makes_the_file_agree_with_the_hook()
     }
 }
 
+/// The first `n` built-in harmful validation prompts, in the model's template.
+fn builtin_harmful_val(model: &Model, n: usize) -> Vec<Vec<i32>> {
+    use gguf_abliterate::prompts::{Kind, PromptSet};
+    let fmt = ChatFormat::resolve(model, None).unwrap();
+    PromptSet::builtin(Kind::Harmful).val[..n]
+        .iter()
+        .map(|x| fmt.tokenize(model, &x.text).unwrap())
+        .collect()
+}
+
 /// `first_token_logprobs` and `generate` decode the template's common
 /// prefix once for a batch's prompts; what each prompt gets must be what
 /// it gets decoded whole, hook or no hook. (Not bit for bit: llama.cpp's
@@ -438,18 +448,12 @@ fn on_a_k_quant_model_grid_aware_projection_makes_the_file_agree_with_the_hook()
 fn a_shared_prompt_prefix_changes_no_logits_and_no_replies() {
     require_model!(fixture);
     use gguf_abliterate::eval::{log_softmax, shared_prefix};
-    use gguf_abliterate::prompts::{Kind, PromptSet};
     ffi::init_backend(false);
     let model = Model::load(&fixture(), 0).unwrap();
-    let fmt = ChatFormat::resolve(&model, None).unwrap();
     let mut p = prompts(&model);
     // "<|im_start|>user\n": the fixture's template has no system prompt.
     assert_eq!(shared_prefix(&p), 3);
-    p.extend(
-        PromptSet::builtin(Kind::Harmful).val[..12]
-            .iter()
-            .map(|x| fmt.tokenize(&model, &x.text).unwrap()),
-    );
+    p.extend(builtin_harmful_val(&model, 12));
     let mut runner = Runner::new(&model, 2048, 2).unwrap();
     let mut hook = AblateHook::new(&noise(model.n_embd(), 5)).unwrap();
     hook.scale = 0.7;
@@ -499,15 +503,10 @@ fn a_shared_prompt_prefix_changes_no_logits_and_no_replies() {
 #[test]
 fn replies_ended_at_a_refusal_marker_keep_their_verdict() {
     require_model!(fixture);
-    use gguf_abliterate::prompts::{Kind, PromptSet};
     use gguf_abliterate::verify::{detokenize, has_refusal_marker, judge, Verdict};
     ffi::init_backend(false);
     let model = Model::load(&fixture(), 0).unwrap();
-    let fmt = ChatFormat::resolve(&model, None).unwrap();
-    let p: Vec<Vec<i32>> = PromptSet::builtin(Kind::Harmful).val[..12]
-        .iter()
-        .map(|x| fmt.tokenize(&model, &x.text).unwrap())
-        .collect();
+    let p = builtin_harmful_val(&model, 12);
     let mut runner = Runner::new(&model, 2048, 2).unwrap();
     let full = runner.generate(&p, 24, &mut NoHook).unwrap();
     let refused = |tokens: &[i32]| has_refusal_marker(&detokenize(&model, tokens));

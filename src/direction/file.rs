@@ -61,37 +61,16 @@ impl DirectionFile {
                     self.direction.len()
                 );
             }
-            Self::new(d.clone(), Map::new())
-                .with_context(|| format!("the direction of layer {l}"))?;
+            check_usable(d).with_context(|| format!("the direction of layer {l}"))?;
         }
         self.layer_directions = layers;
         Ok(self)
     }
 
-    /// A direction file, provided the vector can be projected out: not
-    /// empty, every value finite (an f32 overflow or a poisoned activation
-    /// gives Inf/NaN) and a norm that is finite and non-zero.
+    /// A direction file, provided the vector can be projected out
+    /// ([`check_usable`]).
     pub fn new(direction: Vec<f32>, provenance: Map<String, Json>) -> Result<DirectionFile> {
-        if direction.is_empty() {
-            bail!("\"direction\" is empty");
-        }
-        if let Some(i) = direction.iter().position(|x| !x.is_finite()) {
-            bail!(
-                "\"direction\" holds a non-finite value ({} at index {i}); the model's activations may hold NaN/Inf",
-                direction[i]
-            );
-        }
-        if direction.iter().all(|&x| x == 0.0) {
-            bail!("\"direction\" is all zeros");
-        }
-        let norm = direction
-            .iter()
-            .map(|&x| f64::from(x).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        if !(norm.is_finite() && norm > 1e-30) {
-            bail!("\"direction\" has norm {norm:e}; it cannot be normalised");
-        }
+        check_usable(&direction)?;
         Ok(DirectionFile {
             direction,
             layer_directions: Vec::new(),
@@ -208,6 +187,33 @@ impl DirectionFile {
         }
         kvs
     }
+}
+
+/// A vector that can be projected out: not empty, every value finite (an
+/// f32 overflow or a poisoned activation gives Inf/NaN) and a norm that is
+/// finite and non-zero.
+fn check_usable(direction: &[f32]) -> Result<()> {
+    if direction.is_empty() {
+        bail!("\"direction\" is empty");
+    }
+    if let Some(i) = direction.iter().position(|x| !x.is_finite()) {
+        bail!(
+            "\"direction\" holds a non-finite value ({} at index {i}); the model's activations may hold NaN/Inf",
+            direction[i]
+        );
+    }
+    if direction.iter().all(|&x| x == 0.0) {
+        bail!("\"direction\" is all zeros");
+    }
+    let norm = direction
+        .iter()
+        .map(|&x| f64::from(x).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    if !(norm.is_finite() && norm > 1e-30) {
+        bail!("\"direction\" has norm {norm:e}; it cannot be normalised");
+    }
+    Ok(())
 }
 
 fn numbers(values: &[Json]) -> Option<Vec<f32>> {

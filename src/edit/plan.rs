@@ -162,16 +162,7 @@ pub fn plan_edits(
     let n_embd = meta
         .arch_u64("embedding_length")
         .with_context(|| format!("no {arch}.embedding_length key"))? as usize;
-    if direction.len() != n_embd {
-        bail!(
-            "direction has {} values but the model's n_embd is {n_embd}",
-            direction.len()
-        );
-    }
-    if direction.iter().any(|x| !x.is_finite()) {
-        bail!("direction contains NaN or infinite values");
-    }
-    let r = Arc::new(normalized(direction).context("direction is zero")?);
+    let r = unit_direction(direction, n_embd, "direction")?;
     let per_layer = unit_layer_directions(meta, arch, n_embd, layer_directions)?;
     let tied_embeddings = !shards.iter().any(|s| s.tensor("output.weight").is_some());
 
@@ -269,20 +260,24 @@ fn unit_layer_directions(
     layer_directions
         .iter()
         .enumerate()
-        .map(|(l, d)| {
-            if d.len() != n_embd {
-                bail!(
-                    "the direction of layer {l} has {} values but the model's n_embd is {n_embd}",
-                    d.len()
-                );
-            }
-            if d.iter().any(|x| !x.is_finite()) {
-                bail!("the direction of layer {l} contains NaN or infinite values");
-            }
-            let u = normalized(d).with_context(|| format!("the direction of layer {l} is zero"))?;
-            Ok(Arc::new(u))
-        })
+        .map(|(l, d)| unit_direction(d, n_embd, &format!("the direction of layer {l}")))
         .collect()
+}
+
+/// `direction` normalized, provided it has `n_embd` finite values, not all
+/// zero; errors name it as `what`.
+fn unit_direction(direction: &[f32], n_embd: usize, what: &str) -> Result<Arc<Vec<f32>>> {
+    if direction.len() != n_embd {
+        bail!(
+            "{what} has {} values but the model's n_embd is {n_embd}",
+            direction.len()
+        );
+    }
+    if direction.iter().any(|x| !x.is_finite()) {
+        bail!("{what} contains NaN or infinite values");
+    }
+    let u = normalized(direction).with_context(|| format!("{what} is zero"))?;
+    Ok(Arc::new(u))
 }
 
 #[cfg(test)]
