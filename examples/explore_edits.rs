@@ -11,8 +11,10 @@
 //! `pos` is a post-instruction position, a comma list of them or `all`
 //! (their normalized directions summed); `b` biprojects; `r2=P` also
 //! removes each layer's direction at position P (orthogonalized: rank 2);
-//! writers outside layers [from, to) are left alone. No `token_embd` edit
-//! except in `point:`.
+//! writers outside layers [from, to) are left alone; `it=N` re-estimates
+//! each layer's direction N times from the residual stream under the edit,
+//! `ia=1` adds that estimate as a second direction (both worse on the
+//! fixture). No `token_embd` edit except in `point:`.
 use anyhow::Result;
 use gguf_abliterate::activations::capture;
 use gguf_abliterate::chat::ChatFormat;
@@ -52,6 +54,70 @@ impl ResidualHook for ProjHook {
     }
 }
 impl BatchHook for ProjHook {}
+
+/// `ProjHook` plus a capture of the (edited) layer outputs' sums at the
+/// post-instruction positions: where the refusal signal is left after an edit.
+struct CapHook<'a> {
+    proj: &'a mut ProjHook,
+    n_pos: usize,
+    n_embd: usize,
+    rows: Vec<(usize, usize)>,
+    n_tokens: usize,
+    sums: Vec<f64>,
+}
+impl ResidualHook for CapHook<'_> {
+    fn wants(&mut self, node: Node) -> bool {
+        matches!(node, Node::LayerOut(_)) || self.proj.wants(node)
+    }
+    fn visit(&mut self, node: Node, rows: &mut [f32], n_embd: usize) -> bool {
+        let Node::LayerOut(layer) = node else {
+            return self.proj.visit(node, rows, n_embd);
+        };
+        if n_embd != self.n_embd || rows.len() != self.n_tokens * n_embd {
+            return false;
+        }
+        for &(row, pos) in &self.rows {
+            let at = (layer * self.n_pos + pos) * n_embd;
+            self.sums[at..at + n_embd]
+                .iter_mut()
+                .zip(&rows[row * n_embd..(row + 1) * n_embd])
+                .for_each(|(s, &x)| *s += x as f64);
+        }
+        false
+    }
+}
+impl BatchHook for CapHook<'_> {
+    fn begin(&mut self, entries: &[gguf_abliterate::eval::Entry]) {
+        self.rows.clear();
+        for e in entries {
+            for p in 0..self.n_pos {
+                self.rows.push((e.start + e.len - self.n_pos + p, p));
+            }
+        }
+        self.n_tokens = entries.last().map_or(0, |e| e.start + e.len);
+    }
+}
+
+/// Mean layer outputs `[layer][pos][n_embd]` over `prompts`, edited by `proj`.
+fn capture_edited(
+    runner: &mut Runner,
+    proj: &mut ProjHook,
+    prompts: &[Vec<i32>],
+    n_layer: usize,
+    n_pos: usize,
+    n_embd: usize,
+) -> Result<Vec<f64>> {
+    let mut hook = CapHook {
+        proj,
+        n_pos,
+        n_embd,
+        rows: Vec::new(),
+        n_tokens: 0,
+        sums: vec![0.0; n_layer * n_pos * n_embd],
+    };
+    runner.run(prompts, &mut hook, |_, _| Ok(()))?;
+    Ok(hook.sums.iter().map(|s| s / prompts.len() as f64).collect())
+}
 
 fn main() -> Result<()> {
     ffi::init_backend(false);
@@ -216,6 +282,55 @@ fn main() -> Result<()> {
             second,
             share,
         };
+        // it=N: N times, measure what is left of the refusal signal at each
+        // layer's output under the edit and make it that layer's direction;
+        // ia=1: add it as a second one instead.
+        let iters = |key: &str| -> usize {
+            parts
+                .iter()
+                .find_map(|p| p.strip_prefix(key))
+                .map_or(0, |x| x.parse().unwrap())
+        };
+        let (n_it, n_add) = (iters("it="), iters("ia="));
+        for round in 0..n_it + n_add {
+            let n_embd = hm.n_embd;
+            let h2 = capture_edited(&mut runner, &mut hook, &ht, n_layer, n_post, n_embd)?;
+            let s2 = capture_edited(&mut runner, &mut hook, &st, n_layer, n_post, n_embd)?;
+            let pos = *poss.last().unwrap();
+            let mut second = Vec::new();
+            for l in 0..n_layer {
+                let at = (l.min(n_layer - 2) * n_post + pos) * n_embd;
+                let d: Vec<f32> = (0..n_embd)
+                    .map(|i| (h2[at + i] - s2[at + i]) as f32)
+                    .collect();
+                let mut r = normalized(&d).unwrap();
+                if bip {
+                    let g: Vec<f32> = s2[at..at + n_embd].iter().map(|&x| x as f32).collect();
+                    let g = normalized(&g).unwrap();
+                    let a = dot(&r, &g) as f32;
+                    r.iter_mut().zip(&g).for_each(|(x, gi)| *x -= a * gi);
+                    r = normalized(&r).unwrap();
+                }
+                let cos = dot(&r, &hook.dirs[l]);
+                if l % 4 == 0 {
+                    eprintln!(
+                        "round {round} layer {l}: |diff| {:.2} cos(old) {cos:.3}",
+                        dot(&d, &d).sqrt()
+                    );
+                }
+                if round < n_it {
+                    hook.dirs[l] = r;
+                } else {
+                    let u = &hook.dirs[l];
+                    let a = dot(&r, u) as f32;
+                    r.iter_mut().zip(u).for_each(|(x, ui)| *x -= a * ui);
+                    second.push(normalized(&r).unwrap_or_else(|| u.clone()));
+                }
+            }
+            if round >= n_it {
+                hook.second = second;
+            }
+        }
         let k = kl(&mut runner, &mut hook)?;
         let r = refused(&mut runner, &mut hook)?;
         println!("{spec:<24} refusals {:>5.1}%  KL {k:.3}", 100.0 * r);

@@ -92,7 +92,7 @@ struct SearchArgs {
     kl_threshold: f64,
     /// TPE trials refining the chosen direction's edit (per-layer weights,
     /// direction index, biprojection); 0 keeps the first stage's choice.
-    /// Default: 32 for models up to 150 MB, fewer for larger ones (at least 8).
+    /// Default: 20 for models up to 150 MB, fewer for larger ones (at least 6).
     #[arg(long, value_name = "N")]
     trials: Option<usize>,
     /// Candidates fully evaluated after the cheap ranking.

@@ -79,7 +79,9 @@ fn main_command_abliterates_qwen2_5_coder_0_5b_instruct() {
     // the edit the search measured (0.1.0's single pass kept about half of
     // it on Q4_K and landed lower: 0.13 here); held back, 0.258 with one
     // KL target for every refinement trial, 0.096 with the target ladder,
-    // 0.154 (2.5 % refusals) with KL measured on prompts the capture did not use.
+    // 0.154 (2.5 % refusals) with KL measured on prompts the capture did not
+    // use, and again with trials scaled to their targets and the finalists
+    // confirmed on fresh prompts.
     assert!(
         kl <= 0.35,
         "first-token KL on answered harmless prompts: {kl}"

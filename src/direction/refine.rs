@@ -43,6 +43,18 @@ pub struct Trial {
     /// trial was pruned on its KL alone.
     pub refusal_rate: Option<f64>,
     pub kl: f64,
+    /// For the front's finalists: the figures pooled with a second
+    /// measurement on prompts the search had not used (`pick_confirmed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed: Option<Confirmed>,
+}
+
+/// A trial's refusal rate and KL over the search's prompts and fresh ones
+/// together.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Confirmed {
+    pub refusal_rate: f64,
+    pub kl: f64,
 }
 
 /// The direction a point uses (not normalized to unit length by callers:
@@ -131,6 +143,37 @@ pub struct Space {
     /// Whether per-layer scope may be searched (the hook can emulate it
     /// only where every writer is a plain `mul_mat`: no expert tensors).
     pub per_layer: bool,
+}
+
+/// The per-layer scope's plain edit, as a first guess the optimizer would
+/// take many trials to find: each layer from two thirds of the way to
+/// `first`'s direction layer onward loses its own (biprojected) direction
+/// at one weight, earlier layers and `token_embd` nothing. Measured through
+/// the hook, this shape was the best per-layer edit on the fixture (layers
+/// 14–29 of 30, direction layer 21) and on Qwen2.5-Coder-0.5B (10–23 of 24,
+/// direction layer 16), scaled to the KL target.
+pub fn per_layer_seed(first: &EditPoint, n_layer: usize) -> EditPoint {
+    let last = (n_layer - 1) as f32;
+    let from = (first.direction_index * 2.0 / 3.0).round().min(last);
+    let flat = Kernel {
+        max_weight: 1.0,
+        max_weight_position: (from + last) / 2.0,
+        min_weight: 1.0,
+        // Half the span, and a little more so that both ends are inside.
+        min_weight_distance: (last - from) / 2.0 + 0.25,
+    };
+    EditPoint {
+        direction_index: first.direction_index,
+        position: first.position,
+        biprojected: true,
+        per_layer: true,
+        scale: 1.0,
+        weights: EditWeights {
+            attention: Some(flat),
+            mlp: Some(flat),
+            embeddings: 0.0,
+        },
+    }
 }
 
 /// Trials sampled uniformly before TPE takes over (TPE needs a few
@@ -356,20 +399,70 @@ pub fn pareto_front(trials: &[Trial]) -> Vec<usize> {
 /// prompt is), the lowest KL. A single reply out of 32 is within the
 /// measurement's noise, while the KL a point costs is not.
 pub fn pick(trials: &[Trial], kl_target: f64, resolution: f64) -> Option<usize> {
-    let within = |i: &usize| trials[*i].refusal_rate.is_some() && trials[*i].kl <= kl_target;
-    let fewest = (0..trials.len())
-        .filter(within)
-        .filter_map(|i| trials[i].refusal_rate)
+    pick_by(trials, kl_target, resolution, |t| {
+        Some((t.refusal_rate?, t.kl))
+    })
+}
+
+/// The points worth measuring again before the pick: the front's points
+/// within the KL target, fewest refusals first, at most `n`.
+pub fn finalists(trials: &[Trial], kl_target: f64, n: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = pareto_front(trials)
+        .into_iter()
+        .filter(|&i| trials[i].kl <= kl_target)
+        .collect();
+    idx.sort_by(|&a, &b| {
+        let key = |i: usize| (trials[i].refusal_rate.unwrap(), trials[i].kl);
+        key(a)
+            .partial_cmp(&key(b))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    idx.truncate(n);
+    idx
+}
+
+/// `pick` among the confirmed trials, by their pooled figures. The search
+/// keeps the best of many noisy measurements, so its best figures are
+/// biased low (most on the point picked); the second measurement is not.
+/// When no confirmed trial stays within the target, `pick` among the
+/// others (a point that failed its confirmation is never picked).
+pub fn pick_confirmed(trials: &[Trial], kl_target: f64, resolution: f64) -> Option<usize> {
+    pick_by(trials, kl_target, resolution, |t| {
+        t.confirmed.map(|c| (c.refusal_rate, c.kl))
+    })
+    .or_else(|| {
+        pick_by(trials, kl_target, resolution, |t| match t.confirmed {
+            Some(_) => None,
+            None => Some((t.refusal_rate?, t.kl)),
+        })
+    })
+}
+
+fn pick_by(
+    trials: &[Trial],
+    kl_target: f64,
+    resolution: f64,
+    figures: impl Fn(&Trial) -> Option<(f64, f64)>,
+) -> Option<usize> {
+    let measured: Vec<(usize, f64, f64)> = trials
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| figures(t).map(|(r, kl)| (i, r, kl)))
+        .filter(|&(_, _, kl)| kl <= kl_target)
+        .collect();
+    let fewest = measured
+        .iter()
+        .map(|&(_, r, _)| r)
         .fold(f64::INFINITY, f64::min);
-    (0..trials.len())
-        .filter(within)
-        .filter(|&i| trials[i].refusal_rate.unwrap() <= fewest + resolution + 1e-9)
-        .min_by(|&a, &b| {
-            let key = |i: usize| (trials[i].kl, trials[i].refusal_rate.unwrap());
-            key(a)
-                .partial_cmp(&key(b))
+    measured
+        .iter()
+        .filter(|&&(_, r, _)| r <= fewest + resolution + 1e-9)
+        .min_by(|a, b| {
+            (a.2, a.1)
+                .partial_cmp(&(b.2, b.1))
                 .unwrap_or(std::cmp::Ordering::Equal)
         })
+        .map(|&(i, _, _)| i)
 }
 
 #[cfg(test)]
@@ -388,6 +481,7 @@ mod tests {
             },
             refusal_rate: r,
             kl,
+            confirmed: None,
         }
     }
 
@@ -416,6 +510,37 @@ mod tests {
         q.push(trial(Some(0.03125), 0.04));
         assert_eq!(pick(&q, 0.25, 1.0 / 32.0), Some(3));
         assert!(objective(Some(1.0), 0.1, 0.3) < objective(Some(0.0), 0.31, 0.3));
+    }
+
+    #[test]
+    fn finalists_are_measured_again_and_picked_by_pooled_figures() {
+        let mut t = vec![
+            trial(Some(0.5), 0.1),
+            trial(Some(0.3), 0.2),
+            trial(Some(0.25), 0.24),
+            trial(Some(0.1), 0.5),
+        ];
+        // Within the target, fewest refusals first; never a point over it.
+        assert_eq!(finalists(&t, 0.25, 2), vec![2, 1]);
+        assert_eq!(finalists(&t, 0.25, 5), vec![2, 1, 0]);
+        assert_eq!(pick_confirmed(&t, 0.25, 0.01), Some(2));
+        // A point over the target once pooled is never picked.
+        t[2].confirmed = Some(Confirmed {
+            refusal_rate: 0.4,
+            kl: 0.26,
+        });
+        assert_eq!(pick_confirmed(&t, 0.25, 0.01), Some(1));
+        // The search's best (2) falls back on fresh prompts; 1 holds.
+        t[2].confirmed = Some(Confirmed {
+            refusal_rate: 0.4,
+            kl: 0.26,
+        });
+        t[1].confirmed = Some(Confirmed {
+            refusal_rate: 0.3,
+            kl: 0.21,
+        });
+        assert_eq!(pick(&t, 0.25, 0.01), Some(2));
+        assert_eq!(pick_confirmed(&t, 0.25, 0.01), Some(1));
     }
 
     #[test]

@@ -25,9 +25,12 @@ const AIM: f64 = 0.95;
 /// Tokens generated per reply when judging refusals during the search:
 /// enough for the judge to see whether a reply answers the request.
 const JUDGE_TOKENS: usize = 24;
-/// Trials whose KL exceeds this multiple of the target are not worth
-/// generating replies for.
-const PRUNE_KL: f64 = 1.2;
+/// Front points measured again on fresh prompts before the pick.
+const FINALISTS: usize = 2;
+/// A trial scaled down to its KL target stops at the first scale whose KL
+/// is at least this share of the target: each KL costs a pass over the
+/// KL prompts, and a trial only needs to land near its target.
+const TRIAL_CLOSE: f64 = 0.6;
 /// Below this share of harmful prompts refused, there is nothing to remove.
 const MIN_BASELINE_REFUSAL: f64 = 0.05;
 use anyhow::{bail, Context, Result};
@@ -76,7 +79,7 @@ impl Default for SearchOptions {
             threads: default_threads(),
             progress: true,
             tied_embeddings: false,
-            trials: 32,
+            trials: 20,
             seed: 0,
             post_norms: Default::default(),
             imatrix_weights: None,
@@ -594,7 +597,7 @@ pub fn search(
         };
         let mut optimizer = Optimizer::new(space, opts.seed)?;
         let pb = bar(opts.progress, opts.trials as u64 + 1, "refine");
-        let run_trial = |point: &EditPoint, runner: &mut Runner, best: f64| -> Result<Trial> {
+        let trial_hook = |point: &EditPoint| -> Result<AblateHook> {
             let r = refine::point_direction(&harm_means, &safe_means, point)?;
             let layers = refine::layer_directions(&harm_means, &safe_means, point, n_layer)?;
             let mut hook = AblateHook::new(&r)
@@ -604,44 +607,109 @@ pub fn search(
             hook.scale = point.scale;
             hook.weights = point.weights;
             hook.unembedding = opts.tied_embeddings;
-            let (refusal_rate, kl) = measure.trial(runner, &mut hook, best)?;
-            pb.inc(1);
-            Ok(Trial {
-                point: point.clone(),
-                refusal_rate,
-                kl,
-            })
+            Ok(hook)
         };
-        let t = run_trial(&first, &mut runner, 1.0)?;
+        let run_trial =
+            |point: &EditPoint, runner: &mut Runner, target: f64, best: f64| -> Result<Trial> {
+                let mut hook = trial_hook(point)?;
+                let (refusal_rate, kl, scale) = measure.trial(runner, &mut hook, target, best)?;
+                pb.inc(1);
+                Ok(Trial {
+                    point: EditPoint {
+                        scale,
+                        ..point.clone()
+                    },
+                    refusal_rate,
+                    kl,
+                    confirmed: None,
+                })
+            };
+        let t = run_trial(&first, &mut runner, opts.kl_threshold, 1.0)?;
         // Every trial's raw parameters, to refit the optimizer to each target.
         let mut raws = vec![optimizer.raw_of(&first)];
         trials.push(t);
         let startup = refine::startup_trials(opts.trials);
+        let seed = opts
+            .per_layer
+            .then(|| refine::per_layer_seed(&first, n_layer));
         for i in 0..opts.trials {
             let target = opts.kl_threshold
                 * refine::TARGET_LADDER[i.saturating_sub(startup) % refine::TARGET_LADDER.len()];
-            let (point, raw) = if i < startup {
-                optimizer.ask_random()
-            } else {
-                let observed: Vec<(Vec<f64>, f64)> = raws
-                    .iter()
-                    .zip(&trials)
-                    .map(|(raw, t)| (raw.clone(), refine::objective(t.refusal_rate, t.kl, target)))
-                    .collect();
-                optimizer.refit(&observed)?;
-                optimizer.ask()?
+            let (point, raw) = match &seed {
+                // The first startup trial: the per-layer scope's plain edit.
+                Some(seed) if i == 0 => (seed.clone(), optimizer.raw_of(seed)),
+                _ if i < startup => optimizer.ask_random(),
+                _ => {
+                    let observed: Vec<(Vec<f64>, f64)> = raws
+                        .iter()
+                        .zip(&trials)
+                        .map(|(raw, t)| {
+                            (raw.clone(), refine::objective(t.refusal_rate, t.kl, target))
+                        })
+                        .collect();
+                    optimizer.refit(&observed)?;
+                    optimizer.ask()?
+                }
             };
             let best = trials
                 .iter()
                 .filter(|t: &&Trial| t.kl <= target)
                 .filter_map(|t| t.refusal_rate)
                 .fold(1.0, f64::min);
-            let t = run_trial(&point, &mut runner, best)?;
+            let t = run_trial(&point, &mut runner, target, best)?;
             raws.push(raw);
             trials.push(t);
         }
         pb.finish_and_clear();
-        if let Some(i) = refine::pick(&trials, opts.kl_threshold, 1.0 / harm_val.len() as f64) {
+        // The finalists measured again on prompts the search has not used,
+        // and the pick made on both measurements pooled.
+        let resolution = 1.0 / harm_val.len() as f64;
+        let mut picked = refine::pick(&trials, opts.kl_threshold, resolution);
+        // Fresh prompts: training prompts neither the capture nor the KL
+        // set used (the built-in sets have 72 harmful and 40 harmless).
+        let skip = |set: &PromptSet, n: usize| -> Vec<crate::prompts::Prompt> {
+            set.train.iter().skip(n).take(opts.n_val).cloned().collect()
+        };
+        let fresh_harm = skip(harmful, harm_train.len());
+        let fresh_harm_texts: Vec<String> = fresh_harm.iter().map(|p| p.text.clone()).collect();
+        let fresh_harm = tokenize_all(model, fmt, &fresh_harm)?;
+        let fresh_safe = tokenize_all(model, fmt, &skip(harmless, safe_train.len() + spare.len()))?;
+        let fresh_base = runner.first_token_logprobs(&fresh_safe, &mut NoHook)?;
+        let (fresh_answered, fresh_base): (Vec<Vec<i32>>, Vec<Vec<f32>>) = fresh_safe
+            .into_iter()
+            .zip(fresh_base)
+            .filter(|(_, lp)| refusal_score(lp, &refusal_ids) < 0.0)
+            .unzip();
+        let confirm = (!fresh_harm.is_empty() && !fresh_answered.is_empty()).then(|| Measure {
+            harm_val: &fresh_harm,
+            harm_texts: &fresh_harm_texts,
+            safe_answered: &fresh_answered,
+            base_answered: &fresh_base,
+            ..measure
+        });
+        if let Some(confirm) = &confirm {
+            for i in refine::finalists(&trials, opts.kl_threshold, FINALISTS) {
+                let t = &trials[i];
+                let mut hook = trial_hook(&t.point)?;
+                let kl = confirm.kl(&mut runner, &mut hook)?;
+                let (refusal_rate, _) = confirm.refusals(&mut runner, &mut hook)?;
+                let pool = |a: f64, n: usize, b: f64, m: usize| {
+                    (a * n as f64 + b * m as f64) / (n + m) as f64
+                };
+                trials[i].confirmed = Some(refine::Confirmed {
+                    refusal_rate: pool(
+                        t.refusal_rate.unwrap(),
+                        harm_val.len(),
+                        refusal_rate,
+                        confirm.harm_val.len(),
+                    ),
+                    kl: pool(t.kl, safe_answered.len(), kl, confirm.safe_answered.len()),
+                });
+            }
+            let n = harm_val.len() + confirm.harm_val.len();
+            picked = refine::pick_confirmed(&trials, opts.kl_threshold, 1.0 / n as f64);
+        }
+        if let Some(i) = picked {
             chosen_point = trials[i].point.clone();
         }
     }
@@ -744,6 +812,7 @@ fn frontier(evaluated: &[CandidateScores]) -> Vec<CandidateScores> {
 }
 
 /// What a full evaluation needs.
+#[derive(Clone, Copy)]
 struct Measure<'a> {
     model: &'a Model,
     harm_val: &'a [Vec<i32>],
@@ -761,11 +830,8 @@ impl Measure<'_> {
     }
 
     /// KL first (cheap); where it is over the threshold, the largest scale
-    /// within it, found by fitting KL ≈ a·scaleᵏ through the last two
-    /// measurements (k = 2 to start: a small edit moves the logits linearly,
-    /// the KL quadratically) and aiming just under the threshold; then
-    /// refusals of generated replies and the first-token bypass score at
-    /// that scale.
+    /// within it (`fit_scale`); then refusals of generated replies and the
+    /// first-token bypass score at that scale.
     fn ablation(
         &self,
         runner: &mut Runner,
@@ -773,42 +839,73 @@ impl Measure<'_> {
         c: &mut CandidateScores,
     ) -> Result<()> {
         hook.scale = 1.0;
-        let (mut scale, mut kl) = (1.0f32, self.kl(runner, hook)?);
-        if kl > self.kl_threshold {
-            let aim = AIM * self.kl_threshold;
-            let (mut within, mut kl_within) = (0.0f32, 0.0);
-            let (mut over, mut kl_over) = (1.0f32, kl);
-            let mut next = over * (aim / kl_over).sqrt() as f32;
-            for _ in 0..SCALE_STEPS {
-                hook.scale = next.clamp(0.0, 1.0);
-                let k = self.kl(runner, hook)?;
-                let measured = hook.scale;
-                if k <= self.kl_threshold {
-                    (within, kl_within) = (measured, k);
-                } else {
-                    (over, kl_over) = (measured, k);
-                }
-                // The exponent through the nearest points on either side, when
-                // both are known and it is sensible; else quadratic.
-                let power = if within > 0.0 && kl_within > 0.0 {
-                    ((kl_over / kl_within).ln() / (over as f64 / within as f64).ln())
-                        .clamp(0.5, 4.0)
-                } else {
-                    2.0
-                };
-                next = measured * (aim / k.max(1e-12)).powf(1.0 / power) as f32;
-                next = next.clamp(within, over);
-                if within > 0.0 && (over - within) < 0.02 * over {
-                    break;
-                }
-            }
-            (scale, kl) = (within, kl_within);
-        }
+        let kl = self.kl(runner, hook)?;
+        let (scale, kl) = self.fit_scale(runner, hook, self.kl_threshold, kl, 1.0)?;
         hook.scale = scale;
         (c.scale, c.kl) = (scale, Some(kl));
         let (rate, bypass) = self.refusals(runner, hook)?;
         (c.refusal_rate, c.bypass) = (Some(rate), Some(bypass));
         Ok(())
+    }
+
+    /// The largest scale (at most the hook's) whose KL is within `limit`,
+    /// given `kl` measured at the hook's scale: found by fitting
+    /// KL ≈ a·scaleᵏ through the last two measurements (k = 2 to start: a
+    /// small edit moves the logits linearly, the KL quadratically) and
+    /// aiming just under the limit. Done as soon as a KL lands within
+    /// `[close·limit, limit]` (or the scales bracket it within 2 %). Scale 0
+    /// when none was found. Leaves the hook's scale as it found it.
+    fn fit_scale(
+        &self,
+        runner: &mut Runner,
+        hook: &mut AblateHook,
+        limit: f64,
+        kl: f64,
+        close: f64,
+    ) -> Result<(f32, f64)> {
+        let start = hook.scale;
+        if kl <= limit {
+            return Ok((start, kl));
+        }
+        let aim = AIM * limit;
+        let (mut within, mut kl_within) = (0.0f32, 0.0);
+        let (mut over, mut kl_over) = (start, kl);
+        // The point over the limit measured before `over`, if any.
+        let mut farther: Option<(f32, f64)> = None;
+        let mut next = over * (aim / kl_over).sqrt() as f32;
+        for _ in 0..SCALE_STEPS {
+            hook.scale = next.clamp(0.0, start);
+            let k = self.kl(runner, hook)?;
+            let measured = hook.scale;
+            if k <= limit {
+                (within, kl_within) = (measured, k);
+            } else {
+                farther = Some((over, kl_over));
+                (over, kl_over) = (measured, k);
+            }
+            // The exponent through the nearest points on either side, when
+            // both are known; else through the two nearest over the limit
+            // (a KL that grows slower than quadratically would otherwise be
+            // approached in ever smaller steps); else quadratic.
+            let through = |(s0, k0): (f32, f64), (s1, k1): (f32, f64)| {
+                let p = (k0 / k1).ln() / (s0 as f64 / s1 as f64).ln();
+                p.is_finite().then(|| p.clamp(0.5, 4.0))
+            };
+            let power = if within > 0.0 && kl_within > 0.0 {
+                through((over, kl_over), (within, kl_within))
+            } else {
+                farther.and_then(|f| through(f, (over, kl_over)))
+            }
+            .unwrap_or(2.0);
+            next = measured * (aim / k.max(1e-12)).powf(1.0 / power) as f32;
+            next = next.clamp(within, over);
+            let bracketed = within > 0.0 && (over - within) < 0.02 * over;
+            if bracketed || (k <= limit && k >= close * limit) {
+                break;
+            }
+        }
+        hook.scale = start;
+        Ok((within, kl_within))
     }
 
     /// Share of harmful validation replies that are not real answers, and
@@ -820,28 +917,36 @@ impl Measure<'_> {
         Ok((refused as f64 / replies.len() as f64, mean(&scores)))
     }
 
-    /// One refinement trial: KL first, replies only when KL is near the
-    /// target, and the second half of them only when the first half does
-    /// not already lose to `best` (the fewest refusals seen so far).
+    /// One refinement trial, aimed at the KL `target`: KL first; over the
+    /// target, the point is scaled down to it (`fit_scale`) rather than
+    /// dropped, since a point's shape can be good at a smaller scale; then
+    /// replies, the second half of them only when the first half does not
+    /// already lose to `best` (the fewest refusals seen so far). Returns
+    /// the refusal rate (None: no scale within the target), the KL and the
+    /// scale measured.
     fn trial(
         &self,
         runner: &mut Runner,
         hook: &mut AblateHook,
+        target: f64,
         best: f64,
-    ) -> Result<(Option<f64>, f64)> {
+    ) -> Result<(Option<f64>, f64, f32)> {
         let kl = self.kl(runner, hook)?;
-        if kl > PRUNE_KL * self.kl_threshold {
-            return Ok((None, kl));
+        let (scale, kl_fitted) = self.fit_scale(runner, hook, target, kl, TRIAL_CLOSE)?;
+        if scale == 0.0 {
+            return Ok((None, kl, hook.scale));
         }
+        hook.scale = scale;
+        let kl = kl_fitted;
         let half = self.harm_val.len() / 2;
         let first = self.refused(runner, hook, 0..half)?;
         let n = self.harm_val.len() as f64;
         // Even with every other reply an answer, it cannot beat `best` by much.
         if half > 0 && first as f64 / n > best + 0.1 {
-            return Ok((Some(2.0 * first as f64 / n), kl));
+            return Ok((Some(2.0 * first as f64 / n), kl, scale));
         }
         let second = self.refused(runner, hook, half..self.harm_val.len())?;
-        Ok((Some((first + second) as f64 / n), kl))
+        Ok((Some((first + second) as f64 / n), kl, scale))
     }
 
     /// Harmful validation replies in `range` that are not real answers.

@@ -221,10 +221,10 @@ pub fn write_control_vector(found: &Found, cv: &Path, force: bool) -> Result<()>
 
 /// Refinement trials when `--trials` is not given: a trial costs about as
 /// much as a few forward passes over the validation prompts, so the budget
-/// shrinks with the model (32 up to 150 MB of weights, never under 8).
+/// shrinks with the model (20 up to 150 MB of weights, never under 6).
 pub fn default_trials(model_bytes: u64) -> usize {
     let full = SearchOptions::default().trials;
-    ((full as u64 * 150_000_000) / model_bytes.max(1)).clamp(8, full as u64) as usize
+    ((full as u64 * 150_000_000) / model_bytes.max(1)).clamp(6, full as u64) as usize
 }
 
 /// The refinement's Pareto front, as a table.
@@ -233,7 +233,7 @@ fn print_front(result: &SearchResult) {
         return;
     }
     eprintln!(
-        "refined the edit with {} trials; refusals/KL Pareto front (* = chosen):",
+        "refined the edit with {} trials; refusals/KL Pareto front (* = chosen, by the figures pooled with fresh prompts where given):",
         result.trials.len() - 1
     );
     eprintln!(
@@ -276,6 +276,14 @@ fn print_front(result: &SearchResult) {
                 format!("  scale {:.2}", p.scale)
             }
         );
+        if let Some(c) = t.confirmed {
+            eprintln!(
+                "  {:>3} {:>7.0}% {:>6.3}  with fresh prompts pooled",
+                "",
+                100.0 * c.refusal_rate,
+                c.kl
+            );
+        }
     }
 }
 
@@ -283,8 +291,8 @@ fn print_front(result: &SearchResult) {
 mod tests {
     #[test]
     fn trial_budget_shrinks_with_the_model() {
-        assert_eq!(super::default_trials(145_000_000), 32);
-        assert_eq!(super::default_trials(491_400_064), 9);
-        assert_eq!(super::default_trials(4_000_000_000), 8);
+        assert_eq!(super::default_trials(145_000_000), 20);
+        assert_eq!(super::default_trials(491_400_064), 6);
+        assert_eq!(super::default_trials(4_000_000_000), 6);
     }
 }
