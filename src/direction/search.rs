@@ -550,9 +550,11 @@ pub fn search(
         .expect("at least one candidate")
         .clone();
     // Editing token_embd is a choice (with tied embeddings it also edits the
-    // unembedding): measure the chosen direction without it, keep the better.
+    // unembedding): without a refinement, which searches its weight, measure
+    // the chosen direction without it and keep the better.
+    let refining = opts.trials > 0 && opts.layer.is_none();
     let mut best = best;
-    if best.rejected.is_none() {
+    if best.rejected.is_none() && !refining {
         let mut without = best.clone();
         let mut ablate = AblateHook::new(&direction_of(best.layer, best.position))
             .context("zero direction")?
@@ -585,7 +587,7 @@ pub fn search(
     };
     let mut trials = Vec::new();
     let mut chosen_point = first.clone();
-    if opts.trials > 0 && opts.layer.is_none() {
+    if refining {
         let space = Space {
             n_layer,
             direction_layers: (
