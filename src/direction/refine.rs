@@ -531,10 +531,6 @@ mod tests {
         });
         assert_eq!(pick_confirmed(&t, 0.25, 0.01), Some(1));
         // The search's best (2) falls back on fresh prompts; 1 holds.
-        t[2].confirmed = Some(Confirmed {
-            refusal_rate: 0.4,
-            kl: 0.26,
-        });
         t[1].confirmed = Some(Confirmed {
             refusal_rate: 0.3,
             kl: 0.21,

@@ -197,6 +197,29 @@ fn tokenize_all(
         .collect()
 }
 
+/// `take` training prompts of `set` after the first `skip`.
+fn train_after(set: &PromptSet, skip: usize, take: usize) -> Vec<crate::prompts::Prompt> {
+    set.train.iter().skip(skip).take(take).cloned().collect()
+}
+
+/// Prompts (tokens) with their first-token log-probabilities.
+type PromptsWithLogProbs = (Vec<Vec<i32>>, Vec<Vec<f32>>);
+
+/// The prompts the unedited model answers (first-token refusal score
+/// below 0), with their first-token log-probabilities.
+fn answered_prompts(
+    runner: &mut Runner,
+    prompts: Vec<Vec<i32>>,
+    refusal_ids: &[i32],
+) -> Result<PromptsWithLogProbs> {
+    let base = runner.first_token_logprobs(&prompts, &mut NoHook)?;
+    Ok(prompts
+        .into_iter()
+        .zip(base)
+        .filter(|(_, lp)| refusal_score(lp, refusal_ids) < 0.0)
+        .unzip())
+}
+
 /// Mean KL(base ‖ ablated) over paired first-token distributions.
 fn mean_kl(ablated: &[Vec<f32>], base: &[Vec<f32>]) -> f64 {
     mean(
@@ -381,24 +404,11 @@ pub fn search(
     // biased low; on the fixture a per-layer point measured 0.22 on them
     // with the validation prompts, 0.26 on the validation prompts alone.
     drop(lp_safe);
-    let spare = tokenize_all(
-        model,
-        fmt,
-        &harmless
-            .train
-            .iter()
-            .skip(safe_train.len())
-            .take(safe_val.len())
-            .cloned()
-            .collect::<Vec<_>>(),
-    )?;
-    let spare_base = runner.first_token_logprobs(&spare, &mut NoHook)?;
-    for (i, s) in score(&spare_base).iter().enumerate() {
-        if *s < 0.0 {
-            safe_answered.push(spare[i].clone());
-            base_answered.push(spare_base[i].clone());
-        }
-    }
+    let spare = train_after(harmless, safe_train.len(), safe_val.len());
+    let (spare_answered, spare_base) =
+        answered_prompts(&mut runner, tokenize_all(model, fmt, &spare)?, &refusal_ids)?;
+    safe_answered.extend(spare_answered);
+    base_answered.extend(spare_base);
 
     // 2. Candidates.
     let max_layer = ((0.8 * n_layer as f64).ceil() as usize).min(capture_layers);
@@ -669,19 +679,15 @@ pub fn search(
         let mut picked = refine::pick(&trials, opts.kl_threshold, resolution);
         // Fresh prompts: training prompts neither the capture nor the KL
         // set used (the built-in sets have 72 harmful and 40 harmless).
-        let skip = |set: &PromptSet, n: usize| -> Vec<crate::prompts::Prompt> {
-            set.train.iter().skip(n).take(opts.n_val).cloned().collect()
-        };
-        let fresh_harm = skip(harmful, harm_train.len());
+        let fresh_harm = train_after(harmful, harm_train.len(), opts.n_val);
         let fresh_harm_texts: Vec<String> = fresh_harm.iter().map(|p| p.text.clone()).collect();
         let fresh_harm = tokenize_all(model, fmt, &fresh_harm)?;
-        let fresh_safe = tokenize_all(model, fmt, &skip(harmless, safe_train.len() + spare.len()))?;
-        let fresh_base = runner.first_token_logprobs(&fresh_safe, &mut NoHook)?;
-        let (fresh_answered, fresh_base): (Vec<Vec<i32>>, Vec<Vec<f32>>) = fresh_safe
-            .into_iter()
-            .zip(fresh_base)
-            .filter(|(_, lp)| refusal_score(lp, &refusal_ids) < 0.0)
-            .unzip();
+        let fresh_safe = train_after(harmless, safe_train.len() + spare.len(), opts.n_val);
+        let (fresh_answered, fresh_base) = answered_prompts(
+            &mut runner,
+            tokenize_all(model, fmt, &fresh_safe)?,
+            &refusal_ids,
+        )?;
         let confirm = (!fresh_harm.is_empty() && !fresh_answered.is_empty()).then(|| Measure {
             harm_val: &fresh_harm,
             harm_texts: &fresh_harm_texts,
