@@ -14,9 +14,12 @@
 //! writers outside layers [from, to) are left alone; `it=N` re-estimates
 //! each layer's direction N times from the residual stream under the edit,
 //! `ia=1` adds that estimate as a second direction (both worse on the
-//! fixture). No `token_embd` edit except in `point:`.
+//! fixture). No `token_embd` edit except in `point:`. FILTER=1 takes the
+//! means over the harmful training prompts whose replies refuse and the
+//! harmless ones whose replies answer, as the paper does (on
+//! Qwen2.5-Coder-0.5B, held back: no better; 40 of 128 harmful kept).
 use anyhow::Result;
-use gguf_abliterate::activations::capture;
+use gguf_abliterate::activations::{capture, capture_edited};
 use gguf_abliterate::chat::ChatFormat;
 use gguf_abliterate::edit::{dot, normalized};
 use gguf_abliterate::eval::{BatchHook, NoHook, Runner};
@@ -55,70 +58,6 @@ impl ResidualHook for ProjHook {
 }
 impl BatchHook for ProjHook {}
 
-/// `ProjHook` plus a capture of the (edited) layer outputs' sums at the
-/// post-instruction positions: where the refusal signal is left after an edit.
-struct CapHook<'a> {
-    proj: &'a mut ProjHook,
-    n_pos: usize,
-    n_embd: usize,
-    rows: Vec<(usize, usize)>,
-    n_tokens: usize,
-    sums: Vec<f64>,
-}
-impl ResidualHook for CapHook<'_> {
-    fn wants(&mut self, node: Node) -> bool {
-        matches!(node, Node::LayerOut(_)) || self.proj.wants(node)
-    }
-    fn visit(&mut self, node: Node, rows: &mut [f32], n_embd: usize) -> bool {
-        let Node::LayerOut(layer) = node else {
-            return self.proj.visit(node, rows, n_embd);
-        };
-        if n_embd != self.n_embd || rows.len() != self.n_tokens * n_embd {
-            return false;
-        }
-        for &(row, pos) in &self.rows {
-            let at = (layer * self.n_pos + pos) * n_embd;
-            self.sums[at..at + n_embd]
-                .iter_mut()
-                .zip(&rows[row * n_embd..(row + 1) * n_embd])
-                .for_each(|(s, &x)| *s += x as f64);
-        }
-        false
-    }
-}
-impl BatchHook for CapHook<'_> {
-    fn begin(&mut self, entries: &[gguf_abliterate::eval::Entry]) {
-        self.rows.clear();
-        for e in entries {
-            for p in 0..self.n_pos {
-                self.rows.push((e.start + e.len - self.n_pos + p, p));
-            }
-        }
-        self.n_tokens = entries.last().map_or(0, |e| e.start + e.len);
-    }
-}
-
-/// Mean layer outputs `[layer][pos][n_embd]` over `prompts`, edited by `proj`.
-fn capture_edited(
-    runner: &mut Runner,
-    proj: &mut ProjHook,
-    prompts: &[Vec<i32>],
-    n_layer: usize,
-    n_pos: usize,
-    n_embd: usize,
-) -> Result<Vec<f64>> {
-    let mut hook = CapHook {
-        proj,
-        n_pos,
-        n_embd,
-        rows: Vec::new(),
-        n_tokens: 0,
-        sums: vec![0.0; n_layer * n_pos * n_embd],
-    };
-    runner.run(prompts, &mut hook, |_, _| Ok(()))?;
-    Ok(hook.sums.iter().map(|s| s / prompts.len() as f64).collect())
-}
-
 fn main() -> Result<()> {
     ffi::init_backend(false);
     let args: Vec<String> = std::env::args().collect();
@@ -153,6 +92,36 @@ fn main() -> Result<()> {
     let mut runner = Runner::new(&model, 2048, 2)?;
     let pb = indicatif::ProgressBar::hidden();
     let n_post = fmt.n_post();
+    // FILTER=1: the means over the harmful training prompts whose replies
+    // refuse and the harmless ones whose replies answer (the paper's filter).
+    let (ht, st) = if std::env::var("FILTER").is_ok_and(|v| !v.is_empty()) {
+        let keep = |runner: &mut Runner,
+                    set: &[Vec<i32>],
+                    texts: &[gguf_abliterate::prompts::Prompt],
+                    want: bool|
+         -> Result<Vec<Vec<i32>>> {
+            let g = runner.generate(set, 24, &mut NoHook)?;
+            Ok(g.iter()
+                .zip(set)
+                .zip(texts)
+                .filter(|((g, _), t)| {
+                    let v = judge_answer(&t.text, &detokenize(&model, &g.tokens), &g.tokens);
+                    (v != Verdict::Complied) == want
+                })
+                .map(|((_, p), _)| p.clone())
+                .collect())
+        };
+        let h = keep(&mut runner, &ht, &harmful.train[..128], true)?;
+        let s = keep(&mut runner, &st, &harmless.train[..128], false)?;
+        eprintln!(
+            "filtered: {} harmful refused, {} harmless answered",
+            h.len(),
+            s.len()
+        );
+        (h, s)
+    } else {
+        (ht, st)
+    };
     let (hm, _) = capture(&mut runner, &ht, n_layer - 1, n_post, &pb)?;
     let (sm, _) = capture(&mut runner, &st, n_layer - 1, n_post, &pb)?;
     let safe_ok: Vec<Vec<i32>> = runner
@@ -293,19 +262,19 @@ fn main() -> Result<()> {
         };
         let (n_it, n_add) = (iters("it="), iters("ia="));
         for round in 0..n_it + n_add {
-            let n_embd = hm.n_embd;
-            let h2 = capture_edited(&mut runner, &mut hook, &ht, n_layer, n_post, n_embd)?;
-            let s2 = capture_edited(&mut runner, &mut hook, &st, n_layer, n_post, n_embd)?;
+            let h2 = capture_edited(&mut runner, &ht, n_layer - 1, n_post, &pb, &mut hook)?;
+            let s2 = capture_edited(&mut runner, &st, n_layer - 1, n_post, &pb, &mut hook)?;
             let pos = *poss.last().unwrap();
             let mut second = Vec::new();
             for l in 0..n_layer {
-                let at = (l.min(n_layer - 2) * n_post + pos) * n_embd;
-                let d: Vec<f32> = (0..n_embd)
-                    .map(|i| (h2[at + i] - s2[at + i]) as f32)
-                    .collect();
+                let d = h2.minus(&s2, l.min(n_layer - 2), pos);
                 let mut r = normalized(&d).unwrap();
                 if bip {
-                    let g: Vec<f32> = s2[at..at + n_embd].iter().map(|&x| x as f32).collect();
+                    let g: Vec<f32> = s2
+                        .at(l.min(n_layer - 2), pos)
+                        .iter()
+                        .map(|&x| x as f32)
+                        .collect();
                     let g = normalized(&g).unwrap();
                     let a = dot(&r, &g) as f32;
                     r.iter_mut().zip(&g).for_each(|(x, gi)| *x -= a * gi);

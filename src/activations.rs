@@ -38,6 +38,8 @@ impl Means {
 struct CaptureHook<'a> {
     /// Importance sums gathered in the same decode, when asked for.
     inputs: Option<&'a mut InputSums>,
+    /// An edit applied in the same decode, whose effect the capture sees.
+    edit: Option<&'a mut dyn BatchHook>,
     n_layers: usize,
     n_pos: usize,
     n_embd: usize,
@@ -50,15 +52,21 @@ struct CaptureHook<'a> {
 impl ResidualHook for CaptureHook<'_> {
     fn wants(&mut self, node: Node) -> bool {
         matches!(node, Node::LayerOut(l) if l < self.n_layers)
+            || self.edit.as_mut().is_some_and(|e| e.wants(node))
     }
     fn visit(&mut self, node: Node, rows: &mut [f32], n_embd: usize) -> bool {
+        // The edit first: the capture sees what the next layer will.
+        let edited = match self.edit.as_mut() {
+            Some(e) => e.wants(node) && e.visit(node, rows, n_embd),
+            None => false,
+        };
         let Node::LayerOut(layer) = node else {
-            return false;
+            return edited;
         };
         // The last layer may hold only output rows; we never ask for it,
         // and a node without every token is not ours to map.
-        if n_embd != self.n_embd || rows.len() != self.n_tokens * n_embd {
-            return false;
+        if layer >= self.n_layers || n_embd != self.n_embd || rows.len() != self.n_tokens * n_embd {
+            return edited;
         }
         for &(row, pos) in &self.rows {
             let src = &rows[row * n_embd..(row + 1) * n_embd];
@@ -68,7 +76,7 @@ impl ResidualHook for CaptureHook<'_> {
                 .zip(src)
                 .for_each(|(s, &x)| *s += x as f64);
         }
-        false
+        edited
     }
     fn wants_input(&mut self, weight: &str) -> bool {
         self.inputs.as_ref().is_some_and(|s| s.wants(weight))
@@ -82,6 +90,9 @@ impl ResidualHook for CaptureHook<'_> {
 
 impl BatchHook for CaptureHook<'_> {
     fn begin(&mut self, entries: &[Entry]) {
+        if let Some(e) = self.edit.as_mut() {
+            e.begin(entries);
+        }
         self.rows.clear();
         for e in entries {
             for p in 0..self.n_pos {
@@ -116,6 +127,19 @@ pub fn capture(
     capture_collecting(runner, prompts, n_layers, n_pos, progress, None)
 }
 
+/// `capture_means` under an edit made by `edit` in the same decode: where
+/// the refusal signal is left after it.
+pub fn capture_edited(
+    runner: &mut Runner,
+    prompts: &[Vec<i32>],
+    n_layers: usize,
+    n_pos: usize,
+    progress: &ProgressBar,
+    edit: &mut dyn BatchHook,
+) -> Result<Means> {
+    Ok(capture_with(runner, prompts, n_layers, n_pos, progress, None, Some(edit))?.0)
+}
+
 /// `capture`, also adding the inputs of the weights `inputs` wants to it
 /// (an importance matrix from the same decode, at no extra pass).
 pub fn capture_collecting(
@@ -124,7 +148,19 @@ pub fn capture_collecting(
     n_layers: usize,
     n_pos: usize,
     progress: &ProgressBar,
-    mut inputs: Option<&mut InputSums>,
+    inputs: Option<&mut InputSums>,
+) -> Result<(Means, Vec<Vec<f32>>)> {
+    capture_with(runner, prompts, n_layers, n_pos, progress, inputs, None)
+}
+
+fn capture_with<'a>(
+    runner: &mut Runner,
+    prompts: &[Vec<i32>],
+    n_layers: usize,
+    n_pos: usize,
+    progress: &ProgressBar,
+    mut inputs: Option<&'a mut InputSums>,
+    edit: Option<&'a mut dyn BatchHook>,
 ) -> Result<(Means, Vec<Vec<f32>>)> {
     let n_embd = runner.ctx.model().n_embd();
     if let Some(s) = inputs.as_mut() {
@@ -132,6 +168,7 @@ pub fn capture_collecting(
     }
     let mut hook = CaptureHook {
         inputs,
+        edit,
         n_layers,
         n_pos,
         n_embd,

@@ -53,7 +53,7 @@ fn main_command_finds_applies_and_verifies_on_the_fixture() {
     assert!(!search["refusal_tokens"].as_array().unwrap().is_empty());
     assert!(
         search["candidates"].as_array().unwrap().len() > 50,
-        "the search covers every layer/position"
+        "the search ranks every other layer and the best ones' neighbours, at every position"
     );
 
     let v = &r["verification"];

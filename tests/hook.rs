@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use gguf_abliterate::activations::capture_means;
+use gguf_abliterate::activations::{capture_edited, capture_means};
 use gguf_abliterate::chat::ChatFormat;
 use gguf_abliterate::direction::refine::{layer_directions, point_direction, EditPoint};
 use gguf_abliterate::edit::{EditWeights, Kernel};
@@ -120,6 +120,47 @@ fn captured_means_do_not_depend_on_the_batch_size() {
         scale > 0.1 && diff < 1e-4 * scale,
         "diff {diff} scale {scale}"
     );
+}
+
+#[test]
+fn a_capture_under_an_ablation_sees_the_direction_gone() {
+    require_model!(fixture);
+    ffi::init_backend(false);
+    let model = Model::load(&fixture(), 0).unwrap();
+    let p = prompts(&model);
+    let bar = ProgressBar::hidden();
+    let mut runner = Runner::new(&model, 1024, 2).unwrap();
+    let plain = capture_means(&mut runner, &p, 20, 5, &bar).unwrap();
+    // Under no edit the edited capture is the plain one.
+    let same = capture_edited(&mut runner, &p, 20, 5, &bar, &mut NoHook).unwrap();
+    assert_eq!(plain.values, same.values);
+    // Every writer (and token_embd) loses its component along u, so no
+    // layer's output has one left; other directions are left alone.
+    let u: Vec<f32> = plain.at(15, 4).iter().map(|&x| x as f32).collect();
+    let mut ablate = AblateHook::new(&u).unwrap();
+    let edited = capture_edited(&mut runner, &p, 20, 5, &bar, &mut ablate).unwrap();
+    let along = |m: &gguf_abliterate::activations::Means, l: usize| {
+        let n: f64 = u.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        m.at(l, 4)
+            .iter()
+            .zip(&u)
+            .map(|(a, &b)| a * b as f64)
+            .sum::<f64>()
+            / n
+    };
+    for l in [5, 15, 19] {
+        let (before, after) = (along(&plain, l), along(&edited, l));
+        assert!(
+            before.abs() > 1.0 && after.abs() < 1e-3 * before.abs(),
+            "layer {l}: component along u {before} -> {after}"
+        );
+    }
+    let moved = plain
+        .values
+        .iter()
+        .zip(&edited.values)
+        .any(|(a, b)| (a - b).abs() > 1e-2);
+    assert!(moved, "the edit changed nothing else");
 }
 
 /// Harmful minus harmless mean at layer 12 (position 0): a direction that

@@ -164,7 +164,7 @@ pub struct SearchResult {
     pub n_train: usize,
     pub n_val: usize,
     pub seconds: f64,
-    /// Wall time of each stage: capture, rank, evaluate, refine.
+    /// Wall time of each stage: capture, baseline, rank, evaluate, refine.
     pub stage_seconds: Vec<(String, f64)>,
     /// Importances collected during the capture (`imatrix_weights`).
     #[serde(skip)]
@@ -409,6 +409,7 @@ pub fn search(
         answered_prompts(&mut runner, tokenize_all(model, fmt, &spare)?, &refusal_ids)?;
     safe_answered.extend(spare_answered);
     base_answered.extend(spare_base);
+    stage_done("baseline");
 
     // 2. Candidates.
     let max_layer = ((0.8 * n_layer as f64).ceil() as usize).min(capture_layers);
@@ -443,56 +444,86 @@ pub fn search(
         .chain(r_safe.iter().map(|&i| safe_answered[i].clone()))
         .collect();
     let rank_base: Vec<Vec<f32>> = r_safe.iter().map(|&i| base_answered[i].clone()).collect();
-    let n_cand = layers.len() * positions.len();
+    // Coarse to fine: every other layer first, then the layers beside the
+    // best few. Neighbouring layers' directions are nearly parallel, so
+    // this finds the same top candidates at about half the cost (Qwen2.5-
+    // Coder-0.5B: 100 candidates -> 56).
+    let coarse: Vec<usize> = if layers.len() > 4 {
+        layers.iter().copied().step_by(2).collect()
+    } else {
+        layers.clone()
+    };
+    let k = opts.top_k.max(1);
+    let n_cand = coarse.len() * positions.len() + 2 * k;
     let pb = bar(opts.progress, n_cand as u64, "rank");
-    let mut candidates = Vec::with_capacity(n_cand);
-    for &layer in &layers {
-        for &position in &positions {
-            let r = direction_of(layer, position);
-            let hook = AblateHook::new(&r).map(|h| h.with_post_norms(&opts.post_norms));
-            let (rank_bypass, rank_kl) = match hook {
-                Some(mut hook) => {
-                    hook.unembedding = opts.tied_embeddings;
-                    let lps = runner.first_token_logprobs(&rank_batch, &mut hook)?;
-                    let (harm, safe) = lps.split_at(r_harm.len());
-                    (mean(&score(harm)), mean_kl(safe, &rank_base))
-                }
-                None => (f64::INFINITY, f64::INFINITY),
-            };
-            candidates.push(CandidateScores {
-                layer,
-                position,
-                rank_bypass,
-                rank_kl,
-                scale: 1.0,
-                refusal_rate: None,
-                skip_embeddings: false,
-                bypass: None,
-                induce: None,
-                kl: None,
-                rejected: None,
-            });
-            pb.inc(1);
-        }
-    }
-    pb.finish_and_clear();
+    let rank = |runner: &mut Runner, layer: usize, position: usize| -> Result<CandidateScores> {
+        let r = direction_of(layer, position);
+        let hook = AblateHook::new(&r).map(|h| h.with_post_norms(&opts.post_norms));
+        let (rank_bypass, rank_kl) = match hook {
+            Some(mut hook) => {
+                hook.unembedding = opts.tied_embeddings;
+                let lps = runner.first_token_logprobs(&rank_batch, &mut hook)?;
+                let (harm, safe) = lps.split_at(r_harm.len());
+                (mean(&score(harm)), mean_kl(safe, &rank_base))
+            }
+            None => (f64::INFINITY, f64::INFINITY),
+        };
+        pb.inc(1);
+        Ok(CandidateScores {
+            layer,
+            position,
+            rank_bypass,
+            rank_kl,
+            scale: 1.0,
+            refusal_rate: None,
+            skip_embeddings: false,
+            bypass: None,
+            induce: None,
+            kl: None,
+            rejected: None,
+        })
+    };
     // Lowest bypass first among those whose (noisy) KL is near the
     // threshold; the others after them, gentlest first.
     let lenient = 2.0 * opts.kl_threshold;
-    candidates.sort_by(|a, b| {
+    let order = |a: &CandidateScores, b: &CandidateScores| {
         let (fa, fb) = (a.rank_kl > lenient, b.rank_kl > lenient);
         fa.cmp(&fb).then(if fa {
             a.rank_kl.total_cmp(&b.rank_kl)
         } else {
             a.rank_bypass.total_cmp(&b.rank_bypass)
         })
-    });
+    };
+    let mut candidates = Vec::with_capacity(n_cand);
+    for &layer in &coarse {
+        for &position in &positions {
+            candidates.push(rank(&mut runner, layer, position)?);
+        }
+    }
+    candidates.sort_by(order);
+    let best_coarse: Vec<(usize, usize)> = candidates
+        .iter()
+        .take(k)
+        .map(|c| (c.layer, c.position))
+        .collect();
+    for (layer, position) in best_coarse {
+        for beside in [layer.wrapping_sub(1), layer + 1] {
+            let ranked = candidates
+                .iter()
+                .any(|c| c.layer == beside && c.position == position);
+            if layers.contains(&beside) && !ranked {
+                candidates.push(rank(&mut runner, beside, position)?);
+            }
+        }
+    }
+    pb.finish_and_clear();
+    candidates.sort_by(order);
 
     // 3b. Full evaluation of the top K. KL first (cheap); where it is over
     // the threshold, remove less of the direction (scale < 1) until it is
     // not; then judge generated replies at that scale.
     stage_done("rank");
-    let k = opts.top_k.max(1).min(candidates.len());
+    let k = k.min(candidates.len());
     let induce_set = &safe_val[..safe_val.len().div_ceil(2)];
     let pb = bar(opts.progress, k as u64, "evaluate");
     let measure = Measure {
@@ -636,7 +667,20 @@ pub fn search(
                     confirmed: None,
                 })
             };
-        let t = run_trial(&first, &mut runner, opts.kl_threshold, 1.0)?;
+        // The first stage measured its choice already, on the same prompts
+        // and with the edit the file gets for it: not measured again.
+        let t = match (best.refusal_rate, best.kl) {
+            (Some(refusal_rate), Some(kl)) if best.scale > 0.0 && kl <= opts.kl_threshold => {
+                pb.inc(1);
+                Trial {
+                    point: first.clone(),
+                    refusal_rate: Some(refusal_rate),
+                    kl,
+                    confirmed: None,
+                }
+            }
+            _ => run_trial(&first, &mut runner, opts.kl_threshold, 1.0)?,
+        };
         // Every trial's raw parameters, to refit the optimizer to each target.
         let mut raws = vec![optimizer.raw_of(&first)];
         trials.push(t);
