@@ -242,6 +242,19 @@ fn refusal_scores<'a>(
         .collect()
 }
 
+fn median(xs: &[f64]) -> Option<f64> {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    (n > 0).then(|| {
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            0.5 * (v[n / 2 - 1] + v[n / 2])
+        }
+    })
+}
+
 fn mean(xs: &[f64]) -> f64 {
     xs.iter().sum::<f64>() / xs.len().max(1) as f64
 }
@@ -535,13 +548,15 @@ pub fn search(
         refusal_ids: &refusal_ids,
         kl_threshold: opts.kl_threshold,
     };
+    // KL's exponent in the scale, from every fit that measured one.
+    let mut powers: Vec<f64> = Vec::new();
     for c in candidates.iter_mut().take(k) {
         let r = direction_of(c.layer, c.position);
         let mut ablate = AblateHook::new(&r)
             .context("zero candidate direction")?
             .with_post_norms(&opts.post_norms);
         ablate.unembedding = opts.tied_embeddings;
-        measure.ablation(&mut runner, &mut ablate, c)?;
+        powers.extend(measure.ablation(&mut runner, &mut ablate, c)?);
         let mut add = AddHook {
             layer: c.layer,
             vector: r,
@@ -652,10 +667,20 @@ pub fn search(
             hook.unembedding = opts.tied_embeddings;
             Ok(hook)
         };
-        let run_trial =
+        // The fits' starting exponent: the median of those measured so far
+        // in this run (one model's KL grows alike with most edits' scale),
+        // quadratic before any; a good start saves KL passes.
+        let mut run_trial =
             |point: &EditPoint, runner: &mut Runner, target: f64, best: f64| -> Result<Trial> {
                 let mut hook = trial_hook(point)?;
-                let (refusal_rate, kl, scale) = measure.trial(runner, &mut hook, target, best)?;
+                let (refusal_rate, kl, scale, power) = measure.trial(
+                    runner,
+                    &mut hook,
+                    target,
+                    best,
+                    median(&powers).unwrap_or(2.0),
+                )?;
+                powers.extend(power);
                 pb.inc(1);
                 Ok(Trial {
                     point: EditPoint {
@@ -864,6 +889,14 @@ fn frontier(evaluated: &[CandidateScores]) -> Vec<CandidateScores> {
 }
 
 /// What a full evaluation needs.
+/// A scale fitted to a KL limit (`Measure::fit_scale`).
+struct Fit {
+    scale: f32,
+    kl: f64,
+    /// KL's exponent in the scale, where two measurements gave one.
+    power: Option<f64>,
+}
+
 #[derive(Clone, Copy)]
 struct Measure<'a> {
     model: &'a Model,
@@ -883,30 +916,31 @@ impl Measure<'_> {
 
     /// KL first (cheap); where it is over the threshold, the largest scale
     /// within it (`fit_scale`); then refusals of generated replies and the
-    /// first-token bypass score at that scale.
+    /// first-token bypass score at that scale. Returns the KL's exponent in
+    /// the scale where the fit measured one.
     fn ablation(
         &self,
         runner: &mut Runner,
         hook: &mut AblateHook,
         c: &mut CandidateScores,
-    ) -> Result<()> {
+    ) -> Result<Option<f64>> {
         hook.scale = 1.0;
         let kl = self.kl(runner, hook)?;
-        let (scale, kl) = self.fit_scale(runner, hook, self.kl_threshold, kl, 1.0)?;
-        hook.scale = scale;
-        (c.scale, c.kl) = (scale, Some(kl));
+        let fit = self.fit_scale(runner, hook, self.kl_threshold, kl, 1.0, 2.0)?;
+        hook.scale = fit.scale;
+        (c.scale, c.kl) = (fit.scale, Some(fit.kl));
         let (rate, bypass) = self.refusals(runner, hook)?;
         (c.refusal_rate, c.bypass) = (Some(rate), Some(bypass));
-        Ok(())
+        Ok(fit.power)
     }
 
     /// The largest scale (at most the hook's) whose KL is within `limit`,
     /// given `kl` measured at the hook's scale: found by fitting
-    /// KL ≈ a·scaleᵏ through the last two measurements (k = 2 to start: a
-    /// small edit moves the logits linearly, the KL quadratically) and
-    /// aiming just under the limit. Done as soon as a KL lands within
-    /// `[close·limit, limit]` (or the scales bracket it within 2 %). Scale 0
-    /// when none was found. Leaves the hook's scale as it found it.
+    /// KL ≈ a·scaleᵏ through the last two measurements (k = `power` to
+    /// start) and aiming just under the limit. Done as soon as a KL lands
+    /// within `[close·limit, limit]` (or the scales bracket it within 2 %).
+    /// Scale 0 when none was found. Leaves the hook's scale as it found it.
+    #[allow(clippy::too_many_arguments)]
     fn fit_scale(
         &self,
         runner: &mut Runner,
@@ -914,17 +948,30 @@ impl Measure<'_> {
         limit: f64,
         kl: f64,
         close: f64,
-    ) -> Result<(f32, f64)> {
+        power: f64,
+    ) -> Result<Fit> {
         let start = hook.scale;
         if kl <= limit {
-            return Ok((start, kl));
+            return Ok(Fit {
+                scale: start,
+                kl,
+                power: None,
+            });
         }
+        let first_power = power;
+        let mut measured_power = None;
         let aim = AIM * limit;
         let (mut within, mut kl_within) = (0.0f32, 0.0);
         let (mut over, mut kl_over) = (start, kl);
         // The point over the limit measured before `over`, if any.
         let mut farther: Option<(f32, f64)> = None;
-        let mut next = over * (aim / kl_over).sqrt() as f32;
+        // `sqrt` for the quadratic start, as before: the same bytes.
+        let root = if first_power == 2.0 {
+            (aim / kl_over).sqrt()
+        } else {
+            (aim / kl_over).powf(1.0 / first_power)
+        };
+        let mut next = over * root as f32;
         for _ in 0..SCALE_STEPS {
             hook.scale = next.clamp(0.0, start);
             let k = self.kl(runner, hook)?;
@@ -943,12 +990,13 @@ impl Measure<'_> {
                 let p = (k0 / k1).ln() / (s0 as f64 / s1 as f64).ln();
                 p.is_finite().then(|| p.clamp(0.5, 4.0))
             };
-            let power = if within > 0.0 && kl_within > 0.0 {
+            let through_measured = if within > 0.0 && kl_within > 0.0 {
                 through((over, kl_over), (within, kl_within))
             } else {
                 farther.and_then(|f| through(f, (over, kl_over)))
-            }
-            .unwrap_or(2.0);
+            };
+            measured_power = through_measured.or(measured_power);
+            let power = through_measured.unwrap_or(first_power);
             next = measured * (aim / k.max(1e-12)).powf(1.0 / power) as f32;
             next = next.clamp(within, over);
             let bracketed = within > 0.0 && (over - within) < 0.02 * over;
@@ -957,7 +1005,11 @@ impl Measure<'_> {
             }
         }
         hook.scale = start;
-        Ok((within, kl_within))
+        Ok(Fit {
+            scale: within,
+            kl: kl_within,
+            power: measured_power,
+        })
     }
 
     /// Share of harmful validation replies that are not real answers, and
@@ -982,23 +1034,26 @@ impl Measure<'_> {
         hook: &mut AblateHook,
         target: f64,
         best: f64,
-    ) -> Result<(Option<f64>, f64, f32)> {
+        power: f64,
+    ) -> Result<(Option<f64>, f64, f32, Option<f64>)> {
         let kl = self.kl(runner, hook)?;
-        let (scale, kl_fitted) = self.fit_scale(runner, hook, target, kl, TRIAL_CLOSE)?;
-        if scale == 0.0 {
-            return Ok((None, kl, hook.scale));
+        let fit = self.fit_scale(runner, hook, target, kl, TRIAL_CLOSE, power)?;
+        let measured_power = fit.power;
+        if fit.scale == 0.0 {
+            return Ok((None, kl, hook.scale, measured_power));
         }
+        let scale = fit.scale;
         hook.scale = scale;
-        let kl = kl_fitted;
+        let kl = fit.kl;
         let half = self.harm_val.len() / 2;
         let first = self.refused(runner, hook, 0..half)?;
         let n = self.harm_val.len() as f64;
         // Even with every other reply an answer, it cannot beat `best` by much.
         if half > 0 && first as f64 / n > best + 0.1 {
-            return Ok((Some(2.0 * first as f64 / n), kl, scale));
+            return Ok((Some(2.0 * first as f64 / n), kl, scale, measured_power));
         }
         let second = self.refused(runner, hook, half..self.harm_val.len())?;
-        Ok((Some((first + second) as f64 / n), kl, scale))
+        Ok((Some((first + second) as f64 / n), kl, scale, measured_power))
     }
 
     /// Harmful validation replies in `range` that are not real answers.
@@ -1041,6 +1096,13 @@ impl Measure<'_> {
 #[cfg(test)]
 mod tests {
     use super::refusal_tokens;
+
+    #[test]
+    fn median_of_measured_exponents() {
+        assert_eq!(super::median(&[]), None);
+        assert_eq!(super::median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(super::median(&[4.0, 1.0, 2.0, 1.5]), Some(1.75));
+    }
 
     #[test]
     fn refusal_tokens_separate_harmful_prompts_but_never_open_answers() {
