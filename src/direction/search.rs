@@ -460,7 +460,7 @@ pub fn search(
     // Coarse to fine: every other layer first, then the layers beside the
     // best few. Neighbouring layers' directions are nearly parallel, so
     // this finds the same top candidates at about half the cost (Qwen2.5-
-    // Coder-0.5B: 100 candidates -> 56).
+    // Coder-0.5B: 100 candidates -> 55).
     let coarse: Vec<usize> = if layers.len() > 4 {
         layers.iter().copied().step_by(2).collect()
     } else {
