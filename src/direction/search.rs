@@ -673,7 +673,7 @@ pub fn search(
         let mut run_trial =
             |point: &EditPoint, runner: &mut Runner, target: f64, best: f64| -> Result<Trial> {
                 let mut hook = trial_hook(point)?;
-                let (refusal_rate, kl, scale, power) = measure.trial(
+                let (refusal_rate, Fit { scale, kl, power }) = measure.trial(
                     runner,
                     &mut hook,
                     target,
@@ -888,7 +888,6 @@ fn frontier(evaluated: &[CandidateScores]) -> Vec<CandidateScores> {
     out
 }
 
-/// What a full evaluation needs.
 /// A scale fitted to a KL limit (`Measure::fit_scale`).
 struct Fit {
     scale: f32,
@@ -897,6 +896,7 @@ struct Fit {
     power: Option<f64>,
 }
 
+/// What a full evaluation needs.
 #[derive(Clone, Copy)]
 struct Measure<'a> {
     model: &'a Model,
@@ -936,8 +936,8 @@ impl Measure<'_> {
 
     /// The largest scale (at most the hook's) whose KL is within `limit`,
     /// given `kl` measured at the hook's scale: found by fitting
-    /// KL ≈ a·scaleᵏ through the last two measurements (k = `power` to
-    /// start) and aiming just under the limit. Done as soon as a KL lands
+    /// KL ≈ a·scaleᵏ through the last two measurements (k = `first_power`
+    /// to start) and aiming just under the limit. Done as soon as a KL lands
     /// within `[close·limit, limit]` (or the scales bracket it within 2 %).
     /// Scale 0 when none was found. Leaves the hook's scale as it found it.
     #[allow(clippy::too_many_arguments)]
@@ -948,7 +948,7 @@ impl Measure<'_> {
         limit: f64,
         kl: f64,
         close: f64,
-        power: f64,
+        first_power: f64,
     ) -> Result<Fit> {
         let start = hook.scale;
         if kl <= limit {
@@ -958,7 +958,6 @@ impl Measure<'_> {
                 power: None,
             });
         }
-        let first_power = power;
         let mut measured_power = None;
         let aim = AIM * limit;
         let (mut within, mut kl_within) = (0.0f32, 0.0);
@@ -1026,8 +1025,8 @@ impl Measure<'_> {
     /// dropped, since a point's shape can be good at a smaller scale; then
     /// replies, the second half of them only when the first half does not
     /// already lose to `best` (the fewest refusals seen so far). Returns
-    /// the refusal rate (None: no scale within the target), the KL and the
-    /// scale measured.
+    /// the refusal rate (None: no scale within the target) and the scale
+    /// measured with its KL.
     fn trial(
         &self,
         runner: &mut Runner,
@@ -1035,25 +1034,28 @@ impl Measure<'_> {
         target: f64,
         best: f64,
         power: f64,
-    ) -> Result<(Option<f64>, f64, f32, Option<f64>)> {
+    ) -> Result<(Option<f64>, Fit)> {
         let kl = self.kl(runner, hook)?;
         let fit = self.fit_scale(runner, hook, target, kl, TRIAL_CLOSE, power)?;
-        let measured_power = fit.power;
         if fit.scale == 0.0 {
-            return Ok((None, kl, hook.scale, measured_power));
+            // No scale within the target: the figures of the point as given.
+            let unscaled = Fit {
+                scale: hook.scale,
+                kl,
+                ..fit
+            };
+            return Ok((None, unscaled));
         }
-        let scale = fit.scale;
-        hook.scale = scale;
-        let kl = fit.kl;
+        hook.scale = fit.scale;
         let half = self.harm_val.len() / 2;
         let first = self.refused(runner, hook, 0..half)?;
         let n = self.harm_val.len() as f64;
         // Even with every other reply an answer, it cannot beat `best` by much.
         if half > 0 && first as f64 / n > best + 0.1 {
-            return Ok((Some(2.0 * first as f64 / n), kl, scale, measured_power));
+            return Ok((Some(2.0 * first as f64 / n), fit));
         }
         let second = self.refused(runner, hook, half..self.harm_val.len())?;
-        Ok((Some((first + second) as f64 / n), kl, scale, measured_power))
+        Ok((Some((first + second) as f64 / n), fit))
     }
 
     /// Harmful validation replies in `range` that are not real answers.
