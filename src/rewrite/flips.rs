@@ -22,10 +22,9 @@ struct Line<'a> {
     /// The component written minus the component wanted.
     miss: f64,
     tolerance: f64,
-    /// Per element: value as ggml reads it, value in the ideal f32 edit,
-    /// weight along `u`, value change per code step, error weight.
-    values: &'a [f32],
-    ideals: &'a [f32],
+    /// Per element: value as ggml reads it minus value in the ideal f32
+    /// edit, weight along `u`, value change per code step, error weight.
+    errors: &'a [f32],
     along: &'a [f32],
     steps: &'a [f32],
     importance: Option<&'a [f32]>,
@@ -33,27 +32,24 @@ struct Line<'a> {
 
 /// The moves, cheapest first, that bring the line's miss within its
 /// tolerance; `try_move(element, delta)` applies one if the code allows.
-fn settle(line: &Line, moves: &mut Vec<u64>, mut try_move: impl FnMut(usize, i32) -> bool) -> u64 {
+fn settle(line: &Line, scratch: &mut Keys, mut try_move: impl FnMut(usize, i32) -> bool) -> u64 {
     let mut miss = line.miss;
     if miss.abs() <= line.tolerance {
         return 0;
     }
     // Reused from line to line: every key is rewritten below, so it is
     // zeroed only when it grows.
-    moves.resize(line.values.len(), 0);
+    let moves = &mut scratch.keys;
+    moves.resize(line.errors.len(), 0);
     // Price: added squared error per unit of |effect|. With d = ±1 the
     // direction that lowers |miss|, e = value − ideal and s the step:
     // ((e + d s)² − e²) / |a s| = (2 d e s + s²) / |a s|.
     let lowers = miss < 0.0;
-    let (total_effect, movable) = match line.importance {
-        Some(imp) => price_moves(line, lowers, |k| imp[k], moves),
-        None => price_moves(line, lowers, |_| 1.0, moves),
-    };
+    let (total_effect, movable) = price_moves(line, lowers, moves);
     // Order only as many of the cheapest as the miss should need (an
     // average move's effect), then more if those did not suffice. Moves are
     // still taken in price order, ties to the lower index, so the batch
     // sizes change the time, never the result.
-    let by_price = |a: &u64, b: &u64| a.cmp(b);
     let mean_effect = total_effect / movable.max(1) as f64;
     let needed = ((miss.abs() - line.tolerance) / mean_effect).ceil();
     let first = if needed.is_finite() {
@@ -62,20 +58,10 @@ fn settle(line: &Line, moves: &mut Vec<u64>, mut try_move: impl FnMut(usize, i32
         FIRST_BATCH
     };
     let mut taken = 0;
-    let (mut start, mut batch) = (0, first);
-    while start < movable && miss.abs() > line.tolerance {
-        let end = (start + batch).min(movable);
-        let rest = &mut moves[start..];
-        if start == 0 && end <= FIRST_BATCH {
-            // One scan for the first few (a selection costs several).
-            cheapest_first(rest, end, by_price);
-        } else {
-            if end - start < rest.len() {
-                rest.select_nth_unstable_by(end - start - 1, by_price);
-            }
-            rest[..end - start].sort_unstable_by(by_price);
-        }
-        for &key in &moves[start..end] {
+    let mut batches = Batches::new(scratch, movable, first);
+    while miss.abs() > line.tolerance {
+        let Some(batch) = batches.next() else { break };
+        for &key in batch {
             if miss.abs() <= line.tolerance {
                 break;
             }
@@ -90,9 +76,109 @@ fn settle(line: &Line, moves: &mut Vec<u64>, mut try_move: impl FnMut(usize, i32
                 taken += 1;
             }
         }
-        (start, batch) = (end, batch * 4);
     }
     taken
+}
+
+/// Keys `settle` reuses from line to line.
+#[derive(Default)]
+pub(super) struct Keys {
+    keys: Vec<u64>,
+    spare: Vec<u64>,
+}
+
+/// Keys sampled from a line for the price thresholds of its batches.
+const SAMPLES: usize = 64;
+
+/// The priced moves of one line in ascending order, a batch at a time:
+/// each batch is every key at or below a threshold read off a sorted
+/// sample of the keys, found in one branch-free scan and sorted (a
+/// selection took several scans). Thresholds double in rank from one
+/// that should let through about half of `first`; past the sample, or on
+/// lines too short to sample, batches are selected, growing fourfold.
+struct Batches<'a> {
+    keys: &'a mut Vec<u64>,
+    spare: &'a mut Vec<u64>,
+    /// Keys before `start` were handed out; `movable` are not `u64::MAX`.
+    start: usize,
+    movable: usize,
+    sample: Option<[u64; SAMPLES]>,
+    rank: usize,
+    /// Size of the next selected batch.
+    batch: usize,
+}
+
+impl<'a> Batches<'a> {
+    fn new(scratch: &'a mut Keys, movable: usize, first: usize) -> Self {
+        let n = scratch.keys.len();
+        let sample = (first > FIRST_BATCH && n >= 4 * SAMPLES).then(|| {
+            let stride = n / SAMPLES;
+            let mut sample: [u64; SAMPLES] = std::array::from_fn(|i| scratch.keys[i * stride]);
+            sample.sort_unstable();
+            sample
+        });
+        Batches {
+            keys: &mut scratch.keys,
+            spare: &mut scratch.spare,
+            start: 0,
+            movable,
+            sample,
+            rank: (first * SAMPLES).div_ceil(2 * n.max(1)),
+            batch: first,
+        }
+    }
+
+    fn next(&mut self) -> Option<&[u64]> {
+        let start = self.start;
+        if start >= self.movable {
+            return None;
+        }
+        while let Some(sample) = &self.sample {
+            let Some(&threshold) = sample.get(self.rank).filter(|&&t| t != u64::MAX) else {
+                self.sample = None;
+                break;
+            };
+            self.rank = 2 * self.rank + 1;
+            let below = self.partition(threshold);
+            if below > start {
+                self.keys[start..below].sort_unstable();
+                self.start = below;
+                return Some(&self.keys[start..below]);
+            }
+        }
+        let end = (start + self.batch).min(self.movable);
+        let rest = &mut self.keys[start..];
+        if start == 0 && end <= FIRST_BATCH {
+            // One scan for the first few.
+            cheapest_first(rest, end, u64::cmp);
+        } else {
+            if end - start < rest.len() {
+                rest.select_nth_unstable(end - start - 1);
+            }
+            rest[..end - start].sort_unstable();
+        }
+        self.batch *= 4;
+        self.start = end;
+        Some(&self.keys[start..end])
+    }
+
+    /// Moves the keys after `start` at or below `threshold` to its front
+    /// and returns where they end. Branch-free: each key is written to
+    /// both ends of `spare` and the end it belongs to advances.
+    fn partition(&mut self, threshold: u64) -> usize {
+        let n = self.keys.len();
+        self.spare.resize(n, 0);
+        let (mut below, mut above) = (self.start, n);
+        for &key in &self.keys[self.start..] {
+            let take = key <= threshold;
+            self.spare[below] = key;
+            self.spare[above - 1] = key;
+            below += usize::from(take);
+            above -= usize::from(!take);
+        }
+        self.keys[self.start..].copy_from_slice(&self.spare[self.start..]);
+        below
+    }
 }
 
 /// A move as one integer that sorts by price (in `f32::total_cmp`'s order),
@@ -104,41 +190,107 @@ fn move_key(price: f32, element: usize) -> u64 {
     (u64::from(ordered) << 32) | element as u64
 }
 
-/// Prices every element's move into `moves` (see `settle`), branch-free so
-/// that it vectorizes; an element that cannot move (no effect along u)
-/// gets the largest key and is never reached. Returns the moves' total
-/// |effect| and how many can move.
-#[inline(always)]
-fn price_moves(
-    line: &Line,
-    lowers: bool,
-    weight: impl Fn(usize) -> f32,
-    moves: &mut [u64],
-) -> (f64, usize) {
-    let mut effects = [0f32; 8];
-    let mut movable = 0;
-    for (chunk, keys) in moves.chunks_mut(8).enumerate() {
-        for (lane, key) in keys.iter_mut().enumerate() {
-            let k = chunk * 8 + lane;
-            let per_unit = line.along[k] * line.steps[k];
-            let delta = if (per_unit > 0.0) == lowers {
-                1.0
-            } else {
-                -1.0
-            };
-            let e = line.values[k] - line.ideals[k];
-            let s = line.steps[k];
-            let price = weight(k) * (2.0 * delta * e * s + s * s) / per_unit.abs();
-            effects[lane] += per_unit.abs();
-            movable += usize::from(per_unit != 0.0);
-            *key = if per_unit != 0.0 {
-                move_key(price, k)
-            } else {
-                u64::MAX
-            };
-        }
+/// Prices every element's move into `moves` (see `settle`); an element that
+/// cannot move (no effect along u) gets the largest key and is never
+/// reached. Returns the moves' total |effect| and how many can move.
+fn price_moves(line: &Line, lowers: bool, moves: &mut [u64]) -> (f64, usize) {
+    let n = moves.len();
+    let whole = n / LANES * LANES;
+    let mut sums = Sums::default();
+    let ones = [1f32; LANES];
+    // Whole chunks as fixed-size arrays, branch-free: this vectorizes
+    // (indexing the slices with branches cost ~10 ns per element).
+    let lanes = |x: &[f32], start: usize| -> [f32; LANES] {
+        x[start..start + LANES].try_into().expect("whole chunk")
+    };
+    for start in (0..whole).step_by(LANES) {
+        let weights = line.importance.map_or(ones, |w| lanes(w, start));
+        let keys = price_lanes(
+            &lanes(line.errors, start),
+            &lanes(line.along, start),
+            &lanes(line.steps, start),
+            &weights,
+            lowers,
+            start,
+            &mut sums,
+        );
+        moves[start..start + LANES].copy_from_slice(&keys);
     }
-    (effects.iter().map(|&x| f64::from(x)).sum(), movable)
+    if whole < n {
+        // The last partial chunk, padded with elements that cannot move.
+        let padded = |x: &[f32]| {
+            let mut a = [0f32; LANES];
+            a[..n - whole].copy_from_slice(&x[whole..n]);
+            a
+        };
+        let weights = line.importance.map_or(ones, padded);
+        let keys = price_lanes(
+            &padded(line.errors),
+            &padded(line.along),
+            &padded(line.steps),
+            &weights,
+            lowers,
+            whole,
+            &mut sums,
+        );
+        moves[whole..].copy_from_slice(&keys[..n - whole]);
+    }
+    (
+        sums.effects.iter().map(|&x| f64::from(x)).sum(),
+        sums.movable,
+    )
+}
+
+#[derive(Default)]
+struct Sums {
+    effects: [f32; LANES],
+    movable: usize,
+}
+
+/// `price_moves` on one chunk of elements `start..start + LANES`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn price_lanes(
+    errors: &[f32; LANES],
+    along: &[f32; LANES],
+    steps: &[f32; LANES],
+    weights: &[f32; LANES],
+    lowers: bool,
+    start: usize,
+    sums: &mut Sums,
+) -> [u64; LANES] {
+    let mut keys = [0u64; LANES];
+    for lane in 0..LANES {
+        let (price, effect) = price_one(
+            errors[lane],
+            along[lane],
+            steps[lane],
+            weights[lane],
+            lowers,
+        );
+        sums.effects[lane] += effect;
+        let valid = effect != 0.0;
+        sums.movable += usize::from(valid);
+        // All ones (never reached) where the move has no effect.
+        keys[lane] = move_key(price, start + lane) | u64::from(valid).wrapping_sub(1);
+    }
+    keys
+}
+
+/// Lanes of `price_moves`' partial sums.
+const LANES: usize = 8;
+
+/// One move's price and |effect| per unit (0: it cannot move `uᵀV`).
+#[inline(always)]
+fn price_one(e: f32, along: f32, step: f32, weight: f32, lowers: bool) -> (f32, f32) {
+    let per_unit = along * step;
+    let delta = if (per_unit > 0.0) == lowers {
+        1.0
+    } else {
+        -1.0
+    };
+    let price = weight * (2.0 * delta * e * step + step * step) / per_unit.abs();
+    (price, per_unit.abs())
 }
 
 /// Puts the `k` smallest of `items` first, in order, in one scan.
@@ -225,49 +377,57 @@ pub(super) fn settle_columns(
         .into_par_iter()
         .enumerate()
         .map(|(b, mut blocks)| -> Result<(Vec<f64>, f64, u64, u64)> {
-            // Element-major: [row][element in block].
-            let mut w = vec![0f32; per_block * n_rows];
-            let mut q = vec![0f32; per_block * n_rows];
-            let mut steps = vec![0f32; per_block * n_rows];
-            for (i, block) in blocks.iter().enumerate() {
-                let span = i * per_block..(i + 1) * per_block;
-                w[span.clone()]
-                    .copy_from_slice(&original[i * row_len + b * per_block..][..per_block]);
-                ffi::dequantize_rows(ty, block, &mut q[span.clone()])?;
-                block_steps(ty, block, &mut steps[span]);
-            }
-            // What each column writes now, row by row (cache order); only
-            // the columns beyond their tolerance are gathered and settled.
+            // Element-major ([row][element in block]): each element's value
+            // as written minus its ideal, and what each column writes now.
+            let group = codes::scale_group(ty);
+            let (vb, fb) = (
+                &v[b * per_block..][..per_block],
+                &norm[b * per_block..][..per_block],
+            );
+            let mut q = vec![0f32; per_block];
+            let mut errors = vec![0f32; per_block * n_rows];
+            // Steps are shared by a group's elements, so by its columns:
+            // [group][row].
+            let mut group_steps = vec![0f32; per_block / group * n_rows];
             let mut written = vec![0f64; per_block];
-            for (i, row) in q.chunks_exact(per_block).enumerate() {
-                for (a, &x) in written.iter_mut().zip(row) {
-                    *a += u[i] as f64 * x as f64;
+            for (i, (block, e)) in blocks
+                .iter()
+                .zip(errors.chunks_exact_mut(per_block))
+                .enumerate()
+            {
+                ffi::dequantize_rows(ty, block, &mut q)?;
+                let w = &original[i * row_len + b * per_block..][..per_block];
+                let (ui, ui64) = (u[i], u[i] as f64);
+                for (((a, e), &x), (&w, (&vj, &fj))) in written
+                    .iter_mut()
+                    .zip(e)
+                    .zip(&q)
+                    .zip(w.iter().zip(vb.iter().zip(fb)))
+                {
+                    *a += ui64 * x as f64;
+                    *e = x - (w - scale * ui * vj) * fj;
+                }
+                for (g, steps) in group_steps.chunks_exact_mut(n_rows).enumerate() {
+                    steps[i] = codes::get(ty, block, g * group).step;
                 }
             }
-            // Column-major copies, transposed a strip of rows at a time:
-            // gathering each column with a whole block's stride missed the
-            // cache on every element.
-            let [wt, qt, st] = [&w, &q, &steps].map(|m| transposed(m, n_rows, per_block));
-            let mut ideals = vec![0f32; n_rows];
-            let mut keys = Vec::new();
+            // Column-major, transposed a strip of rows at a time: gathering
+            // each column with a whole block's stride missed the cache on
+            // every element.
+            let errors = transposed(&errors, n_rows, per_block);
+            let mut keys = Keys::default();
             let mut moved = 0;
             for (c, &written) in written.iter().enumerate() {
                 let j = b * per_block + c;
                 if (written - target[j]).abs() <= tolerance {
                     continue;
                 }
-                let column = c * n_rows..(c + 1) * n_rows;
-                let (vj, fj) = (v[j], norm[j]);
-                for ((ideal, &w), &ui) in ideals.iter_mut().zip(&wt[column.clone()]).zip(u) {
-                    *ideal = (w - scale * ui * vj) * fj;
-                }
                 let line = Line {
                     miss: written - target[j],
                     tolerance,
-                    values: &qt[column.clone()],
-                    ideals: &ideals,
+                    errors: &errors[c * n_rows..(c + 1) * n_rows],
                     along: u,
-                    steps: &st[column],
+                    steps: &group_steps[c / group * n_rows..][..n_rows],
                     // One column, one importance: it cannot change the order.
                     importance: None,
                 };
@@ -279,27 +439,24 @@ pub(super) fn settle_columns(
             // Per-column sums (vectorized across the block), added up at the end.
             let mut after = vec![0f64; per_block];
             let mut error2 = vec![0f64; per_block];
-            let (v, norm) = (
-                &v[b * per_block..][..per_block],
-                &norm[b * per_block..][..per_block],
-            );
+            let mut non_finite = 0;
             for (i, block) in blocks.iter().enumerate() {
-                let span = i * per_block..(i + 1) * per_block;
-                ffi::dequantize_rows(ty, block, &mut q[span.clone()])?;
+                ffi::dequantize_rows(ty, block, &mut q)?;
+                let w = &original[i * row_len + b * per_block..][..per_block];
                 let (su, ui) = (scale * u[i], u[i] as f64);
                 for ((((a, e), &x), &w), (&vj, &fj)) in after
                     .iter_mut()
                     .zip(&mut error2)
-                    .zip(&q[span.clone()])
-                    .zip(&w[span])
-                    .zip(v.iter().zip(norm))
+                    .zip(&q)
+                    .zip(w)
+                    .zip(vb.iter().zip(fb))
                 {
                     *a += ui * x as f64;
                     let d = x as f64 - ((w - su * vj) * fj) as f64;
                     *e += d * d;
                 }
+                non_finite += q.iter().filter(|x| !x.is_finite()).count() as u64;
             }
-            let non_finite = q.iter().filter(|x| !x.is_finite()).count() as u64;
             Ok((after, error2.iter().sum(), moved, non_finite))
         })
         .collect::<Result<Vec<_>>>()?;
@@ -341,7 +498,8 @@ fn transposed(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 #[derive(Default)]
 pub(super) struct RowScratch {
     steps: Vec<f32>,
-    keys: Vec<u64>,
+    errors: Vec<f32>,
+    keys: Keys,
 }
 
 /// A row that is itself a residual vector (embedding rows): its dot with
@@ -374,11 +532,14 @@ pub(super) fn settle_row(
     {
         block_steps(ty, block, steps);
     }
+    scratch.errors.clear();
+    scratch
+        .errors
+        .extend(values.iter().zip(ideal).map(|(v, x)| v - x));
     let line = Line {
         miss,
         tolerance,
-        values,
-        ideals: ideal,
+        errors: &scratch.errors,
         along: u,
         steps: &scratch.steps,
         importance,
@@ -403,6 +564,43 @@ mod tests {
             for j in 0..cols {
                 assert_eq!(t[j * rows + i], m[i * cols + j]);
             }
+        }
+    }
+
+    /// However large the first batch, the batches hand out every movable
+    /// key once, in ascending order: the batch sizes change the time only.
+    #[test]
+    fn batches_hand_out_the_movable_keys_in_order() {
+        use super::{Batches, Keys};
+        let n = 896;
+        let mut state = 12345u64;
+        let keys: Vec<u64> = (0..n)
+            .map(|k| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                if state >> 60 == 0 {
+                    u64::MAX // cannot move
+                } else {
+                    move_key((state >> 40) as f32 / 1e3 - 100.0, k)
+                }
+            })
+            .collect();
+        let movable = keys.iter().filter(|&&k| k != u64::MAX).count();
+        let mut expected: Vec<u64> = keys.iter().copied().filter(|&k| k != u64::MAX).collect();
+        expected.sort_unstable();
+        for first in [1, 8, 9, 40, 75, 300, movable] {
+            let mut scratch = Keys {
+                keys: keys.clone(),
+                spare: Vec::new(),
+            };
+            let mut batches = Batches::new(&mut scratch, movable, first);
+            let mut got = Vec::new();
+            while let Some(batch) = batches.next() {
+                assert!(!batch.is_empty());
+                got.extend_from_slice(batch);
+            }
+            assert_eq!(got, expected, "first batch {first}");
         }
     }
 

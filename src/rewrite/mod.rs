@@ -558,21 +558,20 @@ impl Job<'_> {
                         *id = (wj - s * ui * vj) * fj;
                         *xi = *id - wi * cj;
                     }
+                    let ui64 = ui as f64;
+                    let Some(old) = old.as_ref().map(|o| &o[k * n..(k + 1) * n]) else {
+                        // The plain pass: every row is kept as quantized.
+                        self.quantize(&x, dst, &mut back, imp)?;
+                        row_error[k] = sq_dist(&back, &ideal);
+                        acc.iter_mut()
+                            .zip(&back)
+                            .for_each(|(a, &b)| *a += ui64 * b as f64);
+                        continue;
+                    };
                     old_bytes.copy_from_slice(dst);
                     self.quantize(&x, dst, &mut back, imp)?;
-                    let old = old.as_ref().map(|o| &o[k * n..(k + 1) * n]);
-                    let ui64 = ui as f64;
-                    match old {
-                        Some(old) => {
-                            for ((c, &b), &o) in change.iter_mut().zip(&back).zip(old) {
-                                *c = ui64 * (b as f64 - o as f64);
-                            }
-                        }
-                        None => {
-                            for (c, &b) in change.iter_mut().zip(&back) {
-                                *c = ui64 * b as f64;
-                            }
-                        }
+                    for ((c, &b), &o) in change.iter_mut().zip(&back).zip(old) {
+                        *c = ui64 * (b as f64 - o as f64);
                     }
                     if let Some(miss) = miss {
                         // ‖e + d‖² < ‖e‖²  ⇔  2⟨e, d⟩ + ‖d‖² < 0.
