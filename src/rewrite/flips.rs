@@ -176,7 +176,11 @@ impl<'a> Batches<'a> {
             below += usize::from(take);
             above -= usize::from(!take);
         }
-        self.keys[self.start..].copy_from_slice(&self.spare[self.start..]);
+        if self.start == 0 {
+            std::mem::swap(self.keys, self.spare);
+        } else {
+            self.keys[self.start..].copy_from_slice(&self.spare[self.start..]);
+        }
         below
     }
 }
@@ -259,20 +263,24 @@ fn price_lanes(
     start: usize,
     sums: &mut Sums,
 ) -> [u64; LANES] {
-    let mut keys = [0u64; LANES];
+    let mut prices = [0f32; LANES];
+    let mut effects = [0f32; LANES];
     for lane in 0..LANES {
-        let (price, effect) = price_one(
+        (prices[lane], effects[lane]) = price_one(
             errors[lane],
             along[lane],
             steps[lane],
             weights[lane],
             lowers,
         );
-        sums.effects[lane] += effect;
-        let valid = effect != 0.0;
+    }
+    let mut keys = [0u64; LANES];
+    for lane in 0..LANES {
+        sums.effects[lane] += effects[lane];
+        let valid = effects[lane] != 0.0;
         sums.movable += usize::from(valid);
         // All ones (never reached) where the move has no effect.
-        keys[lane] = move_key(price, start + lane) | u64::from(valid).wrapping_sub(1);
+        keys[lane] = move_key(prices[lane], start + lane) | u64::from(valid).wrapping_sub(1);
     }
     keys
 }
