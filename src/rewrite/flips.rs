@@ -46,10 +46,10 @@ fn settle(line: &Line, scratch: &mut Keys, mut try_move: impl FnMut(usize, i32) 
     // ((e + d s)² − e²) / |a s| = (2 d e s + s²) / |a s|.
     let lowers = miss < 0.0;
     let (total_effect, movable) = price_moves(line, lowers, moves);
-    // Order only as many of the cheapest as the miss should need (an
-    // average move's effect), then more if those did not suffice. Moves are
-    // still taken in price order, ties to the lower index, so the batch
-    // sizes change the time, never the result.
+    // About as many of the cheapest as the miss should need (an average
+    // move's effect) are ordered first, then more if those did not suffice
+    // (`Batches`). Moves are still taken in price order, ties to the lower
+    // index, so the batch sizes change the time, never the result.
     let mean_effect = total_effect / movable.max(1) as f64;
     let needed = ((miss.abs() - line.tolerance) / mean_effect).ceil();
     let first = if needed.is_finite() {

@@ -560,7 +560,8 @@ impl Job<'_> {
                     }
                     let ui64 = ui as f64;
                     let Some(old) = old.as_ref().map(|o| &o[k * n..(k + 1) * n]) else {
-                        // The plain pass: every row is kept as quantized.
+                        // The plain pass: every row is kept as quantized, so
+                        // nothing needs a copy to restore.
                         self.quantize(&x, dst, &mut back, imp)?;
                         row_error[k] = sq_dist(&back, &ideal);
                         acc.iter_mut()
