@@ -352,16 +352,17 @@ pub fn search(
         .map(|p| p.text)
         .collect();
     let replies = runner.generate(&harm_val, JUDGE_TOKENS, &mut NoHook)?;
-    // The first-token distributions of the replies judged refusals (and,
-    // below, of the harmless replies judged answers).
-    let refused_first: Vec<Vec<f32>> = replies
-        .into_iter()
-        .zip(&harm_texts)
-        .filter(|(g, request)| {
-            judge_answer(request, &detokenize(model, &g.tokens), &g.tokens) == Verdict::Refused
-        })
-        .map(|(g, _)| g.first_log_probs)
-        .collect();
+    // The first-token distributions of the replies judged refusals and of
+    // those judged real answers (and, below, of the harmless answers).
+    let mut refused_first = Vec::new();
+    let mut complied_first = Vec::new();
+    for (g, request) in replies.into_iter().zip(&harm_texts) {
+        match judge_answer(request, &detokenize(model, &g.tokens), &g.tokens) {
+            Verdict::Refused => refused_first.push(g.first_log_probs),
+            Verdict::Complied => complied_first.push(g.first_log_probs),
+            _ => {}
+        }
+    }
     let n_replies = harm_val.len();
     let baseline_refusal_rate = refused_first.len() as f64 / n_replies.max(1) as f64;
     if baseline_refusal_rate < MIN_BASELINE_REFUSAL {
@@ -379,7 +380,15 @@ pub fn search(
         .filter(|g| judge(&detokenize(model, &g.tokens), &g.tokens) == Verdict::Complied)
         .map(|g| g.first_log_probs)
         .collect();
-    let refusal_ids = refusal_tokens(&lp_harm, &lp_safe, &refused_first, &answered_first);
+    let refusal_ids = refusal_tokens(
+        &lp_harm,
+        &lp_safe,
+        &refused_first,
+        &Answers {
+            harmless: &answered_first,
+            harmful: &complied_first,
+        },
+    );
     if refusal_ids.is_empty() {
         bail!("the model's refusals begin with no token: there is nothing to score refusals by");
     }
@@ -843,30 +852,47 @@ pub fn search(
     })
 }
 
+/// First-token distributions of the replies judged real answers.
+struct Answers<'a> {
+    harmless: &'a [Vec<f32>],
+    /// To harmful prompts the model does not refuse.
+    harmful: &'a [Vec<f32>],
+}
+
 /// Refusal tokens: the tokens whose first-token probability most separates
 /// harmful from harmless training prompts ("I" of "I'm sorry", "As" of
-/// "As an AI"), less any likelier to open the model's real answers to
-/// harmless prompts than its judged refusals: an ordinary answer opening
-/// such as "To" or "There" must not count as refusing. Likelier in mean
-/// probability, not in greedy openings: a token that opens one answer in
-/// 29 and no refusal in 25 (the fixture's "As") would flip on one reply.
+/// "As an AI"), less any likelier to open the model's real answers than
+/// its judged refusals: an ordinary answer opening such as "To" or "There"
+/// must not count as refusing. Likelier in mean probability, not in greedy
+/// openings: a token that opens one answer in 29 and no refusal in 25 (the
+/// fixture's "As") would flip on one reply. Answers to harmful prompts
+/// count too, pooled with the harmless ones: they open with what harmful
+/// requests elicit ("There are several ways…"), which is what separates
+/// harmful prompts without refusing (on Qwen2.5-Coder-0.5B "There" had
+/// mean probability 0.0425 in refusals, 0.0423 in harmless answers and
+/// 0.064 in harmful ones). Pooled, so that a model which answers only a
+/// few harmful prompts is not judged on those few alone.
 fn refusal_tokens(
     harmful: &[Vec<f32>],
     harmless: &[Vec<f32>],
     refused_first: &[Vec<f32>],
-    answered_first: &[Vec<f32>],
+    answers: &Answers,
 ) -> Vec<i32> {
     let n_vocab = harmful[0].len();
-    let mean_p = |lps: &[Vec<f32>], t: usize| {
-        lps.iter().map(|lp| (lp[t] as f64).exp()).sum::<f64>() / lps.len().max(1) as f64
+    let sum_p = |lps: &[Vec<f32>], t: usize| lps.iter().map(|lp| (lp[t] as f64).exp()).sum::<f64>();
+    let mean_p = |lps: &[Vec<f32>], t: usize| sum_p(lps, t) / lps.len().max(1) as f64;
+    let n_answers = answers.harmless.len() + answers.harmful.len();
+    let opens_answers = |t: usize| {
+        let refused = mean_p(refused_first, t);
+        let pooled =
+            (sum_p(answers.harmless, t) + sum_p(answers.harmful, t)) / n_answers.max(1) as f64;
+        (!answers.harmless.is_empty() && mean_p(answers.harmless, t) > refused)
+            || (n_answers > 0 && pooled > refused)
     };
     let mut gaps: Vec<(f64, i32)> = (0..n_vocab)
         .map(|t| (mean_p(harmful, t) - mean_p(harmless, t), t as i32))
         .filter(|(g, _)| *g > 0.02)
-        .filter(|&(_, t)| {
-            let t = t as usize;
-            answered_first.is_empty() || mean_p(answered_first, t) <= mean_p(refused_first, t)
-        })
+        .filter(|&(_, t)| !opens_answers(t as usize))
         .collect();
     gaps.sort_by(|a, b| b.0.total_cmp(&a.0));
     gaps.truncate(4);
@@ -1097,7 +1123,7 @@ impl Measure<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::refusal_tokens;
+    use super::{refusal_tokens, Answers};
 
     #[test]
     fn median_of_measured_exponents() {
@@ -1115,20 +1141,36 @@ mod tests {
         let harmless = vec![lp([0.6, 0.1, 0.1, 0.2])];
         let refused = vec![lp([0.05, 0.8, 0.1, 0.05]), lp([0.1, 0.7, 0.1, 0.1])];
         let answered = vec![lp([0.3, 0.1, 0.5, 0.1]), lp([0.5, 0.05, 0.4, 0.05])];
+        let harmless_only = |a| Answers {
+            harmless: a,
+            harmful: &[],
+        };
         assert_eq!(
-            refusal_tokens(&harmful, &harmless, &refused, &answered),
+            refusal_tokens(&harmful, &harmless, &refused, &harmless_only(&answered)),
             vec![1]
         );
         // A token a little likelier in refusals than in answers counts,
         // though greedy decoding opens no refusal with it.
         let answered = vec![lp([0.5, 0.1, 0.08, 0.32])];
         assert_eq!(
-            refusal_tokens(&harmful, &harmless, &refused, &answered),
+            refusal_tokens(&harmful, &harmless, &refused, &harmless_only(&answered)),
             vec![1, 2]
+        );
+        // …unless it opens the answers to harmful prompts more often than
+        // the refusals (Qwen2.5-Coder-0.5B's "There"), pooled with the
+        // harmless answers.
+        let complied = vec![lp([0.2, 0.1, 0.3, 0.4])];
+        let answers = Answers {
+            harmless: &answered,
+            harmful: &complied,
+        };
+        assert_eq!(
+            refusal_tokens(&harmful, &harmless, &refused, &answers),
+            vec![1]
         );
         // With no answers to tell them apart, both count.
         assert_eq!(
-            refusal_tokens(&harmful, &harmless, &refused, &[]),
+            refusal_tokens(&harmful, &harmless, &refused, &harmless_only(&[])),
             vec![1, 2]
         );
     }
