@@ -882,12 +882,13 @@ fn refusal_tokens(
     let sum_p = |lps: &[Vec<f32>], t: usize| lps.iter().map(|lp| (lp[t] as f64).exp()).sum::<f64>();
     let mean_p = |lps: &[Vec<f32>], t: usize| sum_p(lps, t) / lps.len().max(1) as f64;
     let n_answers = answers.harmless.len() + answers.harmful.len();
+    // An empty set's mean is 0, which no probability exceeds: with no
+    // answers to compare, no token is left out.
     let opens_answers = |t: usize| {
         let refused = mean_p(refused_first, t);
         let pooled =
             (sum_p(answers.harmless, t) + sum_p(answers.harmful, t)) / n_answers.max(1) as f64;
-        (!answers.harmless.is_empty() && mean_p(answers.harmless, t) > refused)
-            || (n_answers > 0 && pooled > refused)
+        mean_p(answers.harmless, t) > refused || pooled > refused
     };
     let mut gaps: Vec<(f64, i32)> = (0..n_vocab)
         .map(|t| (mean_p(harmful, t) - mean_p(harmless, t), t as i32))
