@@ -120,7 +120,12 @@ else
   fi
   # llama.cpp skips CPU-type Vulkan devices unless they are named.
   env_vars+=(GGML_VK_VISIBLE_DEVICES=0 VK_ICD_FILENAMES="$icd")
-  args+=(-ngl 99)
+  # The CPU library also uses AVX-512 while loading (EVEX vpbroadcastq in
+  # the mmap and repack paths): on a CPU without AVX-512 (AMD EPYC here)
+  # the server dies with SIGILL before the first request unless the model
+  # is read into buffers and not repacked, neither of which matters once
+  # every layer is on the Vulkan device.
+  args+=(-ngl 99 --no-mmap --no-repack)
   backend="Vulkan on lavapipe"
   # lavapipe advertises maxStorageBufferRange = 128 MiB; llama.cpp's Vulkan
   # backend then refuses any larger tensor (Qwen2.5's 145 MB output.weight)
