@@ -120,11 +120,10 @@ else
   fi
   # llama.cpp skips CPU-type Vulkan devices unless they are named.
   env_vars+=(GGML_VK_VISIBLE_DEVICES=0 VK_ICD_FILENAMES="$icd")
-  # The CPU library also uses AVX-512 while loading (EVEX vpbroadcastq in
-  # the mmap and repack paths): on a CPU without AVX-512 (AMD EPYC here)
-  # the server dies with SIGILL before the first request unless the model
-  # is read into buffers and not repacked, neither of which matters once
-  # every layer is on the Vulkan device.
+  # The CPU library also uses AVX-512 under load_tensors (an EVEX
+  # vpbroadcastq): on an AVX2-only CPU (an AMD EPYC) the server died with
+  # SIGILL before its first request with either flag alone, not with both.
+  # Neither matters once every layer is on the Vulkan device.
   args+=(-ngl 99 --no-mmap --no-repack)
   backend="Vulkan on lavapipe"
   # lavapipe advertises maxStorageBufferRange = 128 MiB; llama.cpp's Vulkan
