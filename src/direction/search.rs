@@ -886,9 +886,9 @@ fn refusal_tokens(
     // answers to compare, no token is left out.
     let opens_answers = |t: usize| {
         let refused = mean_p(refused_first, t);
-        let pooled =
-            (sum_p(answers.harmless, t) + sum_p(answers.harmful, t)) / n_answers.max(1) as f64;
-        mean_p(answers.harmless, t) > refused || pooled > refused
+        let harmless = sum_p(answers.harmless, t);
+        let pooled = (harmless + sum_p(answers.harmful, t)) / n_answers.max(1) as f64;
+        harmless / answers.harmless.len().max(1) as f64 > refused || pooled > refused
     };
     let mut gaps: Vec<(f64, i32)> = (0..n_vocab)
         .map(|t| (mean_p(harmful, t) - mean_p(harmless, t), t as i32))
