@@ -87,7 +87,8 @@ struct SearchArgs {
     #[arg(long, value_name = "NAME|FILE")]
     chat_template: Option<String>,
     /// First-token KL on answered harmless prompts the edit may cost: candidates
-    /// above it are discarded, and the pick is the fewest refusals within it.
+    /// above it are discarded, and the pick is the fewest refusals within it
+    /// (the lowest KL among points within a standard error of the fewest).
     #[arg(long, visible_alias = "kl-target", default_value_t = SearchOptions::default().kl_threshold, value_name = "KL")]
     kl_threshold: f64,
     /// TPE trials refining the chosen direction's edit (per-layer weights,

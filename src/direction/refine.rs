@@ -395,13 +395,13 @@ pub fn pareto_front(trials: &[Trial]) -> Vec<usize> {
 }
 
 /// The default pick: the fewest refusals within the KL target; but among
-/// the points within one prompt of that (`resolution`, the share one
-/// prompt is), the lowest KL. A single reply out of 32 is within the
-/// measurement's noise, while the KL a point costs is not.
-pub fn pick(trials: &[Trial], kl_target: f64, resolution: f64) -> Option<usize> {
-    pick_by(trials, kl_target, resolution, |t| {
-        Some((t.refusal_rate?, t.kl))
-    })
+/// the points whose refusals are within the measurement's noise of that
+/// (`noise`, with rates measured on `n` prompts), the lowest KL. A few
+/// replies out of 32 or 64 are noise, while the KL a point costs is not:
+/// held back, the stronger of two such points kept none of its advantage
+/// and more of its KL (see the README's figures).
+pub fn pick(trials: &[Trial], kl_target: f64, n: usize) -> Option<usize> {
+    pick_by(trials, kl_target, n, |t| Some((t.refusal_rate?, t.kl)))
 }
 
 /// The points worth measuring again before the pick: the front's points
@@ -426,22 +426,30 @@ pub fn finalists(trials: &[Trial], kl_target: f64, n: usize) -> Vec<usize> {
 /// biased low (most on the point picked); the second measurement is not.
 /// When no confirmed trial stays within the target, `pick` among the
 /// others (a point that failed its confirmation is never picked).
-pub fn pick_confirmed(trials: &[Trial], kl_target: f64, resolution: f64) -> Option<usize> {
-    pick_by(trials, kl_target, resolution, |t| {
+pub fn pick_confirmed(trials: &[Trial], kl_target: f64, n: usize) -> Option<usize> {
+    pick_by(trials, kl_target, n, |t| {
         t.confirmed.map(|c| (c.refusal_rate, c.kl))
     })
     .or_else(|| {
-        pick_by(trials, kl_target, resolution, |t| match t.confirmed {
+        pick_by(trials, kl_target, n, |t| match t.confirmed {
             Some(_) => None,
             None => Some((t.refusal_rate?, t.kl)),
         })
     })
 }
 
+/// How far apart two refusal rates, each measured on `n` prompts, may be
+/// and still be the same within noise: one standard error of their
+/// difference, and at least one prompt (the measurement's resolution).
+fn noise(a: f64, b: f64, n: usize) -> f64 {
+    let n = n.max(1) as f64;
+    ((a * (1.0 - a) + b * (1.0 - b)) / n).sqrt().max(1.0 / n)
+}
+
 fn pick_by(
     trials: &[Trial],
     kl_target: f64,
-    resolution: f64,
+    n: usize,
     figures: impl Fn(&Trial) -> Option<(f64, f64)>,
 ) -> Option<usize> {
     let measured: Vec<(usize, f64, f64)> = trials
@@ -456,7 +464,7 @@ fn pick_by(
         .fold(f64::INFINITY, f64::min);
     measured
         .iter()
-        .filter(|&&(_, r, _)| r <= fewest + resolution + 1e-9)
+        .filter(|&&(_, r, _)| r <= fewest + noise(fewest, r, n) + 1e-9)
         .min_by(|a, b| {
             (a.2, a.1)
                 .partial_cmp(&(b.2, b.1))
@@ -495,9 +503,10 @@ mod tests {
             trial(Some(0.1), 0.5),
         ];
         assert_eq!(pareto_front(&t), vec![0, 1, 4]);
-        assert_eq!(pick(&t, 0.3, 0.01), Some(1));
-        assert_eq!(pick(&t, 0.05, 0.01), None);
-        assert_eq!(pick(&t, 0.3, 0.2), Some(0));
+        assert_eq!(pick(&t, 0.3, 100), Some(1));
+        assert_eq!(pick(&t, 0.05, 100), None);
+        // On 5 prompts 0.5 and 0.3 are one reply apart: noise.
+        assert_eq!(pick(&t, 0.3, 5), Some(0));
         // Qwen's front: one refusal in 32 more buys a KL six times lower;
         // two more do not count as noise.
         let q = vec![
@@ -505,10 +514,10 @@ mod tests {
             trial(Some(0.0625), 0.06),
             trial(Some(0.22), 0.02),
         ];
-        assert_eq!(pick(&q, 0.25, 1.0 / 32.0), Some(0));
+        assert_eq!(pick(&q, 0.25, 32), Some(0));
         let mut q = q;
         q.push(trial(Some(0.03125), 0.04));
-        assert_eq!(pick(&q, 0.25, 1.0 / 32.0), Some(3));
+        assert_eq!(pick(&q, 0.25, 32), Some(3));
         assert!(objective(Some(1.0), 0.1, 0.3) < objective(Some(0.0), 0.31, 0.3));
     }
 
@@ -523,20 +532,44 @@ mod tests {
         // Within the target, fewest refusals first; never a point over it.
         assert_eq!(finalists(&t, 0.25, 2), vec![2, 1]);
         assert_eq!(finalists(&t, 0.25, 5), vec![2, 1, 0]);
-        assert_eq!(pick_confirmed(&t, 0.25, 0.01), Some(2));
+        // 10 000 prompts: noise plays no part here.
+        let n = 10_000;
+        assert_eq!(pick_confirmed(&t, 0.25, n), Some(2));
         // A point over the target once pooled is never picked.
         t[2].confirmed = Some(Confirmed {
             refusal_rate: 0.4,
             kl: 0.26,
         });
-        assert_eq!(pick_confirmed(&t, 0.25, 0.01), Some(1));
+        assert_eq!(pick_confirmed(&t, 0.25, n), Some(1));
         // The search's best (2) falls back on fresh prompts; 1 holds.
         t[1].confirmed = Some(Confirmed {
             refusal_rate: 0.3,
             kl: 0.21,
         });
-        assert_eq!(pick(&t, 0.25, 0.01), Some(2));
-        assert_eq!(pick_confirmed(&t, 0.25, 0.01), Some(1));
+        assert_eq!(pick(&t, 0.25, n), Some(2));
+        assert_eq!(pick_confirmed(&t, 0.25, n), Some(1));
+    }
+
+    /// The finalists of the CI run of 363c53e, pooled over 64 prompts.
+    /// Qwen2.5-Coder-0.5B: 4.7 % at KL 0.080 and 7.8 % at 0.046, two
+    /// replies apart, within one standard error (4.3 %): the lower KL
+    /// (held back: 5 % at 0.057, where the other measured 5 % at 0.111).
+    /// A gap larger than one standard error still buys the fewer refusals.
+    #[test]
+    fn refusals_within_noise_give_way_to_the_lower_kl() {
+        let mut q = vec![trial(Some(0.03), 0.079), trial(Some(0.06), 0.045)];
+        q[0].confirmed = Some(Confirmed {
+            refusal_rate: 3.0 / 64.0,
+            kl: 0.080,
+        });
+        q[1].confirmed = Some(Confirmed {
+            refusal_rate: 5.0 / 64.0,
+            kl: 0.046,
+        });
+        assert_eq!(pick_confirmed(&q, 0.25, 64), Some(1));
+        let f = vec![trial(Some(0.22), 0.24), trial(Some(0.33), 0.17)];
+        assert_eq!(pick(&f, 0.25, 64), Some(0));
+        assert!((noise(0.0, 0.0, 64) - 1.0 / 64.0).abs() < 1e-12);
     }
 
     #[test]

@@ -753,8 +753,7 @@ pub fn search(
         pb.finish_and_clear();
         // The finalists measured again on prompts the search has not used,
         // and the pick made on both measurements pooled.
-        let resolution = 1.0 / harm_val.len() as f64;
-        let mut picked = refine::pick(&trials, opts.kl_threshold, resolution);
+        let mut picked = refine::pick(&trials, opts.kl_threshold, harm_val.len());
         // Fresh prompts: training prompts neither the capture nor the KL
         // set used (the built-in sets have 72 harmful and 40 harmless).
         let fresh_harm = train_after(harmful, harm_train.len(), opts.n_val);
@@ -793,7 +792,7 @@ pub fn search(
                 });
             }
             let n = harm_val.len() + confirm.harm_val.len();
-            picked = refine::pick_confirmed(&trials, opts.kl_threshold, 1.0 / n as f64);
+            picked = refine::pick_confirmed(&trials, opts.kl_threshold, n);
         }
         if let Some(i) = picked {
             chosen_point = trials[i].point.clone();
