@@ -425,13 +425,19 @@ pub fn finalists(trials: &[Trial], kl_target: f64, n: usize) -> Vec<usize> {
 /// keeps the best of many noisy measurements, so its best figures are
 /// biased low (most on the point picked); the second measurement is not.
 /// When no confirmed trial stays within the target, `pick` among the
-/// others (a point that failed its confirmation is never picked).
-pub fn pick_confirmed(trials: &[Trial], kl_target: f64, n: usize) -> Option<usize> {
-    pick_by(trials, kl_target, n, |t| {
+/// others (a point that failed its confirmation is never picked). Pooled
+/// rates stand on `n_pooled` prompts, the search's on `n_search`.
+pub fn pick_confirmed(
+    trials: &[Trial],
+    kl_target: f64,
+    n_search: usize,
+    n_pooled: usize,
+) -> Option<usize> {
+    pick_by(trials, kl_target, n_pooled, |t| {
         t.confirmed.map(|c| (c.refusal_rate, c.kl))
     })
     .or_else(|| {
-        pick_by(trials, kl_target, n, |t| match t.confirmed {
+        pick_by(trials, kl_target, n_search, |t| match t.confirmed {
             Some(_) => None,
             None => Some((t.refusal_rate?, t.kl)),
         })
@@ -534,20 +540,20 @@ mod tests {
         assert_eq!(finalists(&t, 0.25, 5), vec![2, 1, 0]);
         // 10 000 prompts: noise plays no part here.
         let n = 10_000;
-        assert_eq!(pick_confirmed(&t, 0.25, n), Some(2));
+        assert_eq!(pick_confirmed(&t, 0.25, n, n), Some(2));
         // A point over the target once pooled is never picked.
         t[2].confirmed = Some(Confirmed {
             refusal_rate: 0.4,
             kl: 0.26,
         });
-        assert_eq!(pick_confirmed(&t, 0.25, n), Some(1));
+        assert_eq!(pick_confirmed(&t, 0.25, n, n), Some(1));
         // The search's best (2) falls back on fresh prompts; 1 holds.
         t[1].confirmed = Some(Confirmed {
             refusal_rate: 0.3,
             kl: 0.21,
         });
         assert_eq!(pick(&t, 0.25, n), Some(2));
-        assert_eq!(pick_confirmed(&t, 0.25, n), Some(1));
+        assert_eq!(pick_confirmed(&t, 0.25, n, n), Some(1));
     }
 
     /// The finalists of the CI run of 363c53e, pooled over 64 prompts.
@@ -566,7 +572,7 @@ mod tests {
             refusal_rate: 5.0 / 64.0,
             kl: 0.046,
         });
-        assert_eq!(pick_confirmed(&q, 0.25, 64), Some(1));
+        assert_eq!(pick_confirmed(&q, 0.25, 32, 64), Some(1));
         let f = vec![trial(Some(0.22), 0.24), trial(Some(0.33), 0.17)];
         assert_eq!(pick(&f, 0.25, 64), Some(0));
         assert!((noise(0.0, 0.0, 64) - 1.0 / 64.0).abs() < 1e-12);

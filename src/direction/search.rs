@@ -792,7 +792,7 @@ pub fn search(
                 });
             }
             let n = harm_val.len() + confirm.harm_val.len();
-            picked = refine::pick_confirmed(&trials, opts.kl_threshold, n);
+            picked = refine::pick_confirmed(&trials, opts.kl_threshold, harm_val.len(), n);
         }
         if let Some(i) = picked {
             chosen_point = trials[i].point.clone();
