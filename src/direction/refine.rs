@@ -557,20 +557,21 @@ mod tests {
     }
 
     /// The finalists of the CI run of 363c53e, pooled over 64 prompts.
-    /// Qwen2.5-Coder-0.5B: 4.7 % at KL 0.080 and 7.8 % at 0.046, two
-    /// replies apart, within one standard error (4.3 %): the lower KL
-    /// (held back: 5 % at 0.057, where the other measured 5 % at 0.111).
+    /// Qwen2.5-Coder-0.5B: 6.3 % at KL 0.082 and 9.4 % at 0.047, two
+    /// replies apart, within one standard error (4.7 %): the lower KL
+    /// (held back by the next CI run: 5 % at 0.055; the other, in that
+    /// run, 5 % at 0.111).
     /// A gap larger than one standard error still buys the fewer refusals.
     #[test]
     fn refusals_within_noise_give_way_to_the_lower_kl() {
         let mut q = vec![trial(Some(0.03), 0.079), trial(Some(0.06), 0.045)];
         q[0].confirmed = Some(Confirmed {
-            refusal_rate: 3.0 / 64.0,
-            kl: 0.080,
+            refusal_rate: 4.0 / 64.0,
+            kl: 0.082,
         });
         q[1].confirmed = Some(Confirmed {
-            refusal_rate: 5.0 / 64.0,
-            kl: 0.046,
+            refusal_rate: 6.0 / 64.0,
+            kl: 0.047,
         });
         assert_eq!(pick_confirmed(&q, 0.25, 32, 64), Some(1));
         let f = vec![trial(Some(0.22), 0.24), trial(Some(0.33), 0.17)];
