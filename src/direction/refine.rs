@@ -558,9 +558,9 @@ mod tests {
 
     /// The finalists of the CI run of 363c53e, pooled over 64 prompts.
     /// Qwen2.5-Coder-0.5B: 6.3 % at KL 0.082 and 9.4 % at 0.047, two
-    /// replies apart, within one standard error (4.7 %): the lower KL
-    /// (held back by the next CI run: 5 % at 0.055; the other, in that
-    /// run, 5 % at 0.111).
+    /// replies apart, within one standard error (4.7 %): the lower KL.
+    /// Held back, the other measured 5 % at 0.111 in that run, and this
+    /// one 5 % at 0.055 in the next (the CI run of d23f5a7).
     /// A gap larger than one standard error still buys the fewer refusals.
     #[test]
     fn refusals_within_noise_give_way_to_the_lower_kl() {
