@@ -14,7 +14,12 @@
 //! writers outside layers [from, to) are left alone; `it=N` re-estimates
 //! each layer's direction N times from the residual stream under the edit,
 //! `ia=1` adds that estimate as a second direction (both worse on the
-//! fixture). No `token_embd` edit except in `point:`. FILTER=1 takes the
+//! fixture), `rc=1` adds, per layer, the difference between the harmful
+//! training prompts the edit leaves refused and those it turns answered,
+//! measured under the edit (worse on the fixture: 34 % at KL 0.44 against
+//! 28 % at 0.26). No `token_embd` edit except in `point:`. N_TRAIN=N
+//! (default 128) takes the means over N training prompts per set (on the
+//! fixture 64, 128 and 200 all land within noise). FILTER=1 takes the
 //! means over the harmful training prompts whose replies refuse and the
 //! harmless ones whose replies answer, as the paper does (on
 //! Qwen2.5-Coder-0.5B, held back: no better; 40 of 128 harmful kept).
@@ -72,7 +77,11 @@ fn main() -> Result<()> {
             .map(|p| fmt.tokenize(&model, &p.text))
             .collect()
     };
-    let (ht, st) = (tok(&harmful.train, 128)?, tok(&harmless.train, 128)?);
+    let n_train: usize = std::env::var("N_TRAIN").map_or(128, |v| v.parse().unwrap());
+    let (ht, st) = (
+        tok(&harmful.train, n_train)?,
+        tok(&harmless.train, n_train)?,
+    );
     let held = std::env::var("HELD").is_ok_and(|v| !v.is_empty());
     let (hv, sv) = if held {
         let t = |v: &[gguf_abliterate::prompts::Prompt]| -> Result<Vec<Vec<i32>>> {
@@ -111,8 +120,8 @@ fn main() -> Result<()> {
                 .map(|((_, p), _)| p.clone())
                 .collect())
         };
-        let h = keep(&mut runner, &ht, &harmful.train[..128], true)?;
-        let s = keep(&mut runner, &st, &harmless.train[..128], false)?;
+        let h = keep(&mut runner, &ht, &harmful.train[..n_train], true)?;
+        let s = keep(&mut runner, &st, &harmless.train[..n_train], false)?;
         eprintln!(
             "filtered: {} harmful refused, {} harmless answered",
             h.len(),
@@ -299,6 +308,41 @@ fn main() -> Result<()> {
             if round >= n_it {
                 hook.second = second;
             }
+        }
+        // rc=1: a second direction per layer from the harmful training
+        // prompts the edit leaves refused against those it turns answered,
+        // measured under the edit.
+        if iters("rc=") > 0 {
+            let g = runner.generate(&ht, 24, &mut hook)?;
+            let (mut still, mut turned) = (Vec::new(), Vec::new());
+            for ((g, p), t) in g.iter().zip(&ht).zip(&harmful.train[..n_train]) {
+                let v = judge_answer(&t.text, &detokenize(&model, &g.tokens), &g.tokens);
+                if v == Verdict::Refused {
+                    still.push(p.clone());
+                } else if v == Verdict::Complied {
+                    turned.push(p.clone());
+                }
+            }
+            eprintln!(
+                "rc: {} still refused, {} answered",
+                still.len(),
+                turned.len()
+            );
+            let a = capture_edited(&mut runner, &still, n_layer - 1, n_post, &pb, &mut hook)?;
+            let b = capture_edited(&mut runner, &turned, n_layer - 1, n_post, &pb, &mut hook)?;
+            let pos = *poss.last().unwrap();
+            let mut second = Vec::new();
+            for l in 0..n_layer {
+                let mut r = normalized(&a.minus(&b, l.min(n_layer - 2), pos)).unwrap();
+                let u = &hook.dirs[l];
+                let c = dot(&r, u) as f32;
+                if l % 4 == 0 {
+                    eprintln!("rc layer {l}: cos(first) {c:.3}");
+                }
+                r.iter_mut().zip(u).for_each(|(x, ui)| *x -= c * ui);
+                second.push(normalized(&r).unwrap_or_else(|| u.clone()));
+            }
+            hook.second = second;
         }
         let k = kl(&mut runner, &mut hook)?;
         let r = refused(&mut runner, &mut hook)?;
