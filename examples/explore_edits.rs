@@ -26,6 +26,7 @@
 use anyhow::Result;
 use gguf_abliterate::activations::{capture, capture_edited};
 use gguf_abliterate::chat::ChatFormat;
+use gguf_abliterate::direction::refine::orthogonalize_against;
 use gguf_abliterate::edit::{dot, normalized};
 use gguf_abliterate::eval::{BatchHook, NoHook, Runner};
 use gguf_abliterate::ffi::{self, Node, ResidualHook};
@@ -221,9 +222,7 @@ fn main() -> Result<()> {
             let mut r = normalized(&acc).unwrap();
             if bip {
                 let g: Vec<f32> = sm.at(l, pos).iter().map(|&x| x as f32).collect();
-                let g = normalized(&g).unwrap();
-                let a = dot(&r, &g) as f32;
-                r.iter_mut().zip(&g).for_each(|(x, gi)| *x -= a * gi);
+                orthogonalize_against(&mut r, &g);
                 r = normalized(&r).unwrap();
             }
             r
@@ -245,8 +244,7 @@ fn main() -> Result<()> {
                     .map(|(l, u)| {
                         let l = l.min(n_layer - 2);
                         let mut v = normalized(&hm.minus(&sm, l, p2)).unwrap();
-                        let a = dot(&v, u) as f32;
-                        v.iter_mut().zip(u).for_each(|(x, ui)| *x -= a * ui);
+                        orthogonalize_against(&mut v, u);
                         normalized(&v).unwrap()
                     })
                     .collect()
@@ -284,9 +282,7 @@ fn main() -> Result<()> {
                         .iter()
                         .map(|&x| x as f32)
                         .collect();
-                    let g = normalized(&g).unwrap();
-                    let a = dot(&r, &g) as f32;
-                    r.iter_mut().zip(&g).for_each(|(x, gi)| *x -= a * gi);
+                    orthogonalize_against(&mut r, &g);
                     r = normalized(&r).unwrap();
                 }
                 let cos = dot(&r, &hook.dirs[l]);
@@ -300,8 +296,7 @@ fn main() -> Result<()> {
                     hook.dirs[l] = r;
                 } else {
                     let u = &hook.dirs[l];
-                    let a = dot(&r, u) as f32;
-                    r.iter_mut().zip(u).for_each(|(x, ui)| *x -= a * ui);
+                    orthogonalize_against(&mut r, u);
                     second.push(normalized(&r).unwrap_or_else(|| u.clone()));
                 }
             }
@@ -335,11 +330,10 @@ fn main() -> Result<()> {
             for l in 0..n_layer {
                 let mut r = normalized(&a.minus(&b, l.min(n_layer - 2), pos)).unwrap();
                 let u = &hook.dirs[l];
-                let c = dot(&r, u) as f32;
                 if l % 4 == 0 {
-                    eprintln!("rc layer {l}: cos(first) {c:.3}");
+                    eprintln!("rc layer {l}: cos(first) {:.3}", dot(&r, u));
                 }
-                r.iter_mut().zip(u).for_each(|(x, ui)| *x -= c * ui);
+                orthogonalize_against(&mut r, u);
                 second.push(normalized(&r).unwrap_or_else(|| u.clone()));
             }
             hook.second = second;

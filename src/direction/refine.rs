@@ -125,8 +125,8 @@ fn harmless_mean(harmless: &Means, layer: usize, pos: usize) -> Vec<f32> {
 }
 
 /// Biprojection: `r ← r − (r·ĝ)ĝ`, which leaves the harmless mean's own
-/// direction (what every prompt shares) untouched.
-fn orthogonalize_against(r: &mut [f32], g: &[f32]) {
+/// direction (what every prompt shares) untouched. Also any `r ⊥ g`.
+pub fn orthogonalize_against(r: &mut [f32], g: &[f32]) {
     if let Some(g) = normalized(g) {
         let along = crate::edit::dot(r, &g) as f32;
         r.iter_mut().zip(&g).for_each(|(x, gi)| *x -= along * gi);
