@@ -72,6 +72,24 @@ fn main_command_finds_applies_and_verifies_on_the_fixture() {
         v["kl_harmless_answered"], v["harmless_refusal_before"], v["harmless_refusal_after"], r["seconds"].as_f64().unwrap_or(f64::NAN)
     );
     assert!(before >= 0.7, "fixture refusal rate {before}");
+    // By refusal phrase alone, as heretic and 0.1.0 count (an evasive or
+    // looping reply counted as compliance): the same replies, fewer refusals.
+    let phrase = v["harmful_phrase_refusal_after"].as_f64().unwrap();
+    let harmful_after =
+        &v["replies_after"].as_array().unwrap()[..v["n_harmful"].as_u64().unwrap() as usize];
+    let with_phrase = harmful_after
+        .iter()
+        .filter(|r| r["verdict"] == "Refused")
+        .count();
+    assert_eq!(phrase, with_phrase as f64 / harmful_after.len() as f64);
+    eprintln!(
+        "fixture, held-back: harmful replies with a refusal phrase {:.2} -> {phrase:.2}",
+        v["harmful_phrase_refusal_before"]
+    );
+    assert!(
+        phrase <= after,
+        "phrase refusals {phrase} vs all refusals {after}"
+    );
     assert!(
         after <= 0.5 && after <= before - 0.3,
         "refusal rate after the edit: {after} (before {before})"

@@ -371,6 +371,12 @@ fn print_table(v: &Verification) {
     );
     println!(
         "{:<44} {:>8} {:>8}",
+        "  with a refusal phrase (as heretic counts)",
+        pct(v.harmful_phrase_refusal_before),
+        pct(v.harmful_phrase_refusal_after)
+    );
+    println!(
+        "{:<44} {:>8} {:>8}",
         format!("refusals on harmless prompts ({})", v.n_harmless),
         pct(v.harmless_refusal_before),
         pct(v.harmless_refusal_after)
