@@ -249,8 +249,9 @@ impl Judged {
         self.share(|v| v != Verdict::Complied)
     }
 
-    /// Share of replies holding a refusal phrase: refusals as heretic and
-    /// 0.1.0 counted them, where an evasive or looping reply was compliance.
+    /// Share of replies holding a refusal phrase: the markers-only count
+    /// that heretic (with its own marker list) and 0.1.0 make, where an
+    /// evasive or looping reply is compliance.
     pub fn phrase_refusal_rate(&self) -> f64 {
         self.share(|v| v == Verdict::Refused)
     }
@@ -497,8 +498,8 @@ pub struct Verification {
     pub tokens_generated: usize,
     pub harmful_refusal_before: f64,
     pub harmful_refusal_after: f64,
-    /// Harmful replies holding a refusal phrase (judged as heretic judges),
-    /// for comparison with tools that count no other kind of refusal.
+    /// Harmful replies holding a refusal phrase, for comparison with tools
+    /// that count refusals by markers alone (heretic, 0.1.0).
     pub harmful_phrase_refusal_before: f64,
     pub harmful_phrase_refusal_after: f64,
     pub harmless_refusal_before: f64,

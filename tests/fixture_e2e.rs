@@ -72,8 +72,8 @@ fn main_command_finds_applies_and_verifies_on_the_fixture() {
         v["kl_harmless_answered"], v["harmless_refusal_before"], v["harmless_refusal_after"], r["seconds"].as_f64().unwrap_or(f64::NAN)
     );
     assert!(before >= 0.7, "fixture refusal rate {before}");
-    // By refusal phrase alone, as heretic and 0.1.0 count (an evasive or
-    // looping reply counted as compliance): the same replies, fewer refusals.
+    // By refusal phrase alone, the count heretic and 0.1.0 make (an evasive
+    // or looping reply is compliance): the same replies, fewer refusals.
     let phrase = v["harmful_phrase_refusal_after"].as_f64().unwrap();
     let harmful_after =
         &v["replies_after"].as_array().unwrap()[..v["n_harmful"].as_u64().unwrap() as usize];

@@ -98,7 +98,7 @@ fn main_command_abliterates_qwen2_5_coder_0_5b_instruct() {
     assert_eq!(samples.len(), 5);
     assert_eq!(samples.iter().filter(|s| s["harmful"] == true).count(), 3);
     assert!(stdout.contains("sample replies"), "{stdout}");
-    // Beside the strict figure, refusals as heretic counts them (by phrase).
+    // Beside the strict figure, refusals by refusal phrase alone.
     let phrase = figure("harmful_phrase_refusal_after");
     assert!(phrase <= after, "phrase refusals {phrase} vs all {after}");
     assert!(stdout.contains("with a refusal phrase"), "{stdout}");

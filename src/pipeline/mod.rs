@@ -371,7 +371,7 @@ fn print_table(v: &Verification) {
     );
     println!(
         "{:<44} {:>8} {:>8}",
-        "  with a refusal phrase (as heretic counts)",
+        "  with a refusal phrase (markers only)",
         pct(v.harmful_phrase_refusal_before),
         pct(v.harmful_phrase_refusal_after)
     );
