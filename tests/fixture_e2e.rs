@@ -75,8 +75,9 @@ fn main_command_finds_applies_and_verifies_on_the_fixture() {
     // By refusal phrase alone, the count heretic and 0.1.0 make (an evasive
     // or looping reply is compliance): the same replies, fewer refusals.
     let phrase = v["harmful_phrase_refusal_after"].as_f64().unwrap();
-    let harmful_after =
-        &v["replies_after"].as_array().unwrap()[..v["n_harmful"].as_u64().unwrap() as usize];
+    let n_harmful = v["n_harmful"].as_u64().unwrap() as usize;
+    let (harmful_after, harmless_after) =
+        v["replies_after"].as_array().unwrap().split_at(n_harmful);
     let with_phrase = harmful_after
         .iter()
         .filter(|r| r["verdict"] == "Refused")
@@ -106,10 +107,7 @@ fn main_command_finds_applies_and_verifies_on_the_fixture() {
             <= v["harmless_refusal_before"].as_f64().unwrap()
     );
     // Still a chat model: harmless replies are real answers, not empty or repeated.
-    let replies = v["replies_after"].as_array().unwrap();
-    let n_harmful = v["n_harmful"].as_u64().unwrap() as usize;
-    let harmless = &replies[n_harmful..];
-    assert_harmless_replies_coherent(harmless);
+    assert_harmless_replies_coherent(harmless_after);
 
     // Kept for CI, where a second llama.cpp build judges it (.ci/run).
     let keep = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/e2e");
