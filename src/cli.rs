@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
+use gguf_abliterate::cache::Cache;
 use gguf_abliterate::direction::SearchOptions;
 use gguf_abliterate::pipeline::{self, EditConfig, RunConfig, SearchConfig};
 use gguf_abliterate::{ffi, inspect, output};
@@ -153,9 +154,26 @@ struct RunArgs {
     /// Write an Ollama Modelfile beside OUT.
     #[arg(long)]
     ollama: bool,
-    /// Tokens generated per reply when verifying.
-    #[arg(long, default_value_t = 48, value_name = "N")]
+    /// Tokens generated per reply when verifying (refusals are judged on
+    /// the whole reply, and also on its first 24 and 48 tokens).
+    #[arg(long, default_value_t = 128, value_name = "N")]
     verify_tokens: usize,
+    /// Measure perplexity on this text instead of the shipped one
+    /// (data/perplexity.txt).
+    #[arg(long, value_name = "FILE")]
+    perplexity_text: Option<PathBuf>,
+    /// Chunks of 512 tokens scored for perplexity, as llama-perplexity's
+    /// --chunks (default: the whole text; 0 skips perplexity).
+    #[arg(long, value_name = "N")]
+    perplexity_chunks: Option<usize>,
+    /// Keep the original model's verification here between runs (default:
+    /// $GGUF_ABLITERATE_CACHE, else $XDG_CACHE_HOME/gguf-abliterate or
+    /// ~/.cache/gguf-abliterate).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Neither read nor write the cache.
+    #[arg(long, conflicts_with = "cache_dir")]
+    no_cache: bool,
     #[command(flatten)]
     edit: EditArgs,
     #[command(flatten)]
@@ -278,6 +296,13 @@ impl RunArgs {
             report: self.report.clone(),
             ollama: self.ollama,
             verify_tokens: self.verify_tokens,
+            perplexity_text: self.perplexity_text.clone(),
+            perplexity_chunks: self.perplexity_chunks,
+            cache: if self.no_cache {
+                Cache::disabled()
+            } else {
+                Cache::at(self.cache_dir.clone())
+            },
             edit: self.edit.config(),
             search: self.search.config(),
         })

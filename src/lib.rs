@@ -4,11 +4,12 @@
 //!
 //! The data flows one way, and the modules follow it:
 //! `ffi` (llama.cpp) → `prompts` → `activations` → `direction` →
-//! `edit` (math) + `quant` → `gguf` (container) via `apply` → `verify`;
+//! `edit` (math) + `quant` → `gguf` (container) via `apply` → `verify` (with `perplexity`);
 //! `pipeline` runs them in that order for the command line.
 
 pub mod activations;
 pub mod apply;
+pub mod cache;
 pub mod chat;
 pub mod direction;
 pub mod edit;
@@ -18,6 +19,7 @@ pub mod gguf;
 pub mod imatrix;
 pub mod inspect;
 pub mod output;
+pub mod perplexity;
 pub mod pipeline;
 pub mod prompts;
 pub mod quant;

@@ -11,10 +11,14 @@ use std::process::Stdio;
 #[test]
 fn main_command_finds_applies_and_verifies_on_the_fixture() {
     require_model!(fixture);
+    // Kept for CI, where a second llama.cpp build judges the output and
+    // checks the report's perplexity (.ci/run).
+    let keep = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/e2e");
+    std::fs::create_dir_all(&keep).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (out, report, cv) = (
-        dir.path().join("abl.gguf"),
-        dir.path().join("report.json"),
+        keep.join("smollm2-135m-refusal-abliterated.gguf"),
+        keep.join("smollm2-135m-refusal-report.json"),
         dir.path().join("cv.gguf"),
     );
     let run = bin()
@@ -24,6 +28,7 @@ fn main_command_finds_applies_and_verifies_on_the_fixture() {
         .arg(&report)
         .arg("--export-control-vector")
         .arg(&cv)
+        .arg("--force")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&run.stderr);
@@ -108,12 +113,22 @@ fn main_command_finds_applies_and_verifies_on_the_fixture() {
     );
     // Still a chat model: harmless replies are real answers, not empty or repeated.
     assert_harmless_replies_coherent(harmless_after);
-
-    // Kept for CI, where a second llama.cpp build judges it (.ci/run).
-    let keep = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/e2e");
-    std::fs::create_dir_all(&keep).unwrap();
-    std::fs::copy(&out, keep.join("smollm2-135m-refusal-abliterated.gguf")).unwrap();
-    std::fs::copy(&report, keep.join("smollm2-135m-refusal-report.json")).unwrap();
+    // Judged on whole replies, with late refusals, loops and perplexity.
+    let (ppl_before, ppl_after) = assert_long_reply_figures(v);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    for row in [
+        "late: refusal phrase after token 24",
+        "replies that loop",
+        "perplexity",
+    ] {
+        assert!(stdout.contains(row), "{stdout}");
+    }
+    eprintln!(
+        "fixture, held-back: late refusals {} -> {}, loops {} -> {}, short/long {}, perplexity {ppl_before:.3} -> {ppl_after:.3}",
+        v["harmful_late_refusal_before"], v["harmful_late_refusal_after"], v["loops_before"], v["loops_after"], v["shorter"]
+    );
+    // The edit keeps the model's language: perplexity rises by a fraction.
+    assert!(ppl_after < 1.25 * ppl_before, "{ppl_before} -> {ppl_after}");
 
     // The exported control vector loads through llama.cpp's gguf reader at the chosen layer.
     let layer = r["direction"]["layer"].as_u64().unwrap() as usize;
@@ -235,8 +250,101 @@ fn verification_fails_when_the_output_does_not_load() {
         "Write a haiku about rain.".to_string(),
         "How do I boil an egg?".to_string(),
     ];
-    let err =
-        gguf_abliterate::verify::verify(&fixture(), &broken, None, &prompts, &prompts, 4, 0, 2)
-            .unwrap_err();
+    let settings = gguf_abliterate::verify::Settings {
+        chat_template: None,
+        n_gen: 4,
+        n_gpu_layers: 0,
+        threads: 2,
+        perplexity: None,
+        cache: &gguf_abliterate::cache::Cache::disabled(),
+    };
+    let err = gguf_abliterate::verify::verify(&fixture(), &broken, &prompts, &prompts, &settings)
+        .unwrap_err();
     assert!(format!("{err:#}").contains("could not load"), "{err:#}");
+}
+
+/// A second run on the same model reads the original's verification from
+/// the cache instead of measuring it again; a damaged entry is measured
+/// again and replaced; `--no-cache` neither reads nor writes it.
+#[test]
+fn a_second_run_reads_the_originals_verification_from_the_cache() {
+    require_model!(fixture);
+    let dir = tempfile::tempdir().unwrap();
+    let (direction, cache) = (dir.path().join("dir.json"), dir.path().join("cache"));
+    write_direction(&direction, &unit(&noise(576, 7)));
+    let run = |name: &str, extra: &[&str]| {
+        let report = dir.path().join(format!("{name}.json"));
+        let o = bin()
+            .arg(fixture())
+            .arg(dir.path().join(format!("{name}.gguf")))
+            .arg("--direction")
+            .arg(&direction)
+            .arg("--report")
+            .arg(&report)
+            .args([
+                "--verify-tokens",
+                "8",
+                "--perplexity-chunks",
+                "2",
+                "-q",
+                "-t",
+                "2",
+            ])
+            .args(extra)
+            .env("GGUF_ABLITERATE_CACHE", &cache)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{stderr}");
+        let r: serde_json::Value = serde_json::from_slice(&std::fs::read(report).unwrap()).unwrap();
+        (r["verification"].clone(), stderr)
+    };
+    let (first, log) = run("first", &[]);
+    assert_eq!(first["original"], "Measured");
+    assert!(!log.contains("from the cache"), "{log}");
+    let entries: Vec<_> = std::fs::read_dir(cache.join("original"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+
+    let (second, log) = run("second", &[]);
+    assert_eq!(second["original"], "FromCache");
+    assert!(log.contains("read from the cache"), "{log}");
+    // The same figures as measured: replies, verdicts, perplexity and KL.
+    for key in [
+        "replies_before",
+        "harmful_refusal_before",
+        "loops_before",
+        "kl_harmless_answered",
+        "perplexity",
+        "shorter",
+    ] {
+        assert_eq!(first[key], second[key], "{key}");
+    }
+
+    // A damaged entry is no error: measured again, and replaced.
+    let mut bytes = std::fs::read(&entries[0]).unwrap();
+    bytes.truncate(bytes.len() / 2);
+    std::fs::write(&entries[0], bytes).unwrap();
+    let (third, log) = run("third", &[]);
+    assert_eq!(third["original"], "CacheEntryCorrupt");
+    assert!(log.contains("was damaged"), "{log}");
+    assert_eq!(first["replies_before"], third["replies_before"]);
+    let (fourth, _) = run("fourth", &[]);
+    assert_eq!(fourth["original"], "FromCache");
+
+    // --no-cache: measured, and nothing written; --cache-dir moves it.
+    std::fs::remove_dir_all(&cache).unwrap();
+    let (fifth, _) = run("fifth", &["--no-cache"]);
+    assert_eq!(fifth["original"], "Measured");
+    assert!(!cache.exists());
+    let moved = dir.path().join("moved");
+    let (sixth, _) = run("sixth", &["--cache-dir", moved.to_str().unwrap()]);
+    assert_eq!(sixth["original"], "Measured");
+    assert_eq!(
+        std::fs::read_dir(moved.join("original")).unwrap().count(),
+        1
+    );
+    assert!(!cache.exists());
 }

@@ -93,6 +93,15 @@ fn main_command_abliterates_qwen2_5_coder_0_5b_instruct() {
     let harmless = &replies[v["n_harmful"].as_u64().unwrap() as usize..];
     assert_harmless_replies_coherent(harmless);
 
+    // Judged on whole replies, with late refusals, loops and perplexity.
+    let (ppl_before, ppl_after) = assert_long_reply_figures(v);
+    eprintln!(
+        "qwen: late refusals {} -> {}, loops {} -> {}, short/long {}, perplexity {ppl_before:.3} -> {ppl_after:.3}",
+        v["harmful_late_refusal_before"], v["harmful_late_refusal_after"], v["loops_before"], v["loops_after"], v["shorter"]
+    );
+    assert!(stdout.contains("perplexity"), "{stdout}");
+    assert!(ppl_after < 1.25 * ppl_before, "{ppl_before} -> {ppl_after}");
+
     // The report and the terminal show sample replies side by side.
     let samples = v["samples"].as_array().unwrap();
     assert_eq!(samples.len(), 5);

@@ -9,4 +9,5 @@ mod search;
 pub use file::DirectionFile;
 pub use search::{
     default_threads, search, CandidateScores, RefusalToken, SearchOptions, SearchResult,
+    JUDGE_TOKENS,
 };

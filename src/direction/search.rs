@@ -24,7 +24,7 @@ const SCALE_STEPS: usize = 3;
 const AIM: f64 = 0.95;
 /// Tokens generated per reply when judging refusals during the search:
 /// enough for the judge to see whether a reply answers the request.
-const JUDGE_TOKENS: usize = 24;
+pub const JUDGE_TOKENS: usize = 24;
 /// Front points measured again on fresh prompts before the pick.
 const FINALISTS: usize = 2;
 /// A trial scaled down to its KL target stops at the first scale whose KL

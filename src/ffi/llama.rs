@@ -194,6 +194,12 @@ impl Model {
         (t >= 0).then_some(t)
     }
 
+    /// The tokenizer adds a BOS token to a text tokenized with `add_special`.
+    pub fn adds_bos(&self) -> bool {
+        // SAFETY: valid vocab.
+        unsafe { sys::llama_vocab_get_add_bos(self.vocab) }
+    }
+
     pub fn is_eog(&self, token: i32) -> bool {
         // SAFETY: valid vocab.
         unsafe { sys::llama_vocab_is_eog(self.vocab, token) }

@@ -12,8 +12,10 @@ pub use find::{
 pub use modelfile::write_modelfile;
 
 use crate::apply::{self, ApplyOptions};
-use crate::direction::{self, DirectionFile, SearchOptions};
+use crate::cache::Cache;
+use crate::direction::{self, DirectionFile, SearchOptions, JUDGE_TOKENS};
 use crate::imatrix::Imatrix;
+use crate::perplexity::{self, HeldText};
 use crate::prompts::Kind;
 use crate::verify::Verification;
 use crate::{output, verify};
@@ -121,6 +123,12 @@ pub struct RunConfig {
     pub report: Option<PathBuf>,
     pub ollama: bool,
     pub verify_tokens: usize,
+    /// None: the shipped text.
+    pub perplexity_text: Option<PathBuf>,
+    /// None: the whole text; Some(0): no perplexity.
+    pub perplexity_chunks: Option<usize>,
+    /// Where the original's verification is kept between runs.
+    pub cache: Cache,
     pub edit: EditConfig,
     pub search: SearchConfig,
 }
@@ -184,6 +192,11 @@ pub fn run_all(cfg: &RunConfig) -> Result<()> {
     output::check_output_path(output, &[input], cfg.edit.force)?;
     // A given importance matrix is read before the search, to fail early.
     let given_imatrix = cfg.edit.imatrix.as_deref().map(Imatrix::read).transpose()?;
+    let held_text = match cfg.perplexity_chunks {
+        Some(0) => None,
+        _ if cfg.no_verify => None,
+        _ => Some(HeldText::load(cfg.perplexity_text.as_deref())?),
+    };
     let held_back = if cfg.no_verify {
         None
     } else {
@@ -243,16 +256,40 @@ pub fn run_all(cfg: &RunConfig) -> Result<()> {
     );
 
     let verification = if let Some((harmful, harmless)) = &held_back {
-        let v = verify::verify(
-            input,
-            output,
-            cfg.search.chat_template.as_deref(),
-            harmful,
-            harmless,
-            cfg.verify_tokens,
-            cfg.search.n_gpu_layers,
-            cfg.search.llama_threads(),
-        )?;
+        let settings = verify::Settings {
+            chat_template: cfg.search.chat_template.as_deref(),
+            n_gen: cfg.verify_tokens,
+            n_gpu_layers: cfg.search.n_gpu_layers,
+            threads: cfg.search.llama_threads(),
+            perplexity: held_text.as_ref().map(|text| {
+                let s = perplexity::Settings {
+                    n_ctx: perplexity::N_CTX,
+                    max_chunks: cfg.perplexity_chunks,
+                    threads: cfg.search.llama_threads(),
+                };
+                (text, s)
+            }),
+            cache: &cfg.cache,
+        };
+        let v = verify::verify(input, output, harmful, harmless, &settings)?;
+        let cache_dir = || {
+            cfg.cache
+                .dir()
+                .map_or(String::new(), |d| d.display().to_string())
+        };
+        match v.original {
+            verify::Original::Measured => {}
+            verify::Original::FromCache => eprintln!(
+                "verify: {}'s replies and perplexity read from the cache ({}), not measured again",
+                input.display(),
+                cache_dir()
+            ),
+            verify::Original::CacheEntryCorrupt => eprintln!(
+                "verify: the cache entry for {} was damaged; measured again and replaced ({})",
+                input.display(),
+                cache_dir()
+            ),
+        }
         print_table(&v);
         print_samples(&v);
         Some(v)
@@ -359,34 +396,66 @@ fn held_back(search: &SearchConfig, kind: Kind) -> Result<Vec<String>> {
 
 fn print_table(v: &Verification) {
     let pct = |x: f64| format!("{:.0}%", 100.0 * x);
+    let row = |label: String, before: f64, after: f64| {
+        println!("{label:<48} {:>8} {:>8}", pct(before), pct(after));
+    };
     println!(
-        "{:<44} {:>8} {:>8}",
+        "{:<48} {:>8} {:>8}",
         "held-back validation prompts", "before", "after"
     );
-    println!(
-        "{:<44} {:>8} {:>8}",
-        format!("refusals on harmful prompts ({})", v.n_harmful),
-        pct(v.harmful_refusal_before),
-        pct(v.harmful_refusal_after)
+    row(
+        format!(
+            "refusals on harmful prompts ({}), {} tokens",
+            v.n_harmful, v.tokens_generated
+        ),
+        v.harmful_refusal_before,
+        v.harmful_refusal_after,
     );
-    println!(
-        "{:<44} {:>8} {:>8}",
-        "  with a refusal phrase (markers only)",
-        pct(v.harmful_phrase_refusal_before),
-        pct(v.harmful_phrase_refusal_after)
+    row(
+        "  with a refusal phrase (markers only)".into(),
+        v.harmful_phrase_refusal_before,
+        v.harmful_phrase_refusal_after,
     );
-    println!(
-        "{:<44} {:>8} {:>8}",
+    for s in v.shorter.iter().filter(|s| s.tokens < v.tokens_generated) {
+        row(
+            format!(
+                "  judged on the first {} tokens ({:.0}% agree)",
+                s.tokens,
+                100.0 * s.agreement
+            ),
+            s.harmful_refusal_before,
+            s.harmful_refusal_after,
+        );
+    }
+    row(
+        format!("  late: refusal phrase after token {JUDGE_TOKENS}"),
+        v.harmful_late_refusal_before,
+        v.harmful_late_refusal_after,
+    );
+    row(
         format!("refusals on harmless prompts ({})", v.n_harmless),
-        pct(v.harmless_refusal_before),
-        pct(v.harmless_refusal_after)
+        v.harmless_refusal_before,
+        v.harmless_refusal_after,
+    );
+    row(
+        format!("replies that loop ({})", v.n_harmful + v.n_harmless),
+        v.loops_before,
+        v.loops_after,
     );
     println!(
-        "{:<44} {:>8} {:>8.3}",
+        "{:<48} {:>8} {:>8.3}",
         format!("first-token KL, answered harmless ({})", v.n_answered),
         "-",
         v.kl_harmless_answered
     );
+    if let Some(p) = &v.perplexity {
+        println!(
+            "{:<48} {:>8.3} {:>8.3}",
+            format!("perplexity, {} ({} tokens)", p.text, p.tokens_scored),
+            p.before,
+            p.after
+        );
+    }
 }
 
 /// Characters of a reply shown in the terminal; the report has them whole.

@@ -471,3 +471,54 @@ pub fn assert_harmless_replies_coherent(harmless: &[serde_json::Value]) {
         harmless.len()
     );
 }
+
+/// The report's long-reply figures hold together: the whole-reply, late,
+/// loop and shorter-reply figures are recounted from its own replies, and
+/// perplexity before and after is measured on the shipped text.
+pub fn assert_long_reply_figures(v: &serde_json::Value) -> (f64, f64) {
+    let n_harmful = v["n_harmful"].as_u64().unwrap() as usize;
+    let tokens = v["tokens_generated"].as_u64().unwrap();
+    assert!(tokens >= 128, "verification generates {tokens} tokens");
+    for side in ["before", "after"] {
+        let replies = v[format!("replies_{side}")].as_array().unwrap();
+        let harmful = &replies[..n_harmful];
+        let share = |rs: &[serde_json::Value], f: &dyn Fn(&serde_json::Value) -> bool| {
+            rs.iter().filter(|r| f(r)).count() as f64 / rs.len() as f64
+        };
+        let late = share(harmful, &|r| {
+            r["verdict"] == "Refused" && r["first_refusal_token"].as_u64().is_some_and(|n| n > 24)
+        });
+        assert_eq!(
+            v[format!("harmful_late_refusal_{side}")].as_f64(),
+            Some(late)
+        );
+        let loops = share(replies, &|r| r["loops"] == true);
+        assert_eq!(v[format!("loops_{side}")].as_f64(), Some(loops));
+        for (i, s) in v["shorter"].as_array().unwrap().iter().enumerate() {
+            let refused = share(harmful, &|r| r["shorter_verdicts"][i] != "Complied");
+            assert_eq!(s[format!("harmful_refusal_{side}")].as_f64(), Some(refused));
+        }
+        // Every phrase a reply holds was found within the tokens it has.
+        for r in replies {
+            if let Some(n) = r["first_refusal_token"].as_u64() {
+                assert!(n <= r["tokens"].as_u64().unwrap(), "{r}");
+            }
+        }
+    }
+    let lengths: Vec<u64> = v["shorter"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["tokens"].as_u64().unwrap())
+        .collect();
+    assert_eq!(lengths, [24, 48]);
+    let p = &v["perplexity"];
+    assert_eq!(p["text"], "data/perplexity.txt");
+    // The whole text: at least 10,000 tokens, the scored half of each chunk.
+    let (chunks, n_ctx) = (p["chunks"].as_u64().unwrap(), p["n_ctx"].as_u64().unwrap());
+    assert!(chunks * n_ctx >= 10_000, "{p}");
+    assert_eq!(p["tokens_scored"].as_u64(), Some(chunks * (n_ctx / 2 - 1)));
+    let (before, after) = (p["before"].as_f64().unwrap(), p["after"].as_f64().unwrap());
+    assert!(before > 1.0 && after > 1.0, "{p}");
+    (before, after)
+}
