@@ -11,6 +11,7 @@ pub mod activations;
 pub mod apply;
 pub mod cache;
 pub mod chat;
+pub mod cost;
 pub mod direction;
 pub mod edit;
 pub mod eval;

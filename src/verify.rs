@@ -224,7 +224,8 @@ pub fn detokenize(model: &Model, tokens: &[i32]) -> String {
 }
 
 /// Lengths at which verification also judges each reply's beginning: the
-/// search's reply length, and verification's own before replies grew long.
+/// search's reply length, and the 48 tokens verification judged before it
+/// generated whole replies.
 pub const SHORTER_LENGTHS: [usize; 2] = [JUDGE_TOKENS, 48];
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -276,14 +277,20 @@ impl Reply {
     }
 }
 
-/// Tokens needed for the reply's text to hold a refusal phrase: a phrase,
-/// once present, stays present in every longer prefix.
+/// Tokens needed for the reply's text to hold a refusal phrase.
 fn first_refusal_token(model: &Model, tokens: &[i32]) -> Option<usize> {
-    let holds = |n: usize| has_refusal_marker(&detokenize(model, &tokens[..n]));
-    if !holds(tokens.len()) {
+    first_holding(tokens.len(), |n| {
+        has_refusal_marker(&detokenize(model, &tokens[..n]))
+    })
+}
+
+/// The least `n` in `1..=len` for which `holds(n)`, for a `holds` that
+/// stays true once true (a phrase in a prefix is in every longer one).
+fn first_holding(len: usize, holds: impl Fn(usize) -> bool) -> Option<usize> {
+    if len == 0 || !holds(len) {
         return None;
     }
-    let (mut lo, mut hi) = (0, tokens.len());
+    let (mut lo, mut hi) = (0, len);
     while hi - lo > 1 {
         let mid = (lo + hi) / 2;
         if holds(mid) {
@@ -518,6 +525,18 @@ mod tests {
         // Strictly three of four are refusals; by phrase, one.
         assert_eq!(judged.refusal_rate(), 0.75);
         assert_eq!(judged.phrase_refusal_rate(), 0.25);
+    }
+
+    #[test]
+    fn the_first_refusal_token_is_where_the_phrase_completes() {
+        // "I'm sorry" split over tokens: the fifth completes the phrase.
+        let pieces = ["Well", ", ", "I'm", " sor", "ry", " but", " no"];
+        let text = |n: usize| pieces[..n].concat();
+        let at = first_holding(pieces.len(), |n| has_refusal_marker(&text(n)));
+        assert_eq!(at, Some(5));
+        assert_eq!(first_holding(3, |n| has_refusal_marker(&text(n))), None);
+        assert_eq!(first_holding(0, |_| true), None);
+        assert_eq!(first_holding(9, |_| true), Some(1));
     }
 
     #[test]

@@ -127,6 +127,7 @@ fn main_command_finds_applies_and_verifies_on_the_fixture() {
         "fixture, held-back: late refusals {} -> {}, loops {} -> {}, short/long {}, perplexity {ppl_before:.3} -> {ppl_after:.3}",
         v["harmful_late_refusal_before"], v["harmful_late_refusal_after"], v["loops_before"], v["loops_after"], v["shorter"]
     );
+    assert_cost_account(&r, &stdout);
     // The edit keeps the model's language: perplexity rises by a fraction.
     assert!(ppl_after < 1.25 * ppl_before, "{ppl_before} -> {ppl_after}");
 

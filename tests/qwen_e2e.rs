@@ -100,6 +100,7 @@ fn main_command_abliterates_qwen2_5_coder_0_5b_instruct() {
         v["harmful_late_refusal_before"], v["harmful_late_refusal_after"], v["loops_before"], v["loops_after"], v["shorter"]
     );
     assert!(stdout.contains("perplexity"), "{stdout}");
+    assert_cost_account(&r, &stdout);
     assert!(ppl_after < 1.25 * ppl_before, "{ppl_before} -> {ppl_after}");
 
     // The report and the terminal show sample replies side by side.

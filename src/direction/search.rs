@@ -33,6 +33,7 @@ const FINALISTS: usize = 2;
 const TRIAL_CLOSE: f64 = 0.6;
 /// Below this share of harmful prompts refused, there is nothing to remove.
 const MIN_BASELINE_REFUSAL: f64 = 0.05;
+use crate::cost::{Meter, StageCost};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -164,8 +165,9 @@ pub struct SearchResult {
     pub n_train: usize,
     pub n_val: usize,
     pub seconds: f64,
-    /// Wall time of each stage: capture, baseline, rank, evaluate, refine.
-    pub stage_seconds: Vec<(String, f64)>,
+    /// Time and rows decoded in each stage: capture, baseline, rank,
+    /// evaluate, refine, confirm.
+    pub stages: Vec<StageCost>,
     /// Importances collected during the capture (`imatrix_weights`).
     #[serde(skip)]
     pub imatrix: Option<std::sync::Arc<crate::imatrix::Imatrix>>,
@@ -268,12 +270,7 @@ pub fn search(
     opts: &SearchOptions,
 ) -> Result<SearchResult> {
     let started = Instant::now();
-    let mut stages: Vec<(String, f64)> = Vec::new();
-    let mut stage_start = Instant::now();
-    let mut stage_done = |name: &str| {
-        stages.push((name.into(), stage_start.elapsed().as_secs_f64()));
-        stage_start = Instant::now();
-    };
+    let mut meter = Meter::start();
     let n_layer = model.n_layer();
     let n_post = fmt.n_post();
     let take = |v: &[crate::prompts::Prompt], n: usize| v[..n.min(v.len())].to_vec();
@@ -332,7 +329,7 @@ pub fn search(
         .map(|s| s.finish().map(std::sync::Arc::new))
         .transpose()?;
     pb.finish_and_clear();
-    stage_done("capture");
+    meter.done("capture");
     // A corrupted tensor (NaN/Inf weights, an F16 overflow) poisons every
     // later activation: say so here, before it becomes a NaN direction.
     for (set, means) in [("harmful", &harm_means), ("harmless", &safe_means)] {
@@ -431,7 +428,7 @@ pub fn search(
         answered_prompts(&mut runner, tokenize_all(model, fmt, &spare)?, &refusal_ids)?;
     safe_answered.extend(spare_answered);
     base_answered.extend(spare_base);
-    stage_done("baseline");
+    meter.done("baseline");
 
     // 2. Candidates.
     let max_layer = ((0.8 * n_layer as f64).ceil() as usize).min(capture_layers);
@@ -544,7 +541,7 @@ pub fn search(
     // 3b. Full evaluation of the top K. KL first (cheap); where it is over
     // the threshold, remove less of the direction (scale < 1) until it is
     // not; then judge generated replies at that scale.
-    stage_done("rank");
+    meter.done("rank");
     let k = k.min(candidates.len());
     let induce_set = &safe_val[..safe_val.len().div_ceil(2)];
     let pb = bar(opts.progress, k as u64, "evaluate");
@@ -639,7 +636,7 @@ pub fn search(
 
     let frontier = frontier(&candidates[..k]);
 
-    stage_done("evaluate");
+    meter.done("evaluate");
 
     // 5. Refine the edit around the chosen direction with TPE.
     let first = EditPoint {
@@ -751,6 +748,7 @@ pub fn search(
             trials.push(t);
         }
         pb.finish_and_clear();
+        meter.done("refine");
         // The finalists measured again on prompts the search has not used,
         // and the pick made on both measurements pooled.
         let mut picked = refine::pick(&trials, opts.kl_threshold, harm_val.len());
@@ -798,7 +796,7 @@ pub fn search(
             chosen_point = trials[i].point.clone();
         }
     }
-    stage_done("refine");
+    meter.done(if refining { "confirm" } else { "refine" });
     let front = refine::pareto_front(&trials);
     // One function for the chosen point and the front, so that `--pick`
     // of the chosen point reproduces it exactly.
@@ -846,7 +844,7 @@ pub fn search(
         n_train: harm_train.len(),
         n_val: harm_val.len(),
         seconds: started.elapsed().as_secs_f64(),
-        stage_seconds: stages,
+        stages: meter.stages(),
         imatrix,
     })
 }

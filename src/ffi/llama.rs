@@ -6,7 +6,7 @@ use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Once;
 
 static VERBOSE: AtomicBool = AtomicBool::new(false);
@@ -518,6 +518,27 @@ unsafe extern "C" fn eval_callback(
     })
 }
 
+/// Rows, sequences and decodes of every context in this process so far,
+/// for the cost account.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DecodeCount {
+    pub rows: u64,
+    pub sequences: u64,
+    pub decodes: u64,
+}
+
+static DECODED_ROWS: AtomicU64 = AtomicU64::new(0);
+static BEGUN_SEQUENCES: AtomicU64 = AtomicU64::new(0);
+static DECODES: AtomicU64 = AtomicU64::new(0);
+
+pub fn decode_count() -> DecodeCount {
+    DecodeCount {
+        rows: DECODED_ROWS.load(Ordering::Relaxed),
+        sequences: BEGUN_SEQUENCES.load(Ordering::Relaxed),
+        decodes: DECODES.load(Ordering::Relaxed),
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct ContextOptions {
     /// Total KV cells, shared by all sequences.
@@ -644,7 +665,12 @@ impl<'m> Context<'m> {
             bail!("internal error: the activation hook panicked during decode");
         }
         match rc {
-            0 => Ok(()),
+            0 => {
+                DECODED_ROWS.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                BEGUN_SEQUENCES.fetch_add(batch.sequences_begun(), Ordering::Relaxed);
+                DECODES.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
             1 => bail!("llama_decode: no KV slot for the batch (context too small)"),
             rc => bail!("llama_decode failed with code {rc}"),
         }
@@ -722,6 +748,21 @@ impl Batch {
 
     pub fn is_empty(&self) -> bool {
         self.raw.n_tokens == 0
+    }
+
+    /// Sequences whose first token (position 0) this batch holds.
+    fn sequences_begun(&self) -> u64 {
+        (0..self.len())
+            .map(|i| {
+                // SAFETY: i < n_tokens ≤ capacity, which the arrays hold.
+                let (pos, n) = unsafe { (*self.raw.pos.add(i), *self.raw.n_seq_id.add(i)) };
+                if pos == 0 {
+                    n as u64
+                } else {
+                    0
+                }
+            })
+            .sum()
     }
 
     pub fn free_space(&self) -> usize {

@@ -13,6 +13,7 @@ pub use modelfile::write_modelfile;
 
 use crate::apply::{self, ApplyOptions};
 use crate::cache::Cache;
+use crate::cost::{self, Meter, StageCost};
 use crate::direction::{self, DirectionFile, SearchOptions, JUDGE_TOKENS};
 use crate::imatrix::Imatrix;
 use crate::perplexity::{self, HeldText};
@@ -243,7 +244,9 @@ pub fn run_all(cfg: &RunConfig) -> Result<()> {
         imatrix,
         layer_directions: file.layer_directions.clone(),
     };
+    let mut meter = Meter::start();
     let applied = apply::apply(input, output, &file.direction, &opts)?;
+    meter.done("apply");
     eprintln!(
         "wrote {} ({} tensors edited, scale {scale}{})",
         output.display(),
@@ -290,12 +293,20 @@ pub fn run_all(cfg: &RunConfig) -> Result<()> {
                 cache_dir()
             ),
         }
+        meter.done("verify");
         print_table(&v);
         print_samples(&v);
         Some(v)
     } else {
         None
     };
+    let cost: Vec<StageCost> = search
+        .iter()
+        .flat_map(|s| s.stages.iter().cloned())
+        .chain(meter.stages())
+        .collect();
+    println!("\ncost of this run (rows decoded through llama.cpp)");
+    print!("{}", cost::table(&cost));
     if cfg.ollama {
         write_modelfile(input, output, cfg.edit.force)?;
     }
@@ -318,6 +329,7 @@ pub fn run_all(cfg: &RunConfig) -> Result<()> {
             "search": search,
             "apply": applied,
             "verification": verification,
+            "cost": cost,
             "seconds": seconds,
         });
         output::write_atomic(

@@ -522,3 +522,36 @@ pub fn assert_long_reply_figures(v: &serde_json::Value) -> (f64, f64) {
     assert!(before > 1.0 && after > 1.0, "{p}");
     (before, after)
 }
+
+/// The report's cost account names every stage in order, and each stage
+/// that runs llama.cpp decoded rows; the terminal prints it.
+pub fn assert_cost_account(r: &serde_json::Value, stdout: &str) {
+    let stages: Vec<(&str, u64, u64)> = r["cost"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["stage"].as_str().unwrap(),
+                s["rows"].as_u64().unwrap(),
+                s["sequences"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let names: Vec<&str> = stages.iter().map(|s| s.0).collect();
+    assert_eq!(
+        names,
+        ["capture", "baseline", "rank", "evaluate", "refine", "confirm", "apply", "verify"]
+    );
+    for &(name, rows, sequences) in &stages {
+        if name == "apply" {
+            assert_eq!((rows, sequences), (0, 0), "apply decodes nothing");
+        } else {
+            assert!(
+                rows > sequences && sequences > 0,
+                "{name}: {rows} rows, {sequences} sequences"
+            );
+        }
+    }
+    assert!(stdout.contains("cost of this run"), "{stdout}");
+}
