@@ -10,8 +10,8 @@
 #   ${GGUF_ABLITERATE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/gguf-abliterate}/llama.cpp-11434/KEY/bin
 # where KEY is a short hash of the CPU's feature flags (and of the build
 # options): a -march=native build must not be reused on another CPU. Only
-# the first run on a machine pays the build (11.5 minutes on this project's
-# 2-core machine, beside another build); later runs print the path at once. The build runs in a temporary
+# the first run on a machine pays the build (docs/figures.md gives its
+# time); later runs print the path at once. The build runs in a temporary
 # folder and is renamed into place at the end, under flock: an interrupted
 # build leaves no half cache, and concurrent runs wait for each other.
 #
