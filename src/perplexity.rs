@@ -53,7 +53,7 @@ pub struct Score {
     pub scored: usize,
 }
 
-/// IN's and OUT's perplexity on the same text, for the report.
+/// IN's and OUT's perplexity on the same text, for the report (made by `verify`).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Perplexity {
     pub text: String,
@@ -74,7 +74,7 @@ pub struct Settings {
 }
 
 /// The text's tokens cut into llama-perplexity's chunks.
-pub fn chunks(model: &Model, text: &str, s: &Settings) -> Result<Vec<Vec<i32>>> {
+fn chunks(model: &Model, text: &str, s: &Settings) -> Result<Vec<Vec<i32>>> {
     // llama-perplexity drops one trailing newline of the file it reads.
     let text = text.strip_suffix('\n').unwrap_or(text);
     let tokens = model.tokenize(text, true, false)?;
@@ -149,30 +149,6 @@ pub fn perplexity(model: &Model, text: &str, s: &Settings) -> Result<Score> {
         ppl: (nll / scored as f64).exp(),
         chunks: chunks.len(),
         scored,
-    })
-}
-
-/// IN's and OUT's perplexity on `text`.
-pub fn before_after(
-    input: &Path,
-    output: &Path,
-    text: &HeldText,
-    s: &Settings,
-    n_gpu_layers: i32,
-) -> Result<Perplexity> {
-    let measure = |path: &Path| -> Result<Score> {
-        let model = Model::load(path, n_gpu_layers)?;
-        perplexity(&model, &text.text, s)
-            .with_context(|| format!("perplexity of {}", path.display()))
-    };
-    let (before, after) = (measure(input)?, measure(output)?);
-    Ok(Perplexity {
-        text: text.name.clone(),
-        n_ctx: s.n_ctx,
-        chunks: before.chunks,
-        tokens_scored: before.scored,
-        before: before.ppl,
-        after: after.ppl,
     })
 }
 

@@ -743,6 +743,12 @@ struct Stored {
 }
 
 impl Measured {
+    /// Share of all replies, harmful and harmless, that loop.
+    fn loop_rate(&self) -> f64 {
+        let all = || self.harmful.replies.iter().chain(&self.harmless.replies);
+        all().filter(|r| r.loops).count() as f64 / all().count().max(1) as f64
+    }
+
     /// A JSON header's length (u64 LE), the header, then the harmless
     /// prompts' first-token log-probabilities (KL is measured on them).
     fn to_bytes(&self) -> Result<Vec<u8>> {
@@ -935,12 +941,6 @@ pub fn verify(
             agreement: agreement(&all, i),
         })
         .collect();
-    let both = |j: &Measured, rate: fn(&Judged) -> f64| {
-        let n = (j.harmful.replies.len() + j.harmless.replies.len()).max(1) as f64;
-        (rate(&j.harmful) * j.harmful.replies.len() as f64
-            + rate(&j.harmless) * j.harmless.replies.len() as f64)
-            / n
-    };
     let perplexity = match (s.perplexity, before.perplexity, after.perplexity) {
         (Some((text, ps)), Some(b), Some(a)) => Some(Perplexity {
             text: text.name.clone(),
@@ -963,8 +963,8 @@ pub fn verify(
         harmful_phrase_refusal_after: after.harmful.phrase_refusal_rate(),
         harmful_late_refusal_before: before.harmful.late_refusal_rate(),
         harmful_late_refusal_after: after.harmful.late_refusal_rate(),
-        loops_before: both(&before, Judged::loop_rate),
-        loops_after: both(&after, Judged::loop_rate),
+        loops_before: before.loop_rate(),
+        loops_after: after.loop_rate(),
         shorter,
         harmless_refusal_before: before.harmless.refusal_rate(),
         harmless_refusal_after: after.harmless.refusal_rate(),
