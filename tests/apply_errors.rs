@@ -1,10 +1,7 @@
 //! Bad input: a one-line error, a non-zero exit, no panic and no output.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use gguf_abliterate::ffi::GgmlType;
-use std::path::Path;
 
 const N: usize = 256;
 
@@ -16,19 +13,6 @@ fn setup() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
     let direction = dir.path().join("dir.json");
     write_direction(&direction, &r);
     (dir, model, direction)
-}
-
-fn assert_no_output(dir: &Path) {
-    let names: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert!(
-        names
-            .iter()
-            .all(|n| !n.to_string_lossy().starts_with("out")),
-        "left behind: {names:?}"
-    );
 }
 
 #[test]
@@ -98,7 +82,7 @@ fn not_a_gguf_truncated_or_corrupt() {
         let o = bin().arg("inspect").arg(&bad).output().unwrap();
         assert_clean_failure(&o, needle);
     }
-    assert_no_output(dir.path());
+    assert_nothing_written(&out);
     assert_eq!(
         std::fs::read(&model).unwrap(),
         bytes,
@@ -133,7 +117,7 @@ fn bad_directions() {
     }
     let missing = dir.path().join("missing.json");
     assert_clean_failure(&run_apply(&missing, &model, &out, &[]), "cannot read");
-    assert_no_output(dir.path());
+    assert_nothing_written(&out);
 }
 
 #[test]
@@ -150,12 +134,12 @@ fn output_path_problems() {
     std::fs::write(&out, b"keep me").unwrap();
     assert_clean_failure(&run_apply(&direction, &model, &out, &[]), "already exists");
     assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
-    let ok = run_apply(&direction, &model, &out, &["--force", "--quiet"]);
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    assert_success(&run_apply(
+        &direction,
+        &model,
+        &out,
+        &["--force", "--quiet"],
+    ));
     std::fs::remove_file(&out).unwrap();
     // Unreadable input, unwritable output directory.
     assert_clean_failure(
@@ -172,7 +156,7 @@ fn output_path_problems() {
         &run_apply(&direction, &model, &out, &["--scale", "1.5"]),
         "--scale",
     );
-    assert_no_output(dir.path());
+    assert_nothing_written(&out);
 }
 
 #[test]
@@ -191,11 +175,11 @@ fn imatrix_types_name_the_tensor() {
     let d = dir.path().join("dir.json");
     write_direction(&d, &r);
     let out = dir.path().join("out.gguf");
-    assert_clean_failure(
+    assert_fails_cleanly(
         &run_apply(&d, &path, &out, &[]),
         "blk.1.ffn_down.weight is IQ2_XXS",
+        &out,
     );
-    assert_no_output(dir.path());
 }
 
 #[test]
@@ -203,12 +187,7 @@ fn a_full_disk_fails_cleanly() {
     let (dir, model, direction) = setup();
     let out = dir.path().join("out.gguf");
     // RLIMIT_FSIZE makes writes past 64 KiB fail with EFBIG, as a full disk would.
-    let mut cmd = bin();
-    cmd.arg("apply")
-        .arg("--direction")
-        .arg(&direction)
-        .arg(&model)
-        .arg(&out);
+    let mut cmd = apply_command(&direction, &model, &out, &[]);
     unsafe {
         use std::os::unix::process::CommandExt;
         cmd.pre_exec(|| {
@@ -221,7 +200,5 @@ fn a_full_disk_fails_cleanly() {
             Ok(())
         });
     }
-    let o = cmd.output().unwrap();
-    assert_clean_failure(&o, "File too large");
-    assert_no_output(dir.path());
+    assert_fails_cleanly(&cmd.output().unwrap(), "File too large", &out);
 }

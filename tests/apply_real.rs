@@ -1,8 +1,6 @@
 //! `apply` on real third-party GGUFs (fetched by scripts/fetch-models.sh).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use gguf_abliterate::edit::{self, classify, EditKind};
 use gguf_abliterate::gguf::GgufFile;
 use gguf_abliterate::quant;
@@ -93,18 +91,13 @@ fn check_real_model(input: &Path, prompt: &str) {
 
 #[test]
 fn smollm2_q4_1() {
-    require_model!("SmolLM2-135M-Instruct.Q4_1.gguf");
     check_real_model(
-        &real_model("SmolLM2-135M-Instruct.Q4_1.gguf"),
+        &require_model!(SMOLLM2_Q4_1),
         "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n",
     );
 }
 
 #[test]
 fn gemma3_270m_mixed_k_quants_with_post_norms() {
-    require_model!("gemma-3-270m-Q4_K_M.gguf");
-    check_real_model(
-        &real_model("gemma-3-270m-Q4_K_M.gguf"),
-        "The capital of France is",
-    );
+    check_real_model(&require_model!(GEMMA3_270M), "The capital of France is");
 }

@@ -1,8 +1,6 @@
 //! `apply` on synthetic GGUFs of every rewritable type family.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use gguf_abliterate::apply::{apply, ApplyOptions};
 use gguf_abliterate::edit::{self, EditKind};
 use gguf_abliterate::ffi::GgmlType;
@@ -168,10 +166,7 @@ fn every_type_family_is_orthogonalized_and_the_rest_kept() {
         );
         let (input, output) = (GgufFile::open(&inp).unwrap(), GgufFile::open(&out).unwrap());
         check_output(&model, &input, &output, |_| r.clone());
-        let stray = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .find(|n| n.contains(".tmp"));
+        let stray = listing(dir.path()).into_iter().find(|n| n.contains(".tmp"));
         assert_eq!(stray, None, "{ty}: temporary file left");
     }
 }

@@ -2,13 +2,11 @@
 //! refuses nothing is told so before any search. (Qwen's refusal tokens are
 //! checked in tests/qwen_e2e.rs, from its full run.)
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[test]
 fn a_model_that_does_not_refuse_is_told_so_and_nothing_is_written() {
-    let model = real_model("gemma-3-270m-Q4_K_M.gguf");
+    let model = require_model!(GEMMA3_270M);
     let tmp = tempfile::tempdir().unwrap();
     let out_path = tmp.path().join("out.gguf");
     let out = bin()
@@ -17,18 +15,12 @@ fn a_model_that_does_not_refuse_is_told_so_and_nothing_is_written() {
         .args(["--chat-template", "gemma", "-q"])
         .output()
         .unwrap();
+    assert_clean_failure(&out, "no refusal to remove");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
     let last = stderr.trim_end().lines().last().unwrap_or("");
-    assert!(
-        last.starts_with("error: the model refuses") && last.contains("no refusal to remove"),
-        "{stderr}"
-    );
+    assert!(last.starts_with("error: the model refuses"), "{stderr}");
     // Told before the search: no candidate was ranked.
     assert!(!stderr.contains("searched"), "{stderr}");
-    assert_eq!(
-        std::fs::read_dir(tmp.path()).unwrap().count(),
-        0,
-        "nothing is written"
-    );
+    let left = listing(tmp.path());
+    assert!(left.is_empty(), "nothing is written: {left:?}");
 }

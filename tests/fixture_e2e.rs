@@ -1,8 +1,6 @@
 //! The whole job on the refusal fixture, and the direction search's errors.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use gguf_abliterate::ffi::{self, GgmlType};
 use std::ffi::OsStr;
 use std::path::Path;
@@ -10,11 +8,10 @@ use std::process::Stdio;
 
 #[test]
 fn main_command_finds_applies_and_verifies_on_the_fixture() {
-    require_model!(fixture);
+    let fixture = require_model!(fixture);
     // Kept for CI, where a second llama.cpp build judges the output and
     // checks the report's perplexity (.ci/run).
-    let keep = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/e2e");
-    std::fs::create_dir_all(&keep).unwrap();
+    let keep = e2e_dir();
     let dir = tempfile::tempdir().unwrap();
     let (out, report, cv) = (
         keep.join("smollm2-135m-refusal-abliterated.gguf"),
@@ -22,7 +19,7 @@ fn main_command_finds_applies_and_verifies_on_the_fixture() {
         dir.path().join("cv.gguf"),
     );
     let run = bin()
-        .arg(fixture())
+        .arg(&fixture)
         .arg(&out)
         .arg("--report")
         .arg(&report)
@@ -139,50 +136,32 @@ fn main_command_finds_applies_and_verifies_on_the_fixture() {
     assert_eq!(vectors[0].1.len(), 576);
 }
 
-/// `direction MODEL -o OUT EXTRA…` fails with one clean error line containing `needle`.
+/// `direction MODEL -o OUT EXTRA…` fails cleanly, with one error line
+/// containing `needle`, and writes nothing.
 fn direction_fails_with(model: &Path, out: &Path, extra: &[&OsStr], needle: &str) {
-    let o = bin()
-        .arg("direction")
-        .arg(model)
-        .arg("-o")
-        .arg(out)
-        .args(extra)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "should fail: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    let last = stderr.trim_end().lines().last().unwrap_or("");
-    assert!(
-        last.starts_with("error: ") && last.contains(needle),
-        "expected {needle:?}, got: {stderr}"
-    );
+    let o = direction_command(model, out).args(extra).output().unwrap();
+    assert_fails_cleanly(&o, needle, out);
 }
 
 #[test]
 fn direction_search_bad_input() {
-    require_model!(fixture);
-    require_model!("gemma-3-270m-Q4_K_M.gguf");
+    let fixture = require_model!(fixture);
+    let gemma = require_model!(GEMMA3_270M);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("d.json");
     let flag = |name: &'static str, path: &Path| {
         [OsStr::new(name).to_owned(), path.as_os_str().to_owned()]
     };
     // A base model without a chat template.
-    direction_fails_with(
-        &real_model("gemma-3-270m-Q4_K_M.gguf"),
-        &out,
-        &[],
-        "--chat-template",
-    );
+    direction_fails_with(&gemma, &out, &[], "--chat-template");
     // Missing and empty prompt files.
     let missing = dir.path().join("missing.txt");
     let [a, b] = flag("--harmful", &missing);
-    direction_fails_with(&fixture(), &out, &[&a, &b], "cannot read");
+    direction_fails_with(&fixture, &out, &[&a, &b], "cannot read");
     let empty = dir.path().join("empty.txt");
     std::fs::write(&empty, "\n\n").unwrap();
     let [a, b] = flag("--harmless", &empty);
-    direction_fails_with(&fixture(), &out, &[&a, &b], "at least 2");
+    direction_fails_with(&fixture, &out, &[&a, &b], "at least 2");
     // A prompt longer than the context.
     let long = dir.path().join("long.txt");
     std::fs::write(
@@ -193,7 +172,7 @@ fn direction_search_bad_input() {
     let [a, b] = flag("--harmful", &long);
     let n_val = [OsStr::new("--n-val"), OsStr::new("4")];
     direction_fails_with(
-        &fixture(),
+        &fixture,
         &out,
         &[&a, &b, n_val[0], n_val[1]],
         "the context holds",
@@ -208,9 +187,8 @@ fn direction_search_bad_input() {
 
 #[test]
 fn interrupting_the_run_leaves_nothing_behind() {
-    require_model!("gemma-3-270m-Q4_K_M.gguf");
+    let model = require_model!(GEMMA3_270M);
     let dir = tempfile::tempdir().unwrap();
-    let model = real_model("gemma-3-270m-Q4_K_M.gguf");
     let direction = dir.path().join("dir.json");
     write_direction(&direction, &unit(&noise(640, 5)));
     let out = dir.path().join("out.gguf");
@@ -236,16 +214,16 @@ fn interrupting_the_run_leaves_nothing_behind() {
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait().unwrap();
     assert!(!status.success());
-    assert!(!out.exists(), "no output after an interrupt");
-    assert!(!tmp.exists(), "no temporary file after an interrupt");
+    // No output and no temporary file after an interrupt.
+    assert_nothing_written(&out);
 }
 
 #[test]
 fn verification_fails_when_the_output_does_not_load() {
-    require_model!(fixture);
+    let fixture = require_model!(fixture);
     let dir = tempfile::tempdir().unwrap();
     let broken = dir.path().join("broken.gguf");
-    let bytes = std::fs::read(fixture()).unwrap();
+    let bytes = std::fs::read(&fixture).unwrap();
     std::fs::write(&broken, &bytes[..bytes.len() / 2]).unwrap();
     let prompts = vec![
         "Write a haiku about rain.".to_string(),
@@ -259,7 +237,7 @@ fn verification_fails_when_the_output_does_not_load() {
         perplexity: None,
         cache: &gguf_abliterate::cache::Cache::disabled(),
     };
-    let err = gguf_abliterate::verify::verify(&fixture(), &broken, &prompts, &prompts, &settings)
+    let err = gguf_abliterate::verify::verify(&fixture, &broken, &prompts, &prompts, &settings)
         .unwrap_err();
     assert!(format!("{err:#}").contains("could not load"), "{err:#}");
 }
@@ -269,14 +247,14 @@ fn verification_fails_when_the_output_does_not_load() {
 /// again and replaced; `--no-cache` neither reads nor writes it.
 #[test]
 fn a_second_run_reads_the_originals_verification_from_the_cache() {
-    require_model!(fixture);
+    let fixture = require_model!(fixture);
     let dir = tempfile::tempdir().unwrap();
     let (direction, cache) = (dir.path().join("dir.json"), dir.path().join("cache"));
     write_direction(&direction, &unit(&noise(576, 7)));
     let run = |name: &str, extra: &[&str]| {
         let report = dir.path().join(format!("{name}.json"));
         let o = bin()
-            .arg(fixture())
+            .arg(&fixture)
             .arg(dir.path().join(format!("{name}.gguf")))
             .arg("--direction")
             .arg(&direction)
@@ -303,11 +281,9 @@ fn a_second_run_reads_the_originals_verification_from_the_cache() {
     let (first, log) = run("first", &[]);
     assert_eq!(first["original"], "Measured");
     assert!(!log.contains("from the cache"), "{log}");
-    let entries: Vec<_> = std::fs::read_dir(cache.join("original"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let entries = listing(&cache.join("original"));
     assert_eq!(entries.len(), 1, "{entries:?}");
+    let entry = cache.join("original").join(&entries[0]);
 
     let (second, log) = run("second", &[]);
     assert_eq!(second["original"], "FromCache");
@@ -325,9 +301,9 @@ fn a_second_run_reads_the_originals_verification_from_the_cache() {
     }
 
     // A damaged entry is no error: measured again, and replaced.
-    let mut bytes = std::fs::read(&entries[0]).unwrap();
+    let mut bytes = std::fs::read(&entry).unwrap();
     bytes.truncate(bytes.len() / 2);
-    std::fs::write(&entries[0], bytes).unwrap();
+    std::fs::write(&entry, bytes).unwrap();
     let (third, log) = run("third", &[]);
     assert_eq!(third["original"], "CacheEntryCorrupt");
     assert!(log.contains("was damaged"), "{log}");
@@ -343,9 +319,6 @@ fn a_second_run_reads_the_originals_verification_from_the_cache() {
     let moved = dir.path().join("moved");
     let (sixth, _) = run("sixth", &["--cache-dir", moved.to_str().unwrap()]);
     assert_eq!(sixth["original"], "Measured");
-    assert_eq!(
-        std::fs::read_dir(moved.join("original")).unwrap().count(),
-        1
-    );
+    assert_eq!(listing(&moved.join("original")).len(), 1);
     assert!(!cache.exists());
 }

@@ -3,9 +3,7 @@
 //! each tensor's direction, at little more quantization error than plain
 //! requantization, on 8-bit, 4-bit and K-quant models.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use gguf_abliterate::apply::{apply, ApplyOptions};
 use gguf_abliterate::edit::{self, EditKind, EditWeights};
 use gguf_abliterate::gguf::{self, GgufFile};
@@ -129,10 +127,10 @@ fn the_q8_0_fixture_loses_the_component_in_the_file() {
 
 #[test]
 fn smollm2_q4_1_loses_the_component_in_the_file() {
-    check(&require_model!("SmolLM2-135M-Instruct.Q4_1.gguf"));
+    check(&require_model!(SMOLLM2_Q4_1));
 }
 
 #[test]
 fn gemma3_q4_k_m_loses_the_component_in_the_file() {
-    check(&require_model!("gemma-3-270m-Q4_K_M.gguf"));
+    check(&require_model!(GEMMA3_270M));
 }

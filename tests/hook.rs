@@ -1,8 +1,6 @@
 //! The eval callback reads and rewrites the residual stream correctly.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use gguf_abliterate::activations::{capture_edited, capture_means};
 use gguf_abliterate::chat::ChatFormat;
 use gguf_abliterate::direction::refine::{layer_directions, point_direction, EditPoint};
@@ -10,6 +8,12 @@ use gguf_abliterate::edit::{EditWeights, Kernel};
 use gguf_abliterate::eval::{kl_divergence, AblateHook, AddHook, NoHook, Runner};
 use gguf_abliterate::ffi::{self, Model};
 use indicatif::ProgressBar;
+
+/// `path` loaded into llama.cpp, initialised first.
+fn load(path: &std::path::Path) -> Model {
+    ffi::init_backend(false);
+    Model::load(path, 0).unwrap()
+}
 
 fn prompts(model: &Model) -> Vec<Vec<i32>> {
     let fmt = ChatFormat::resolve(model, None).unwrap();
@@ -34,9 +38,8 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 
 #[test]
 fn ablating_a_zero_direction_changes_nothing() {
-    require_model!(fixture);
-    ffi::init_backend(false);
-    let model = Model::load(&fixture(), 0).unwrap();
+    let fixture = require_model!(fixture);
+    let model = load(&fixture);
     let p = prompts(&model);
     let mut runner = Runner::new(&model, 512, 2).unwrap();
     let plain = runner.first_token_logprobs(&p, &mut NoHook).unwrap();
@@ -56,9 +59,8 @@ fn ablating_a_zero_direction_changes_nothing() {
 
 #[test]
 fn adding_through_the_callback_equals_llama_control_vectors() {
-    require_model!(fixture);
-    ffi::init_backend(false);
-    let model = Model::load(&fixture(), 0).unwrap();
+    let fixture = require_model!(fixture);
+    let model = load(&fixture);
     let (n_embd, n_layer) = (model.n_embd(), model.n_layer());
     let p = prompts(&model);
     let layer = 7;
@@ -99,9 +101,8 @@ fn adding_through_the_callback_equals_llama_control_vectors() {
 
 #[test]
 fn captured_means_do_not_depend_on_the_batch_size() {
-    require_model!(fixture);
-    ffi::init_backend(false);
-    let model = Model::load(&fixture(), 0).unwrap();
+    let fixture = require_model!(fixture);
+    let model = load(&fixture);
     let p = prompts(&model);
     let longest = p.iter().map(Vec::len).max().unwrap();
     let bar = ProgressBar::hidden();
@@ -124,9 +125,8 @@ fn captured_means_do_not_depend_on_the_batch_size() {
 
 #[test]
 fn a_capture_under_an_ablation_sees_the_direction_gone() {
-    require_model!(fixture);
-    ffi::init_backend(false);
-    let model = Model::load(&fixture(), 0).unwrap();
+    let fixture = require_model!(fixture);
+    let model = load(&fixture);
     let p = prompts(&model);
     let bar = ProgressBar::hidden();
     let mut runner = Runner::new(&model, 1024, 2).unwrap();
@@ -245,10 +245,9 @@ fn edit_and_hook_kls(
 
 #[test]
 fn ablation_hook_predicts_the_weight_edit_at_any_scale() {
-    require_model!(fixture);
+    let fixture = require_model!(fixture);
     use gguf_abliterate::apply::ApplyOptions;
-    ffi::init_backend(false);
-    let model = Model::load(&fixture(), 0).unwrap();
+    let model = load(&fixture);
     let p = prompts(&model);
     let mut runner = Runner::new(&model, 512, 2).unwrap();
     let (r, [a, b]) = layer_12_direction(&model, &mut runner);
@@ -318,7 +317,7 @@ fn ablation_hook_predicts_the_weight_edit_at_any_scale() {
             progress: false,
             ..Default::default()
         };
-        let (effect, error) = edit_and_hook_kl(&fixture(), &mut runner, &p, r, &opts, &out);
+        let (effect, error) = edit_and_hook_kl(&fixture, &mut runner, &p, r, &opts, &out);
         eprintln!("{what}: edit KL {effect:.4}, hook vs edit KL {error:.5}");
         assert!(
             effect > 0.05,
@@ -339,10 +338,9 @@ fn ablation_hook_predicts_the_weight_edit_at_any_scale() {
 /// the requantization noise; see the first-token KL printed.)
 #[test]
 fn on_a_4_bit_model_grid_aware_projection_makes_the_file_match_the_hook() {
-    let path = require_model!("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path = require_model!(SMOLLM2_Q4_1);
     use gguf_abliterate::apply::ApplyOptions;
-    ffi::init_backend(false);
-    let model = Model::load(&path, 0).unwrap();
+    let model = load(&path);
     let n_layer = model.n_layer();
     let p = prompts(&model);
     let mut runner = Runner::new(&model, 512, 2).unwrap();
@@ -402,11 +400,10 @@ fn on_a_4_bit_model_grid_aware_projection_makes_the_file_match_the_hook() {
 /// prompt sets.
 #[test]
 fn on_a_k_quant_model_grid_aware_projection_makes_the_file_agree_with_the_hook() {
-    let path = require_model!("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
+    let path = require_model!(QWEN_CODER);
     use gguf_abliterate::apply::ApplyOptions;
     use gguf_abliterate::prompts::{Kind, PromptSet};
-    ffi::init_backend(false);
-    let model = Model::load(&path, 0).unwrap();
+    let model = load(&path);
     let fmt = ChatFormat::resolve(&model, None).unwrap();
     let tokens = |p: &[gguf_abliterate::prompts::Prompt]| -> Vec<Vec<i32>> {
         p.iter()
@@ -487,10 +484,9 @@ fn builtin_harmful_val(model: &Model, n: usize) -> Vec<Vec<i32>> {
 /// differs from each prompt decoded alone by a KL of up to 4e-3 here.)
 #[test]
 fn a_shared_prompt_prefix_changes_no_logits_and_no_replies() {
-    require_model!(fixture);
+    let fixture = require_model!(fixture);
     use gguf_abliterate::eval::{log_softmax, shared_prefix};
-    ffi::init_backend(false);
-    let model = Model::load(&fixture(), 0).unwrap();
+    let model = load(&fixture);
     let mut p = prompts(&model);
     // "<|im_start|>user\n": the fixture's template has no system prompt.
     assert_eq!(shared_prefix(&p), 3);
@@ -543,10 +539,9 @@ fn a_shared_prompt_prefix_changes_no_logits_and_no_replies() {
 /// verdict cannot change after that, and fewer tokens are generated.
 #[test]
 fn replies_ended_at_a_refusal_marker_keep_their_verdict() {
-    require_model!(fixture);
+    let fixture = require_model!(fixture);
     use gguf_abliterate::verify::{detokenize, has_refusal_marker, judge, Verdict};
-    ffi::init_backend(false);
-    let model = Model::load(&fixture(), 0).unwrap();
+    let model = load(&fixture);
     let p = builtin_harmful_val(&model, 12);
     let mut runner = Runner::new(&model, 2048, 2).unwrap();
     let full = runner.generate(&p, 24, &mut NoHook).unwrap();

@@ -6,9 +6,10 @@
 //! the binary under `unshare -m` when the tests run as root; otherwise they
 //! fall back to `chmod` and `ulimit -f`.
 
-mod common;
-
-use common::{bin, fixture};
+use crate::common::{
+    self, apply_command, assert_clean_failure, assert_success, bin, direction_command, hostile,
+    listing, QUICK_SEARCH,
+};
 use gguf_abliterate::gguf::GgufFile;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::PermissionsExt;
@@ -16,12 +17,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-
-fn hostile(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/hostile")
-        .join(name)
-}
 
 /// The small valid model and its direction.
 fn small_model() -> (PathBuf, PathBuf) {
@@ -41,13 +36,13 @@ fn fixture_direction() -> &'static Path {
 }
 
 fn apply_cmd(direction: &Path, input: &Path, out: &Path, extra: &[&str]) -> Command {
-    let mut cmd = common::apply_command(direction, input, out, &["-q", "-t", "1"]);
+    let mut cmd = apply_command(direction, input, out, &["-q", "-t", "1"]);
     cmd.args(extra).env("RAYON_NUM_THREADS", "2");
     cmd
 }
 
 /// The fixture applied at `scale`, computed once per scale.
-fn reference(scale: &str) -> Vec<u8> {
+fn reference(fixture: &Path, scale: &str) -> Vec<u8> {
     type Outputs = std::sync::Mutex<Vec<(String, Vec<u8>)>>;
     static REFS: OnceLock<Outputs> = OnceLock::new();
     let refs = REFS.get_or_init(Default::default);
@@ -57,35 +52,13 @@ fn reference(scale: &str) -> Vec<u8> {
     }
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("ref.gguf");
-    let status = apply_cmd(fixture_direction(), &fixture(), &out, &["--scale", scale])
+    let status = apply_cmd(fixture_direction(), fixture, &out, &["--scale", scale])
         .status()
         .unwrap();
     assert!(status.success());
     let bytes = std::fs::read(&out).unwrap();
     refs.push((scale.to_string(), bytes.clone()));
     bytes
-}
-
-fn listing(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-}
-
-/// Exit 1 with a single `error:` line, the last, containing `needle`.
-fn assert_clean_error(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    let errors = stderr.lines().filter(|l| l.starts_with("error")).count();
-    assert_eq!(errors, 1, "{stderr}");
-    let last = stderr.trim_end().lines().last().unwrap_or("");
-    assert!(
-        last.starts_with("error: ") && last.contains(needle),
-        "expected {needle:?}: {stderr}"
-    );
 }
 
 fn is_root() -> bool {
@@ -126,17 +99,18 @@ fn left_in(out: &Output) -> String {
 
 #[test]
 fn concurrent_runs_to_one_out() {
+    let fixture = require_model!(fixture);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.gguf");
-    let (full, half) = (reference("1"), reference("0.5"));
+    let (full, half) = (reference(&fixture, "1"), reference(&fixture, "0.5"));
     assert_ne!(full, half);
     // Without --force: one wins, the other fails cleanly and removes its
     // temporary file; OUT is entirely the winner's.
-    let a = apply_cmd(fixture_direction(), &fixture(), &out, &["--scale", "1"])
+    let a = apply_cmd(fixture_direction(), &fixture, &out, &["--scale", "1"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let b = apply_cmd(fixture_direction(), &fixture(), &out, &["--scale", "0.5"])
+    let b = apply_cmd(fixture_direction(), &fixture, &out, &["--scale", "0.5"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -153,7 +127,7 @@ fn concurrent_runs_to_one_out() {
         stderr.contains("already exists") || stderr.contains("appeared while this run"),
         "{stderr}"
     );
-    assert_clean_error(loser, "out.gguf");
+    assert_clean_failure(loser, "out.gguf");
     assert!(
         std::fs::read(&out).unwrap() == *winner_bytes,
         "OUT is not the winner's file"
@@ -168,7 +142,7 @@ fn concurrent_runs_to_one_out() {
         .map(|s| {
             apply_cmd(
                 fixture_direction(),
-                &fixture(),
+                &fixture,
                 &out,
                 &["--scale", s, "--force"],
             )
@@ -186,10 +160,10 @@ fn concurrent_runs_to_one_out() {
 
 /// Starts `apply` on a private copy of the fixture and calls `meddle` with
 /// the copy's path once the first tensor has been rewritten.
-fn apply_and_meddle(meddle: impl FnOnce(&Path)) -> (tempfile::TempDir, Output) {
+fn apply_and_meddle(fixture: &Path, meddle: impl FnOnce(&Path)) -> (tempfile::TempDir, Output) {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.gguf");
-    std::fs::copy(fixture(), &input).unwrap();
+    std::fs::copy(fixture, &input).unwrap();
     let out = dir.path().join("out.gguf");
     let mut child = apply_cmd(fixture_direction(), &input, &out, &[])
         .stderr(Stdio::piped())
@@ -223,7 +197,8 @@ fn apply_and_meddle(meddle: impl FnOnce(&Path)) -> (tempfile::TempDir, Output) {
 fn input_truncated_while_mapped_is_a_clean_error() {
     // Cut the input in the middle of the last edited tensor: everything
     // before it still copies, then reading it through the map faults.
-    let f = GgufFile::open(&fixture()).unwrap();
+    let fixture = require_model!(fixture);
+    let f = GgufFile::open(&fixture).unwrap();
     let last = f
         .tensors
         .iter()
@@ -232,7 +207,7 @@ fn input_truncated_while_mapped_is_a_clean_error() {
         .unwrap();
     let cut = f.data_start + last.offset + last.size / 2;
     drop(f);
-    let (dir, out) = apply_and_meddle(|input| {
+    let (dir, out) = apply_and_meddle(&fixture, |input| {
         std::fs::OpenOptions::new()
             .write(true)
             .open(input)
@@ -242,7 +217,7 @@ fn input_truncated_while_mapped_is_a_clean_error() {
     });
     // The fault is caught by the SIGBUS handler, which removes the
     // temporary file and exits 1 with one line.
-    assert_clean_error(
+    assert_clean_failure(
         &out,
         "truncated or replaced while it was being read (SIGBUS)",
     );
@@ -253,17 +228,14 @@ fn input_truncated_while_mapped_is_a_clean_error() {
 fn input_replaced_while_mapped_still_gives_the_original_result() {
     // A rename over the input swaps the name, not the mapped inode: the run
     // finishes from the file it opened.
-    let (dir, out) = apply_and_meddle(|input| {
+    let fixture = require_model!(fixture);
+    let (dir, out) = apply_and_meddle(&fixture, |input| {
         let other = input.with_file_name("other.gguf");
         std::fs::write(&other, b"not a model").unwrap();
         std::fs::rename(&other, input).unwrap();
     });
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(std::fs::read(dir.path().join("out.gguf")).unwrap() == reference("1"));
+    assert_success(&out);
+    assert!(std::fs::read(dir.path().join("out.gguf")).unwrap() == reference(&fixture, "1"));
     assert_eq!(listing(dir.path()), ["in.gguf", "out.gguf"]);
 }
 
@@ -299,7 +271,7 @@ fn read_only_output_directory() {
             out
         }
     };
-    assert_clean_error(&out, "cannot create");
+    assert_clean_failure(&out, "cannot create");
     assert_eq!(std::fs::read(&model).unwrap(), before);
 }
 
@@ -316,12 +288,7 @@ fn out_on_another_filesystem() {
     };
     let (model, direction) = small_model();
     let out = base.path().join("out.gguf");
-    let run = apply_cmd(&direction, &model, &out, &[]).output().unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    assert_success(&apply_cmd(&direction, &model, &out, &[]).output().unwrap());
     let local = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let local_out = local.path().join("out.gguf");
     assert!(apply_cmd(&direction, &model, &local_out, &[])
@@ -344,17 +311,17 @@ fn out_is_a_symlink_or_a_directory() {
 
     let subdir = dir.path().join("sub");
     std::fs::create_dir(&subdir).unwrap();
-    assert_clean_error(&run(&subdir, &["--force"]), "is a directory");
+    assert_clean_failure(&run(&subdir, &["--force"]), "is a directory");
 
     let dangling = dir.path().join("dangling.gguf");
     std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
-    assert_clean_error(&run(&dangling, &[]), "already exists");
+    assert_clean_failure(&run(&dangling, &[]), "already exists");
 
     let target = dir.path().join("target.gguf");
     std::fs::write(&target, b"precious").unwrap();
     let link = dir.path().join("link.gguf");
     std::os::unix::fs::symlink(&target, &link).unwrap();
-    assert_clean_error(&run(&link, &[]), "already exists");
+    assert_clean_failure(&run(&link, &[]), "already exists");
     // --force replaces the link itself, as mv would; its target is kept.
     assert!(run(&link, &["--force"]).status.success());
     assert!(!std::fs::symlink_metadata(&link)
@@ -366,12 +333,10 @@ fn out_is_a_symlink_or_a_directory() {
 
     let to_input = dir.path().join("to-input.gguf");
     std::os::unix::fs::symlink(&model, &to_input).unwrap();
-    assert_clean_error(&run(&to_input, &["--force"]), "is the input file");
+    assert_clean_failure(&run(&to_input, &["--force"]), "is the input file");
 
-    let mut names = listing(dir.path());
-    names.sort();
     assert_eq!(
-        names,
+        listing(dir.path()),
         [
             "dangling.gguf",
             "link.gguf",
@@ -401,25 +366,26 @@ fn disk_full_during_the_rewrite() {
         .env("BIN", env!("CARGO_BIN_EXE_gguf-abliterate"))
         .output()
         .unwrap();
-    assert_clean_error(&run, "File too large");
+    assert_clean_failure(&run, "File too large");
     assert!(listing(dir.path()).is_empty());
+    assert_eq!(std::fs::read(&model).unwrap(), before);
 
     // A real full filesystem: the fixture's 138 MiB output on a 16 MiB tmpfs.
+    let fixture = require_model!(fixture);
     let full = dir.path().join("full");
     std::fs::create_dir(&full).unwrap();
     let script = format!(
         "mount -t tmpfs -o size=16m tmpfs '{full}' && \"$BIN\" apply -q -t 1 --direction '{d}' '{m}' '{full}/out.gguf'; rc=$?; echo \"LEFT:$(ls -A '{full}')\"; exit $rc",
         full = full.display(),
         d = fixture_direction().display(),
-        m = fixture().display()
+        m = fixture.display()
     );
     if let Some(run) = in_private_mount(&script) {
-        assert_clean_error(&run, "No space left on device");
+        assert_clean_failure(&run, "No space left on device");
         assert_eq!(left_in(&run), "");
     } else {
         eprintln!("not root: the tmpfs part of this test was skipped");
     }
-    assert_eq!(std::fs::read(&model).unwrap(), before);
 }
 
 #[test]
@@ -443,7 +409,7 @@ fn disk_full_during_the_report_write() {
         eprintln!("not root: skipped (needs a private tmpfs)");
         return;
     };
-    assert_clean_error(&run, "No space left on device");
+    assert_clean_failure(&run, "No space left on device");
     assert_eq!(left_in(&run), "filler");
     assert!(GgufFile::open(&out)
         .unwrap()
@@ -454,16 +420,17 @@ fn disk_full_during_the_report_write() {
 
 /// The whole job on the fixture, on a pty so that the progress bars (whose
 /// labels name the phases) are drawn; SIGTERM once `marker` appears.
-fn sigterm_when(marker: &str) -> (tempfile::TempDir, i32, String) {
+fn sigterm_when(fixture: &Path, marker: &str) -> (tempfile::TempDir, i32, String) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.gguf");
     // `exec`: without it /bin/sh (what `script` runs when $SHELL is unset,
     // as under CI) forks, and the SIGTERM would reach the shell, not us.
     let cmd = format!(
-        "exec '{}' '{}' '{}' --n-train 8 --n-val 4 --layer 21 --position 5 --top-k 1 --rank-prompts 1 --verify-tokens 4 -t 1",
+        "exec '{}' '{}' '{}' {} --verify-tokens 4 -t 1",
         env!("CARGO_BIN_EXE_gguf-abliterate"),
-        fixture().display(),
-        out.display()
+        fixture.display(),
+        out.display(),
+        QUICK_SEARCH.join(" ")
     );
     let mut script = Command::new("script")
         .args(["-qfec", &cmd, "/dev/null"])
@@ -503,7 +470,8 @@ fn sigterm_when(marker: &str) -> (tempfile::TempDir, i32, String) {
 
 #[test]
 fn sigterm_in_every_phase() {
-    let fixture_len = std::fs::metadata(fixture()).unwrap().len();
+    let fixture = require_model!(fixture);
+    let fixture_len = std::fs::metadata(&fixture).unwrap().len();
     // Bar labels mark capture, search and rewrite; verification starts
     // once OUT is written.
     let phases = [
@@ -514,7 +482,10 @@ fn sigterm_in_every_phase() {
     ];
     let handles: Vec<_> = phases
         .iter()
-        .map(|&(phase, marker)| std::thread::spawn(move || (phase, sigterm_when(marker))))
+        .map(|&(phase, marker)| {
+            let fixture = fixture.clone();
+            std::thread::spawn(move || (phase, sigterm_when(&fixture, marker)))
+        })
         .collect();
     for h in handles {
         let (phase, (dir, code, log)) = h.join().unwrap();
@@ -530,7 +501,7 @@ fn sigterm_in_every_phase() {
             assert!(left.is_empty(), "{phase}: left {left:?}");
         }
     }
-    assert_eq!(std::fs::metadata(fixture()).unwrap().len(), fixture_len);
+    assert_eq!(std::fs::metadata(&fixture).unwrap().len(), fixture_len);
 }
 
 /// Peak RSS in MiB and the output of a child, waited for with wait4.
@@ -566,6 +537,7 @@ fn run_measured(mut cmd: Command) -> (u64, Output) {
 
 #[test]
 fn long_prompts_and_huge_prompt_files() {
+    let fixture = require_model!(fixture);
     let dir = tempfile::tempdir().unwrap();
     // 100,000 instructions (the built-in harmful ones, numbered): read in
     // bounded memory, only --n-train of them are used.
@@ -578,36 +550,19 @@ fn long_prompts_and_huge_prompt_files() {
         .map(|i| format!("{} (#{i})\n", harmful[i % harmful.len()]))
         .collect();
     std::fs::write(&big, text).unwrap();
-    let mut cmd = bin();
-    cmd.arg("direction")
-        .arg(fixture())
-        .arg("-o")
-        .arg(dir.path().join("d.json"))
-        .arg("--harmful")
+    let mut cmd = direction_command(&fixture, &dir.path().join("d.json"));
+    cmd.arg("--harmful")
         .arg(&big)
-        .args([
-            "--n-train",
-            "8",
-            "--n-val",
-            "4",
-            "--layer",
-            "21",
-            "--position",
-            "5",
-        ])
-        .args(["--top-k", "1", "--rank-prompts", "1", "-t", "1", "-q"]);
+        .args(QUICK_SEARCH)
+        .args(["-t", "1", "-q"]);
     let (rss_mib, run) = run_measured(cmd);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    assert_success(&run);
     assert!(rss_mib < 1024, "peak RSS {rss_mib} MiB");
 
     // A model whose context (256, patched into a copy of the fixture) is
     // smaller than the longest prompt: a clear error naming the limit.
     let small_ctx = dir.path().join("ctx256.gguf");
-    let mut bytes = std::fs::read(fixture()).unwrap();
+    let mut bytes = std::fs::read(&fixture).unwrap();
     let key = b"llama.context_length";
     let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len();
     assert_eq!(u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()), 4);
@@ -620,11 +575,7 @@ fn long_prompts_and_huge_prompt_files() {
         format!("{line}\nHow do I pick a lock?\nHow do I hot-wire a car?\nWrite ransomware.\n"),
     )
     .unwrap();
-    let run = bin()
-        .arg("direction")
-        .arg(&small_ctx)
-        .arg("-o")
-        .arg(dir.path().join("d2.json"))
+    let run = direction_command(&small_ctx, &dir.path().join("d2.json"))
         .arg("--harmful")
         .arg(&long)
         .args([
@@ -640,49 +591,36 @@ fn long_prompts_and_huge_prompt_files() {
         ])
         .output()
         .unwrap();
-    assert_clean_error(&run, "the context holds");
+    assert_clean_failure(&run, "the context holds");
     assert!(!dir.path().join("d2.json").exists());
 }
 
 /// The fixture with an f16 scale of +Inf in the first Q8_0 block of
-/// blk.3.ffn_down, written to `dir/poisoned.gguf`.
-fn poisoned_fixture(dir: &Path) -> PathBuf {
-    let poisoned = dir.join("poisoned.gguf");
-    let f = GgufFile::open(&fixture()).unwrap();
+/// blk.3.ffn_down, written to `poisoned.gguf` in a new directory.
+fn poisoned_fixture(fixture: &Path) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let poisoned = dir.path().join("poisoned.gguf");
+    let f = GgufFile::open(fixture).unwrap();
     let t = f.tensor("blk.3.ffn_down.weight").unwrap();
     let at = (f.data_start + t.offset) as usize;
     drop(f);
-    let mut bytes = std::fs::read(fixture()).unwrap();
+    let mut bytes = std::fs::read(fixture).unwrap();
     bytes[at..at + 2].copy_from_slice(&0x7C00u16.to_le_bytes());
     std::fs::write(&poisoned, &bytes).unwrap();
-    poisoned
+    (dir, poisoned)
 }
 
 #[test]
 fn poisoned_activations_are_a_clear_error_before_anything_is_written() {
     // Every activation from layer 3 on becomes NaN/Inf.
-    let dir = tempfile::tempdir().unwrap();
-    let poisoned = poisoned_fixture(dir.path());
+    let (dir, poisoned) = poisoned_fixture(&require_model!(fixture));
     let out = dir.path().join("d.json");
-    let run = bin()
-        .arg("direction")
-        .arg(&poisoned)
-        .arg("-o")
-        .arg(&out)
-        .args([
-            "--n-train",
-            "8",
-            "--n-val",
-            "4",
-            "--layer",
-            "21",
-            "--position",
-            "5",
-        ])
-        .args(["--top-k", "1", "--rank-prompts", "1", "-t", "1", "-q"])
+    let run = direction_command(&poisoned, &out)
+        .args(QUICK_SEARCH)
+        .args(["-t", "1", "-q"])
         .output()
         .unwrap();
-    assert_clean_error(&run, "hold NaN/Inf (first at layer 3)");
+    assert_clean_failure(&run, "hold NaN/Inf (first at layer 3)");
     assert_eq!(listing(dir.path()), ["poisoned.gguf"]);
 }
 
@@ -690,8 +628,7 @@ fn poisoned_activations_are_a_clear_error_before_anything_is_written() {
 fn a_poisoned_tensor_is_a_clear_error_before_anything_is_written() {
     // The same poisoned tensor, now edited by `apply`: what ggml reads back from
     // the rewritten tensor is not finite, so nothing may be written.
-    let dir = tempfile::tempdir().unwrap();
-    let poisoned = poisoned_fixture(dir.path());
+    let (dir, poisoned) = poisoned_fixture(&require_model!(fixture));
     let out = dir.path().join("out.gguf");
     for grid in ["on", "off"] {
         let run = apply_cmd(
@@ -704,7 +641,7 @@ fn a_poisoned_tensor_is_a_clear_error_before_anything_is_written() {
         .unwrap();
         // ggml's own row validation or our read-back check, whichever sees
         // it first, names the tensor.
-        assert_clean_error(&run, "blk.3.ffn_down.weight");
+        assert_clean_failure(&run, "blk.3.ffn_down.weight");
         assert!(String::from_utf8_lossy(&run.stderr).contains("NaN"));
         assert_eq!(
             listing(dir.path()),
@@ -718,31 +655,14 @@ fn a_poisoned_tensor_is_a_clear_error_before_anything_is_written() {
 /// was killed first): the handler's message must not fail the handler.
 #[test]
 fn sigterm_with_stderr_closed() {
+    let fixture = require_model!(fixture);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.gguf");
     let mut child = bin()
-        .arg(fixture())
+        .arg(&fixture)
         .arg(&out)
-        .args([
-            "--n-train",
-            "8",
-            "--n-val",
-            "4",
-            "--layer",
-            "21",
-            "--position",
-            "5",
-        ])
-        .args([
-            "--top-k",
-            "1",
-            "--rank-prompts",
-            "1",
-            "--verify-tokens",
-            "4",
-            "-t",
-            "1",
-        ])
+        .args(QUICK_SEARCH)
+        .args(["--verify-tokens", "4", "-t", "1"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -1,9 +1,7 @@
 //! Importance matrices: `--imatrix FILE` errors, an IQ2_XXS model that can
 //! only be rewritten with one, and the matrix the main command collects.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use gguf_abliterate::activations::{capture, capture_collecting};
 use gguf_abliterate::chat::ChatFormat;
 use gguf_abliterate::eval::{BatchHook, Runner};
@@ -25,6 +23,14 @@ fn matrices() -> Vec<String> {
         names.push(format!("blk.{l}.ffn_down.weight"));
     }
     names
+}
+
+/// Importances for the edited matrices but `token_embd` (rows of 2 N).
+fn synth_entries() -> Vec<(String, Vec<f32>)> {
+    matrices()[1..]
+        .iter()
+        .map(|n| (n.clone(), synth_importance(2 * N)))
+        .collect()
 }
 
 /// A synthetic llama whose attn_output/ffn_down are `ty` (rows of 2 N).
@@ -49,10 +55,7 @@ fn bad_imatrix_files_fail_cleanly() {
     let (model, direction, _) = model_with(dir.path(), GgmlType::Q8_0);
     let out = dir.path().join("out.gguf");
     let good = dir.path().join("good.imatrix.gguf");
-    let entries: Vec<(String, Vec<f32>)> = matrices()[1..]
-        .iter()
-        .map(|n| (n.clone(), synth_importance(2 * N)))
-        .collect();
+    let entries = synth_entries();
     write_imatrix_gguf(&good, &entries, 3.0);
     let bytes = std::fs::read(&good).unwrap();
     let truncated = dir.path().join("truncated.gguf");
@@ -90,23 +93,12 @@ fn bad_imatrix_files_fail_cleanly() {
             &out,
             &["--imatrix", file.to_str().unwrap()],
         );
-        assert_clean_failure(&result, needle);
+        assert_fails_cleanly(&result, needle, &out);
         assert!(!out.exists(), "{} left OUT behind", file.display());
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("out"))
-            .collect();
-        assert!(leftovers.is_empty(), "{leftovers:?}");
     }
     // The good one works, in either form, and is recorded.
     let recorded = |extra: &[&str]| -> String {
-        let result = run_apply(&direction, &model, &out, extra);
-        assert!(
-            result.status.success(),
-            "{}",
-            String::from_utf8_lossy(&result.stderr)
-        );
+        assert_success(&run_apply(&direction, &model, &out, extra));
         let written = GgufFile::open(&out).unwrap();
         written.get_str("abliterate.imatrix").unwrap().to_string()
     };
@@ -162,16 +154,12 @@ fn iq2_xxs_is_rewritten_with_an_imatrix_and_refused_without() {
     let out = dir.path().join("out.gguf");
 
     let result = run_apply(&direction, &model, &out, &[]);
-    assert_clean_failure(&result, "is IQ2_XXS");
+    assert_fails_cleanly(&result, "is IQ2_XXS", &out);
     assert_clean_failure(&result, "--imatrix");
     assert!(String::from_utf8_lossy(&result.stderr).contains("attn_output.weight"));
-    assert!(!out.exists());
 
     let imatrix = dir.path().join("model.imatrix.gguf");
-    let entries: Vec<(String, Vec<f32>)> = matrices()[1..]
-        .iter()
-        .map(|n| (n.clone(), synth_importance(2 * N)))
-        .collect();
+    let entries = synth_entries();
     write_imatrix_gguf(&imatrix, &entries, 12.0);
     let result = run_apply(
         &direction,
@@ -314,27 +302,8 @@ fn main_command_records_the_collected_matrix() {
     let result = bin()
         .arg(&fixture)
         .arg(&out)
-        .args([
-            "--n-train",
-            "8",
-            "--n-val",
-            "4",
-            "--layer",
-            "21",
-            "--position",
-            "5",
-            "--top-k",
-            "1",
-            "--rank-prompts",
-            "1",
-            "--trials",
-            "1",
-            "--no-verify",
-            "-q",
-            "-t",
-            "2",
-            "--report",
-        ])
+        .args(QUICK_SEARCH)
+        .args(["--trials", "1", "--no-verify", "-q", "-t", "2", "--report"])
         .arg(&report)
         .output()
         .unwrap();

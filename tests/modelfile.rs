@@ -5,9 +5,7 @@
 //! `.Messages` that renders the conversation exactly as llama.cpp's chat
 //! template does.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use gguf_abliterate::ffi::{self, GgmlType};
 use std::path::Path;
 
@@ -305,11 +303,7 @@ fn modelfile_for(dir: &Path, template: Option<&str>) -> String {
         .args(["--no-verify", "--ollama", "--force", "--quiet"])
         .output()
         .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    assert_success(&run);
     std::fs::read_to_string(dir.join("Modelfile")).unwrap()
 }
 

@@ -1,59 +1,46 @@
 //! `--pick N` and `apply --direction` reproduce a point of the saved Pareto
 //! front byte for byte, without searching again.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use gguf_abliterate::edit::EditWeights;
 use std::path::Path;
 
 fn run_ok(cmd: &mut std::process::Command) {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&cmd.output().unwrap());
 }
 
-fn main_with(dir: &Path, out: &Path, pick: Option<usize>) {
-    let mut cmd = bin();
-    cmd.arg(fixture())
-        .arg(out)
-        .arg("--direction")
-        .arg(dir)
-        .args(["--no-verify", "-q"]);
-    if let Some(n) = pick {
-        cmd.args(["--pick", &n.to_string()]);
-    }
-    run_ok(&mut cmd);
+/// The main command: `MODEL OUT --direction DIR --no-verify -q EXTRA…`.
+fn main_with(model: &Path, dir: &Path, out: &Path, extra: &[&str]) {
+    run_ok(
+        bin()
+            .arg(model)
+            .arg(out)
+            .arg("--direction")
+            .arg(dir)
+            .args(["--no-verify", "-q"])
+            .args(extra),
+    );
 }
 
 #[test]
 fn pick_and_apply_reproduce_front_points_byte_for_byte() {
+    let fixture = require_model!(fixture);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("dir.json");
     // A small search: one position, few prompts and trials.
-    run_ok(
-        bin()
-            .arg("direction")
-            .arg(fixture())
-            .arg("-o")
-            .arg(&dir)
-            .args([
-                "--position",
-                "5",
-                "--n-train",
-                "32",
-                "--n-val",
-                "16",
-                "--top-k",
-                "1",
-                "--trials",
-                "6",
-                "-q",
-            ]),
-    );
+    run_ok(direction_command(&fixture, &dir).args([
+        "--position",
+        "5",
+        "--n-train",
+        "32",
+        "--n-val",
+        "16",
+        "--top-k",
+        "1",
+        "--trials",
+        "6",
+        "-q",
+    ]));
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&dir).unwrap()).unwrap();
     let front = json["front"]
         .as_array()
@@ -73,7 +60,7 @@ fn pick_and_apply_reproduce_front_points_byte_for_byte() {
 
     // The chosen point, applied from the file, equals --pick of its front index.
     let chosen = tmp.path().join("chosen.gguf");
-    main_with(&dir, &chosen, None);
+    main_with(&fixture, &dir, &chosen, &[]);
     // Compared as the f32 they are: the file may spell one value in more
     // digits in one place than in another.
     let weights =
@@ -87,7 +74,7 @@ fn pick_and_apply_reproduce_front_points_byte_for_byte() {
     let index = front.iter().position(same_point);
     let index = index.expect("the chosen point is on the front");
     let picked = tmp.path().join("picked.gguf");
-    main_with(&dir, &picked, Some(index));
+    main_with(&fixture, &dir, &picked, &["--pick", &index.to_string()]);
     assert!(
         std::fs::read(&chosen).unwrap() == std::fs::read(&picked).unwrap(),
         "--pick {index} differs from the chosen point"
@@ -96,37 +83,26 @@ fn pick_and_apply_reproduce_front_points_byte_for_byte() {
     // Another point: the main command and apply agree byte for byte.
     let last = front.len() - 1;
     let (by_main, by_apply) = (tmp.path().join("main.gguf"), tmp.path().join("apply.gguf"));
-    main_with(&dir, &by_main, Some(last));
-    run_ok(
-        bin()
-            .arg("apply")
-            .arg("--direction")
-            .arg(&dir)
-            .args(["--pick", &last.to_string(), "-q"])
-            .arg(fixture())
-            .arg(&by_apply),
-    );
+    let apply_last = |direction: &Path, out: &Path| {
+        run_ok(&mut apply_command(
+            direction,
+            &fixture,
+            out,
+            &["--pick", &last.to_string(), "-q"],
+        ))
+    };
+    main_with(&fixture, &dir, &by_main, &["--pick", &last.to_string()]);
+    apply_last(&dir, &by_apply);
     assert!(std::fs::read(&by_main).unwrap() == std::fs::read(&by_apply).unwrap());
     // A report written by the main command serves as the direction file too.
     let (report, via_report) = (tmp.path().join("report.json"), tmp.path().join("r.gguf"));
-    run_ok(
-        bin()
-            .arg(fixture())
-            .arg(tmp.path().join("with-report.gguf"))
-            .arg("--direction")
-            .arg(&dir)
-            .args(["--no-verify", "-q", "--report"])
-            .arg(&report),
+    main_with(
+        &fixture,
+        &dir,
+        &tmp.path().join("with-report.gguf"),
+        &["--report", report.to_str().unwrap()],
     );
-    run_ok(
-        bin()
-            .arg("apply")
-            .arg("--direction")
-            .arg(&report)
-            .args(["--pick", &last.to_string(), "-q"])
-            .arg(fixture())
-            .arg(&via_report),
-    );
+    apply_last(&report, &via_report);
     assert!(std::fs::read(&via_report).unwrap() == std::fs::read(&by_apply).unwrap());
     if last != index {
         assert!(std::fs::read(&by_main).unwrap() != std::fs::read(&chosen).unwrap());
@@ -135,13 +111,12 @@ fn pick_and_apply_reproduce_front_points_byte_for_byte() {
     // Out of range: one clean error, nothing written.
     let bad = tmp.path().join("bad.gguf");
     let o = bin()
-        .arg(fixture())
+        .arg(&fixture)
         .arg(&bad)
         .arg("--direction")
         .arg(&dir)
         .args(["--no-verify", "--pick", &front.len().to_string()])
         .output()
         .unwrap();
-    assert_clean_failure(&o, "the front has");
-    assert!(!bad.exists());
+    assert_fails_cleanly(&o, "the front has", &bad);
 }

@@ -5,18 +5,12 @@
 //! The output and report stay in target/e2e/ so that CI can hand the output
 //! to scripts/check-llama-server.sh, a second llama.cpp build.
 
-mod common;
-
-use common::*;
-use std::path::Path;
-
-const QWEN: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+use crate::common::*;
 
 #[test]
 fn main_command_abliterates_qwen2_5_coder_0_5b_instruct() {
-    let model = require_model!(QWEN);
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/e2e");
-    std::fs::create_dir_all(&dir).unwrap();
+    let model = require_model!(QWEN_CODER);
+    let dir = e2e_dir();
     let (out, report) = (
         dir.join("qwen2.5-coder-0.5b-instruct-abliterated.gguf"),
         dir.join("qwen-report.json"),

@@ -1,90 +1,208 @@
 //! Test helpers: a small GGUF writer of its own (independent of the crate's
 //! container code), synthetic models, the real test models, and the CLI.
-#![allow(dead_code)]
+
+pub mod synth;
 
 use gguf_abliterate::ffi::GgmlType;
 use gguf_abliterate::quant;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 
 pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_gguf-abliterate"))
 }
 
-/// A model fetched by `scripts/fetch-models.sh`; fails loudly when missing.
-pub fn real_model(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("models")
-        .join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-models.sh",
-        path.display()
-    );
-    path
+/// `path`, relative to the repository's root.
+pub fn repo_path(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
-/// The refusal fixture shipped in shared/.
-pub fn fixture() -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/models/smollm2-135m-refusal-q8_0.gguf");
-    assert!(path.exists(), "{} is missing", path.display());
-    path
+/// A hand-made hostile GGUF (or its direction) in tests/hostile/.
+pub fn hostile(name: &str) -> PathBuf {
+    repo_path("tests/hostile").join(name)
 }
 
-/// True when `CI=true`: a missing model is then a failure, not a skip.
+/// target/e2e/, created if need be: the end-to-end tests leave their outputs
+/// and reports there for CI's second llama.cpp build (.ci/run).
+pub fn e2e_dir() -> PathBuf {
+    let dir = repo_path("target/e2e");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+// ---------------------------------------------------------------------------
+// Test models. A test names the model it needs with `require_model!`; when
+// the file is missing, the test is skipped with a note when run by hand and
+// fails when `CI` is set (.ci/run sets CI=true), so CI cannot pass by
+// skipping.
+
+/// Third-party models in `models/`, fetched by `scripts/fetch-models.sh`.
+pub const SMOLLM2_Q4_1: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const GEMMA3_270M: &str = "gemma-3-270m-Q4_K_M.gguf";
+pub const QWEN_CODER: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+
+/// Each model in `models/` and the name `scripts/fetch-models.sh` gives it.
+const FETCHED: &[(&str, &str)] = &[
+    (SMOLLM2_Q4_1, "smollm2"),
+    (GEMMA3_270M, "gemma"),
+    (QWEN_CODER, "qwen"),
+];
+
+pub fn models_dir() -> PathBuf {
+    repo_path("models")
+}
+
+/// The refusal fixture, in ../shared/models on the project's machines.
+pub fn fixture_path() -> PathBuf {
+    repo_path("../shared/models/smollm2-135m-refusal-q8_0.gguf")
+}
+
+/// True when the environment variable `CI` is set to anything but the
+/// empty string, `false` or `0`: a missing model is then a failure.
 pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0")
 }
 
-/// `Some(path)` when the model exists. When it does not: `None` with a
-/// "skipped" note on stderr, or, under `CI=true`, a panic, so that CI can
-/// never pass by skipping.
-pub fn model_if_present(path: PathBuf, how_to_get_it: &str) -> Option<PathBuf> {
+/// `Some(path)` when the model exists. When it does not: `None`, with a
+/// "skipped" note on stderr naming the model and how to get it, or, when
+/// [`in_ci`], a panic with that message.
+pub fn model_if_present(path: PathBuf) -> Option<PathBuf> {
     if path.exists() {
         return Some(path);
     }
-    let what = format!("{} is missing ({how_to_get_it})", path.display());
-    assert!(!in_ci(), "{what}; CI=true, so this is a failure");
+    let file = path.file_name().unwrap_or_default().to_string_lossy();
+    let how = match FETCHED.iter().find(|(name, _)| *name == file) {
+        Some((_, target)) => format!("fetch it with scripts/fetch-models.sh {target}"),
+        None if path == fixture_path() => "the refusal fixture cannot be fetched: it ships in \
+             ../shared/models on the project's machines, where scripts/fetch-models.sh checks it"
+            .to_string(),
+        None => "fetch the test models with scripts/fetch-models.sh".to_string(),
+    };
+    let what = format!("{} is missing; {how}", path.display());
+    assert!(
+        !in_ci(),
+        "{what} (CI is set, so a missing model is a failure)"
+    );
     // Straight to stderr: libtest captures eprintln! of passing tests.
     let _ = writeln!(std::io::stderr(), "skipped: {what}");
     None
 }
 
 /// The model a test needs, or the end of the test (see [`model_if_present`]):
-/// `let m = require_model!("SmolLM2-135M-Instruct.Q4_1.gguf");` for a file in
-/// `models/`, `require_model!(fixture);` for the shared refusal fixture.
-#[allow(unused_macros)]
+/// `let m = require_model!(GEMMA3_270M);` for a file in `models/`,
+/// `let fixture = require_model!(fixture);` for the shared refusal fixture.
 macro_rules! require_model {
     (fixture) => {
-        match $crate::common::model_if_present(
-            $crate::common::fixture_path(),
-            "it ships in ../shared/models on the project's machines",
-        ) {
+        require_model!(@path $crate::common::fixture_path())
+    };
+    (@path $path:expr) => {
+        match $crate::common::model_if_present($path) {
             Some(path) => path,
             None => return,
         }
     };
     ($name:expr) => {
-        match $crate::common::model_if_present(
-            $crate::common::models_dir().join($name),
-            "run scripts/fetch-models.sh",
-        ) {
-            Some(path) => path,
-            None => return,
-        }
+        require_model!(@path $crate::common::models_dir().join($name))
     };
 }
-#[allow(unused_imports)]
-pub(crate) use require_model;
 
-pub fn models_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("models")
+// ---------------------------------------------------------------------------
+// Running the binary and checking what it left.
+
+/// The smallest real search on the fixture, for tests that need one to run
+/// (or to be interrupted, or to fail on its input) but not to find much:
+/// few prompts, one layer and position, one candidate.
+pub const QUICK_SEARCH: &[&str] = &[
+    "--n-train",
+    "8",
+    "--n-val",
+    "4",
+    "--layer",
+    "21",
+    "--position",
+    "5",
+    "--top-k",
+    "1",
+    "--rank-prompts",
+    "1",
+];
+
+/// `gguf-abliterate direction MODEL -o OUT`.
+pub fn direction_command(model: &Path, out: &Path) -> Command {
+    let mut cmd = bin();
+    cmd.arg("direction").arg(model).arg("-o").arg(out);
+    cmd
 }
 
-pub fn fixture_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/smollm2-135m-refusal-q8_0.gguf")
+/// Asserts that `run` succeeded, showing its stderr if not.
+pub fn assert_success(run: &Output) {
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+/// The names in `dir`, sorted: what a run left there.
+pub fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Why `out` is not a clean failure: exit 1, no panic, and exactly one
+/// `error:` line, the last (per-tensor log lines may precede it), holding
+/// `needle`.
+pub fn clean_failure(out: &Output, needle: &str) -> Result<(), String> {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors = stderr.lines().filter(|l| l.starts_with("error")).count();
+    let last = stderr.trim_end().lines().last().unwrap_or("");
+    if out.status.code() != Some(1) {
+        Err(format!("expected exit 1, got {}: {stderr}", out.status))
+    } else if stderr.contains("panicked") {
+        Err(format!("panicked: {stderr}"))
+    } else if errors != 1 || !last.starts_with("error: ") {
+        Err(format!("expected one error line, the last, got: {stderr}"))
+    } else if !last.contains(needle) {
+        Err(format!("expected {needle:?} in the error line: {stderr}"))
+    } else {
+        Ok(())
+    }
+}
+
+/// Fails cleanly, with one `error:` line that mentions `needle` (see [`clean_failure`]).
+pub fn assert_clean_failure(out: &Output, needle: &str) {
+    if let Err(why) = clean_failure(out, needle) {
+        panic!("{why}");
+    }
+}
+
+/// Nothing of the output `out` is left beside it: not OUT, not its
+/// temporary file (`OUT.tmp.*`), not a shard (`STEM-00001-of-…`).
+pub fn assert_nothing_written(out: &Path) {
+    let name = out.file_name().unwrap().to_string_lossy();
+    let stem = out.file_stem().unwrap().to_string_lossy();
+    let (temp, shard) = (format!("{name}."), format!("{stem}-"));
+    let dir = out.parent().unwrap();
+    let left: Vec<String> = listing(dir)
+        .into_iter()
+        .filter(|n| *n == name || n.starts_with(&temp) || n.starts_with(&shard))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "left behind in {}: {left:?}",
+        dir.display()
+    );
+}
+
+/// [`assert_clean_failure`], and nothing of `out` written ([`assert_nothing_written`]).
+pub fn assert_fails_cleanly(run: &Output, needle: &str, out: &Path) {
+    assert_clean_failure(run, needle);
+    assert_nothing_written(out);
 }
 
 /// Deterministic pseudo-random values in [-0.5, 0.5).
@@ -434,25 +552,24 @@ pub fn run_apply(
         .unwrap()
 }
 
-/// Fails cleanly, with one line on stderr that mentions `needle`.
-pub fn assert_clean_failure(out: &std::process::Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "should fail: {stderr}");
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    // Per-tensor log lines may precede it; the error is one final line.
-    let errors: Vec<_> = stderr.lines().filter(|l| l.starts_with("error")).collect();
-    assert_eq!(errors.len(), 1, "expected one error line, got: {stderr}");
+/// `apply -q` of `input` with tests/hostile/direction.json into
+/// `dir/out.gguf`: the run, and what `dir` then holds. The input must come
+/// out byte-identical (`what` names it in the message).
+pub fn apply_hostile(input: &Path, dir: &Path, what: &str) -> (Output, Vec<String>) {
+    let before = std::fs::read(input).unwrap();
+    let run = apply_command(
+        &hostile("direction.json"),
+        input,
+        &dir.join("out.gguf"),
+        &["-q"],
+    )
+    .output()
+    .unwrap();
     assert!(
-        stderr
-            .trim_end()
-            .lines()
-            .last()
-            .unwrap()
-            .starts_with("error: "),
-        "{stderr}"
+        std::fs::read(input).unwrap() == before,
+        "{what}: input changed"
     );
-    assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
+    (run, listing(dir))
 }
 
 /// At least 80 % of the harmless replies in a report are real answers of

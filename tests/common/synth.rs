@@ -2,8 +2,6 @@
 //! family: the tensors and keys each family's loader requires, a vocabulary
 //! of dummy tokens (`no_vocab`), and a refusal-like direction planted in
 //! every residual writer so that removing it changes the logits.
-#![allow(dead_code)]
-
 use crate::common::{noise, write_gguf, Kv, SynthTensor};
 use gguf_abliterate::ffi::GgmlType;
 use std::path::Path;
