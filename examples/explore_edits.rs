@@ -26,12 +26,22 @@
 use anyhow::Result;
 use gguf_abliterate::activations::{capture, capture_edited};
 use gguf_abliterate::chat::ChatFormat;
-use gguf_abliterate::direction::refine::orthogonalize_against;
+use gguf_abliterate::direction::space::orthogonalize_against;
 use gguf_abliterate::edit::{dot, normalized};
 use gguf_abliterate::eval::{BatchHook, NoHook, Runner};
 use gguf_abliterate::ffi::{self, Node, ResidualHook};
+use gguf_abliterate::judge::{detokenize, Judge, MarkerJudge, Verdict};
 use gguf_abliterate::prompts::{Kind, PromptSet};
-use gguf_abliterate::verify::{detokenize, judge, judge_answer, Verdict};
+
+/// The search's verdict on a reply to a harmful request.
+fn judge_answer(request: &str, text: &str, tokens: &[i32]) -> Verdict {
+    MarkerJudge.verdict(request, true, text, tokens)
+}
+
+/// The search's verdict on a reply to a harmless request.
+fn judge(text: &str, tokens: &[i32]) -> Verdict {
+    MarkerJudge.verdict("", false, text, tokens)
+}
 
 struct ProjHook {
     dirs: Vec<Vec<f32>>,
@@ -174,11 +184,11 @@ fn main() -> Result<()> {
             let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
             let search = &report["search"];
             let i = search["front"][n.parse::<usize>()?].as_u64().unwrap() as usize;
-            let point: gguf_abliterate::direction::refine::EditPoint =
+            let point: gguf_abliterate::edit::EditPoint =
                 serde_json::from_value(search["trials"][i]["point"].clone())?;
-            let r = gguf_abliterate::direction::refine::point_direction(&hm, &sm, &point)?;
+            let r = gguf_abliterate::direction::space::point_direction(&hm, &sm, &point)?;
             let layers =
-                gguf_abliterate::direction::refine::layer_directions(&hm, &sm, &point, n_layer)?;
+                gguf_abliterate::direction::space::layer_directions(&hm, &sm, &point, n_layer)?;
             let mut hook = gguf_abliterate::eval::AblateHook::new(&r)
                 .unwrap()
                 .with_layer_directions(&layers, &Default::default());

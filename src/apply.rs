@@ -100,12 +100,31 @@ pub struct ApplyReport {
     pub imatrix: String,
 }
 
+/// Receives each tensor's report as it is written.
+pub trait TensorSink {
+    /// Tensor `done` of `total` (of shape `shape`) is written.
+    fn tensor(&mut self, _done: usize, _total: usize, _shape: &str, _report: &TensorReport) {}
+}
+
 /// Rewrites `input` (and its other shards) to `output`.
 pub fn apply(
     input: &Path,
     output: &Path,
     direction: &[f32],
     opts: &ApplyOptions,
+) -> Result<ApplyReport> {
+    struct Quiet;
+    impl TensorSink for Quiet {}
+    apply_with(input, output, direction, opts, &mut Quiet)
+}
+
+/// `apply`, telling `sink` of each tensor as it is written.
+pub fn apply_with(
+    input: &Path,
+    output: &Path,
+    direction: &[f32],
+    opts: &ApplyOptions,
+    sink: &mut dyn TensorSink,
 ) -> Result<ApplyReport> {
     if !(opts.scale > 0.0 && opts.scale <= 1.0) {
         bail!("--scale must be in (0, 1], got {}", opts.scale);
@@ -147,39 +166,8 @@ pub fn apply(
                 .find(|e| e.name == t.name)
                 .expect("edited tensor is planned");
             let (bytes, report) = edit_tensor(shard, t, e, opts.scale * e.weight, opts)?;
-            let line = format!(
-                "[{:>4}/{n_edits}] {:<32} {:>7} {:>18}  max|rᵀW| {:.4} -> {:.4}  kept {:.3} of {:.2}, error x{:.2} ({}){}{}",
-                reports.len() + 1,
-                t.name,
-                report.ggml_type,
-                t.shape_string(),
-                report.max_before,
-                report.max_after,
-                report.kept,
-                (1.0 - report.removed).abs(),
-                report.error_ratio,
-                match (report.passes, report.moves) {
-                    (1, 0) => "1 pass".to_string(),
-                    (1, 1) => "1 code moved".to_string(),
-                    (1, m) => format!("{m} codes moved"),
-                    (p, _) => format!("{p} passes"),
-                },
-                if report.removed == 1.0 {
-                    String::new()
-                } else {
-                    format!("  ({:.0}% removed)", 100.0 * report.removed)
-                },
-                report
-                    .post_norm
-                    .as_deref()
-                    .map(|n| format!("  (via {n})"))
-                    .unwrap_or_default()
-            );
-            if bar.is_hidden() {
-                eprintln!("{line}");
-            } else {
-                bar.println(line);
-            }
+            let shape = t.shape_string();
+            bar.suspend(|| sink.tensor(reports.len() + 1, n_edits, &shape, &report));
             bar.inc(t.size);
             reports.push(report);
             shard.release(t);

@@ -456,16 +456,6 @@ pub fn kl_divergence(log_p: &[f32], log_q: &[f32]) -> f64 {
         .max(0.0)
 }
 
-/// Refusal log-odds: log P(refusal token) − log P(anything else).
-pub fn refusal_score(log_probs: &[f32], refusal_tokens: &[i32]) -> f64 {
-    let p: f64 = refusal_tokens
-        .iter()
-        .map(|&t| (log_probs[t as usize] as f64).exp())
-        .sum();
-    let p = p.clamp(1e-12, 1.0 - 1e-12);
-    p.ln() - (1.0 - p).ln()
-}
-
 /// What greedy generation produced for one prompt.
 #[derive(Clone, Debug, Default)]
 pub struct Generation {

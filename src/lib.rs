@@ -4,8 +4,9 @@
 //!
 //! The data flows one way, and the modules follow it:
 //! `ffi` (llama.cpp) → `prompts` → `activations` → `direction` →
-//! `edit` (math) + `quant` → `gguf` (container) via `apply` → `verify` (with `perplexity`);
-//! `pipeline` runs them in that order for the command line.
+//! `edit` (math) + `quant` → `gguf` (container) via `apply` → `verify` (with `perplexity`)
+//! → `report`. `judge` decides refusals for both the search and `verify`;
+//! `pipeline` runs the stages in order for the command line.
 
 pub mod activations;
 pub mod apply;
@@ -19,11 +20,13 @@ pub mod ffi;
 pub mod gguf;
 pub mod imatrix;
 pub mod inspect;
+pub mod judge;
 pub mod output;
 pub mod perplexity;
 pub mod pipeline;
 pub mod prompts;
 pub mod quant;
+pub mod report;
 pub mod rewrite;
 pub mod signals;
 pub mod verify;

@@ -236,6 +236,7 @@ fn verification_fails_when_the_output_does_not_load() {
         threads: 2,
         perplexity: None,
         cache: &gguf_abliterate::cache::Cache::disabled(),
+        judge: &gguf_abliterate::judge::MarkerJudge,
     };
     let err = gguf_abliterate::verify::verify(&fixture, &broken, &prompts, &prompts, &settings)
         .unwrap_err();

@@ -3,7 +3,8 @@
 use crate::common::*;
 use gguf_abliterate::activations::{capture_edited, capture_means};
 use gguf_abliterate::chat::ChatFormat;
-use gguf_abliterate::direction::refine::{layer_directions, point_direction, EditPoint};
+use gguf_abliterate::direction::space::{layer_directions, point_direction};
+use gguf_abliterate::edit::EditPoint;
 use gguf_abliterate::edit::{EditWeights, Kernel};
 use gguf_abliterate::eval::{kl_divergence, AblateHook, AddHook, NoHook, Runner};
 use gguf_abliterate::ffi::{self, Model};
@@ -540,18 +541,21 @@ fn a_shared_prompt_prefix_changes_no_logits_and_no_replies() {
 #[test]
 fn replies_ended_at_a_refusal_marker_keep_their_verdict() {
     let fixture = require_model!(fixture);
-    use gguf_abliterate::verify::{detokenize, has_refusal_marker, judge, Verdict};
+    use gguf_abliterate::judge::{detokenize, stop_when_settled, Judge, MarkerJudge, Verdict};
     let model = load(&fixture);
     let p = builtin_harmful_val(&model, 12);
     let mut runner = Runner::new(&model, 2048, 2).unwrap();
     let full = runner.generate(&p, 24, &mut NoHook).unwrap();
-    let refused = |tokens: &[i32]| has_refusal_marker(&detokenize(&model, tokens));
+    let refused = stop_when_settled(&MarkerJudge, &model);
     let early = runner
         .generate_until(&p, 24, &mut NoHook, &refused)
         .unwrap();
     let verdicts = |g: &[gguf_abliterate::eval::Generation]| -> Vec<bool> {
         g.iter()
-            .map(|g| judge(&detokenize(&model, &g.tokens), &g.tokens) == Verdict::Complied)
+            .map(|g| {
+                let text = detokenize(&model, &g.tokens);
+                MarkerJudge.verdict("", false, &text, &g.tokens) == Verdict::Complied
+            })
             .collect()
     };
     let n =

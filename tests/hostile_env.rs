@@ -504,8 +504,10 @@ fn sigterm_in_every_phase() {
     assert_eq!(std::fs::metadata(&fixture).unwrap().len(), fixture_len);
 }
 
-/// Peak RSS in MiB and the output of a child, waited for with wait4.
-#[allow(clippy::zombie_processes)] // reaped by wait4, which also gives its rusage
+/// Peak RSS in MiB and the output of a child. The peak is the child's own
+/// `VmHWM`, read while it runs: `wait4`'s `ru_maxrss` would also count the
+/// test process's own peak, which a spawned child inherits until its exec.
+#[allow(clippy::zombie_processes)] // reaped by wait4 below
 fn run_measured(mut cmd: Command) -> (u64, Output) {
     let child = cmd
         .stdout(Stdio::piped())
@@ -519,14 +521,26 @@ fn run_measured(mut cmd: Command) -> (u64, Output) {
         stderr.read_to_end(&mut s).unwrap();
         s
     });
-    let mut status = 0;
-    // SAFETY: zeroed rusage is valid; pid is our unreaped child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let high_water = || -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    let (mut status, mut peak_kib) = (0, 0);
+    loop {
+        peak_kib = high_water().unwrap_or(0).max(peak_kib);
+        // SAFETY: pid is our unreaped child; WNOHANG returns at once.
+        let done = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if done == pid {
+            break;
+        }
+        assert_eq!(done, 0, "waitpid failed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let stderr = reader.join().unwrap();
     let status = std::os::unix::process::ExitStatusExt::from_raw(status);
     (
-        usage.ru_maxrss as u64 / 1024,
+        peak_kib / 1024,
         Output {
             status,
             stdout: Vec::new(),

@@ -21,6 +21,7 @@ mod hook;
 mod hostile;
 mod hostile_env;
 mod imatrix;
+mod layout;
 mod modelfile;
 mod pick;
 mod qwen_e2e;

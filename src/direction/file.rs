@@ -1,6 +1,7 @@
-//! The direction file: `{"direction": [n_embd floats], …provenance}`.
+//! The direction file: `{"direction": [n_embd floats], …the edit record,
+//! …provenance}`.
 
-use crate::edit::EditWeights;
+use crate::edit::{EditPoint, EditRecord, RECORD_KEYS};
 use crate::gguf::Value;
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value as Json};
@@ -11,6 +12,9 @@ pub struct DirectionFile {
     /// Per-layer scope: one direction per layer for its writers (empty:
     /// global scope, `direction` for every tensor).
     pub layer_directions: Vec<Vec<f32>>,
+    /// The edit it records (None: it records none, and applies the plain
+    /// edit). A file that records part of one gets the rest at their defaults.
+    pub edit: Option<EditRecord>,
     /// Every other key, kept as provenance.
     pub provenance: Map<String, Json>,
 }
@@ -47,7 +51,21 @@ impl DirectionFile {
                 .context("\"layer_directions\" must be a list of lists of numbers")?,
             Some(_) => bail!("\"layer_directions\" must be a list of lists of numbers"),
         };
-        Self::new(direction, map)?.with_layer_directions(layers)
+        let recorded: Map<String, Json> = RECORD_KEYS
+            .iter()
+            .filter_map(|&k| map.remove(k).map(|v| (k.to_string(), v)))
+            .collect();
+        let edit = if recorded.is_empty() {
+            None
+        } else {
+            let record: EditRecord = serde_json::from_value(Json::Object(recorded))
+                .context("its edit (scale, weights, layer, …) is not a valid edit record")?;
+            record.validate()?;
+            Some(record)
+        };
+        let mut file = Self::new(direction, map)?.with_layer_directions(layers)?;
+        file.edit = edit;
+        Ok(file)
     }
 
     /// Per-layer scope, provided every layer's vector has the global one's
@@ -74,12 +92,22 @@ impl DirectionFile {
         Ok(DirectionFile {
             direction,
             layer_directions: Vec::new(),
+            edit: None,
             provenance,
         })
     }
 
-    pub fn to_json(&self) -> String {
+    /// The provenance with the edit record's keys among it.
+    fn keys(&self) -> Map<String, Json> {
         let mut map = self.provenance.clone();
+        if let Some(Ok(Json::Object(edit))) = self.edit.as_ref().map(serde_json::to_value) {
+            map.extend(edit);
+        }
+        map
+    }
+
+    pub fn to_json(&self) -> String {
+        let mut map = self.keys();
         map.insert(
             "direction".into(),
             Json::from(self.direction.iter().map(|&x| x as f64).collect::<Vec<_>>()),
@@ -95,29 +123,9 @@ impl DirectionFile {
         serde_json::to_string_pretty(&Json::Object(map)).expect("serializable")
     }
 
-    /// The recorded edit: the chosen scale (1 if none), whether `token_embd`
-    /// was left alone, and the per-layer weights (uniform if none).
-    pub fn recorded_edit(&self) -> Result<(f32, bool, EditWeights)> {
-        let scale = self
-            .provenance
-            .get("scale")
-            .and_then(Json::as_f64)
-            .unwrap_or(1.0) as f32;
-        let skip = self
-            .provenance
-            .get("skip_embeddings")
-            .and_then(Json::as_bool)
-            .unwrap_or(false);
-        let weights = match self.provenance.get("weights") {
-            None => EditWeights::default(),
-            Some(w) => serde_json::from_value::<EditWeights>(w.clone())
-                .context("\"weights\" is not a valid edit parametrization")?,
-        };
-        weights.validate()?;
-        if !(scale > 0.0 && scale <= 1.0) {
-            bail!("\"scale\" must be in (0, 1], got {scale}");
-        }
-        Ok((scale, skip, weights))
+    /// The recorded edit, or the plain one where the file records none.
+    pub fn recorded_edit(&self) -> EditRecord {
+        self.edit.clone().unwrap_or_default()
     }
 
     /// The direction file of point `n` of the saved Pareto front (as the
@@ -135,9 +143,8 @@ impl DirectionFile {
                 front.len() - 1
             )
         })?;
-        let point: crate::direction::refine::EditPoint =
-            serde_json::from_value(entry["point"].clone())
-                .with_context(|| format!("front point {n} is not a valid edit point"))?;
+        let point: EditPoint = serde_json::from_value(entry["point"].clone())
+            .with_context(|| format!("front point {n} is not a valid edit point"))?;
         let picked = DirectionFile::parse(
             &serde_json::json!({
                 "direction": entry["direction"],
@@ -146,28 +153,13 @@ impl DirectionFile {
             .to_string(),
         )
         .with_context(|| format!("front point {n} has no valid direction"))?;
-        point.weights.validate()?;
-        let mut provenance = self.provenance.clone();
-        let index = point.direction_index;
-        for (k, v) in [
-            ("layer", Json::from(index.round() as u64)),
-            ("position", Json::from(point.position)),
-            ("scale", Json::from(point.scale as f64)),
-            (
-                "skip_embeddings",
-                Json::from(point.weights.embeddings == 0.0),
-            ),
-            ("direction_index", Json::from(index as f64)),
-            ("biprojected", Json::from(point.biprojected)),
-            ("per_layer", Json::from(point.per_layer)),
-            ("weights", serde_json::to_value(point.weights)?),
-        ] {
-            provenance.insert(k.into(), v);
-        }
+        let edit = EditRecord::of(&point);
+        edit.validate()?;
         Ok(DirectionFile {
             direction: picked.direction,
             layer_directions: picked.layer_directions,
-            provenance,
+            edit: Some(edit),
+            provenance: self.provenance.clone(),
         })
     }
 
@@ -175,7 +167,7 @@ impl DirectionFile {
     /// values (candidate tables, prompt lists) stay in the JSON only.
     pub fn provenance_kvs(&self) -> Vec<(String, Value)> {
         let mut kvs = Vec::new();
-        for (k, v) in &self.provenance {
+        for (k, v) in &self.keys() {
             let value = match v {
                 Json::String(s) => Value::String(s.clone()),
                 Json::Bool(b) => Value::Bool(*b),
@@ -258,23 +250,28 @@ mod tests {
                "weights":{"attention":{"max_weight":1.2,"max_weight_position":3.5,"min_weight":0.1,"min_weight_distance":4},"mlp":null,"embeddings":0}}"#,
         )
         .unwrap();
-        let (scale, skip, w) = f.recorded_edit().unwrap();
-        assert_eq!((scale, skip), (0.5, true));
-        assert_eq!(w.attention.unwrap().max_weight_position, 3.5);
-        assert!(w.mlp.is_none());
+        let edit = f.recorded_edit();
+        assert_eq!((edit.scale(), edit.skip_embeddings), (0.5, true));
+        assert_eq!(edit.weights.attention.unwrap().max_weight_position, 3.5);
+        assert!(edit.weights.mlp.is_none());
+        // Written back, the record is whole and reads back the same.
+        let round = DirectionFile::parse(&f.to_json()).unwrap();
+        assert_eq!(round.recorded_edit(), edit);
         let plain = DirectionFile::parse(r#"{"direction":[1,0]}"#).unwrap();
+        assert_eq!(plain.edit, None);
+        assert_eq!(plain.recorded_edit(), EditRecord::default());
         assert_eq!(
-            plain.recorded_edit().unwrap(),
-            (1.0, false, EditWeights::default())
+            plain.to_json(),
+            "{\n  \"direction\": [\n    1.0,\n    0.0\n  ]\n}"
         );
         for bad in [
             r#"{"direction":[1],"weights":{"attention":null,"mlp":null,"embeddings":-1}}"#,
             r#"{"direction":[1],"weights":{"attention":null,"mlp":null,"embeddings":9}}"#,
             r#"{"direction":[1],"weights":"x"}"#,
             r#"{"direction":[1],"scale":2}"#,
+            r#"{"direction":[1],"layer":"twelve"}"#,
         ] {
-            let f = DirectionFile::parse(bad).unwrap();
-            assert!(f.recorded_edit().is_err(), "{bad}");
+            assert!(DirectionFile::parse(bad).is_err(), "{bad}");
         }
     }
 
@@ -313,6 +310,6 @@ mod tests {
             picked.layer_directions,
             vec![vec![1.0, 1.0], vec![1.0, -1.0]]
         );
-        assert_eq!(picked.provenance["per_layer"], Json::from(true));
+        assert!(picked.edit.as_ref().unwrap().per_layer);
     }
 }

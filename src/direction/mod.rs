@@ -1,13 +1,12 @@
-//! The refusal direction: its file format, and (in `search`) how it is
-//! found from captured activations.
+//! The refusal direction: how it is found (`search`), the edit space the
+//! refinement explores (`space`), and the file that records it.
 
 pub mod control_vector;
 mod file;
-pub mod refine;
 mod search;
+pub mod space;
 
 pub use file::DirectionFile;
 pub use search::{
-    default_threads, search, CandidateScores, RefusalToken, SearchOptions, SearchResult,
-    JUDGE_TOKENS,
+    default_threads, search, CandidateScores, FrontPoint, SearchOptions, SearchResult,
 };

@@ -8,8 +8,10 @@
 
 mod params;
 mod plan;
+mod record;
 
-pub use params::{Component, EditWeights, Kernel, MAX_WEIGHT};
+pub use params::{Component, EditPoint, EditWeights, Kernel, MAX_WEIGHT};
+pub use record::{EditRecord, RECORD_KEYS};
 
 pub use plan::{
     check_supported, classify, plan_edits, post_norm_direction, EditKind, EditPlan, PlannedEdit,

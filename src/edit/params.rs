@@ -145,6 +145,24 @@ impl EditWeights {
     }
 }
 
+/// One point of the edit space.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EditPoint {
+    /// Fractional layer: the direction interpolates between the two
+    /// neighbouring layers' (normalized) differences of means.
+    pub direction_index: f32,
+    pub position: usize,
+    /// Orthogonalized against the harmless mean at that layer.
+    pub biprojected: bool,
+    /// Each layer's writers lose their own layer's direction (heretic's
+    /// "per layer" scope); `direction_index` then only picks `token_embd`'s.
+    #[serde(default)]
+    pub per_layer: bool,
+    /// Global share (`apply --scale`); the weights carry the rest.
+    pub scale: f32,
+    pub weights: EditWeights,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

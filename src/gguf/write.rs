@@ -118,7 +118,7 @@ pub fn write_patched(
 
 /// Starts the kernel's writeback of what has been written so far, without
 /// waiting for it, so that the final `fsync` finds little left to write
-/// (on a 469 MB model it otherwise waited 0.2–0.7 s with every core idle).
+/// instead of waiting with every core idle.
 #[derive(Default)]
 struct Writeback {
     started_to: u64,

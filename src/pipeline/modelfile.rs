@@ -2,11 +2,12 @@
 
 use crate::output;
 use anyhow::Result;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// An Ollama Modelfile: FROM the output, plus the chat template and stop
 /// tokens Ollama cannot always infer from a GGUF it did not convert.
-pub fn write_modelfile(input: &Path, out: &Path, force: bool) -> Result<()> {
+/// Returns its path and the tag to create it under.
+pub fn write_modelfile(input: &Path, out: &Path, force: bool) -> Result<(PathBuf, String)> {
     let shards = crate::gguf::open_model(input)?;
     let meta = &shards[0];
     let name = out
@@ -38,11 +39,5 @@ pub fn write_modelfile(input: &Path, out: &Path, force: bool) -> Result<()> {
     let path = out.with_file_name("Modelfile");
     output::write_atomic(&path, text.as_bytes(), force)?;
     let tag = name.trim_end_matches(".gguf").to_lowercase();
-    eprintln!(
-        "wrote {}; import it with:\n  cd {} && ollama create {tag} -f Modelfile",
-        path.display(),
-        path.parent()
-            .map_or(".".into(), |p| p.display().to_string())
-    );
-    Ok(())
+    Ok((path, tag))
 }

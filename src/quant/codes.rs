@@ -20,18 +20,20 @@ pub struct Code {
 }
 
 /// The formats with per-element codes this module can edit.
+pub const SUPPORTED: [GgmlType; 8] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+];
+
+/// Whether this module can edit the codes of `ty`.
 pub fn supports(ty: GgmlType) -> bool {
-    [
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q8_0,
-        GgmlType::Q4_K,
-        GgmlType::Q5_K,
-        GgmlType::Q6_K,
-    ]
-    .contains(&ty)
+    SUPPORTED.contains(&ty)
 }
 
 /// Elements that share one scale, hence one step: 16 in Q6_K, 32 in the
@@ -180,16 +182,7 @@ mod tests {
         let values: Vec<f32> = (0..n)
             .map(|i| (((i * 7919) % 997) as f32 / 997.0 - 0.45) * (1.0 + (i % 7) as f32))
             .collect();
-        for ty in [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q5_1,
-            GgmlType::Q8_0,
-            GgmlType::Q4_K,
-            GgmlType::Q5_K,
-            GgmlType::Q6_K,
-        ] {
+        for ty in SUPPORTED {
             assert!(supports(ty));
             let bytes = quant::quantize(ty, &values, n, None).unwrap();
             let before = quant::dequantize(ty, &bytes, n).unwrap();

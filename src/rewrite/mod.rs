@@ -30,9 +30,8 @@ fn task_rows(row_len: usize) -> usize {
 /// projection stops: well inside the 0.05 the tests allow.
 pub const GRID_TOLERANCE: f64 = 0.02;
 /// The bound on `‖uᵀV − (1 − s) uᵀW‖ / ‖uᵀW‖` that code moves settle to.
-/// The acceptance is 0.05; every move past the bound costs
-/// quantization error (on Gemma 3's Q4_K post-norm tensors, settling to
-/// 0.01 cost up to 1.6× plain requantization's error, 0.045 about 1.2×).
+/// Just inside the 0.05 promised: every move past the bound costs
+/// quantization error (docs/figures.md has what tighter bounds cost).
 pub const FLIP_TOLERANCE: f64 = 0.045;
 /// Quantization passes at most for formats without code edits, the plain
 /// one included: bounds the cost.
@@ -605,8 +604,8 @@ impl Job<'_> {
 /// Share of `‖u‖²` held by the rows requantized after the plain pass.
 const SUBSET_MASS: f64 = 0.5;
 /// Least cosine between a requantized row's change and `−e` for the row's
-/// new quantization to be kept (measured on Gemma 3's Q4_K: 0 stalls at a
-/// residual of 0.12–0.16, 0.3 reaches 0.065).
+/// new quantization to be kept: accepting any change that merely does not
+/// hurt lets the residual stall (docs/figures.md).
 const MIN_ALIGNMENT: f64 = 0.3;
 
 /// `w_i = u_i / ‖u_S‖²` on the fewest rows `S` holding `mass` of `‖u‖²`,

@@ -1,5 +1,4 @@
-//! Refining the chosen direction's edit with a TPE search over the edit
-//! space: a fractional direction index, optional orthogonalization against
+//! The edit space that the refinement searches with TPE: a fractional direction index, optional orthogonalization against
 //! the harmless mean ("biprojection"), heretic's per-layer kernels for
 //! attention and MLP writes, and the `token_embd` weight.
 //!
@@ -12,28 +11,10 @@
 //! front over (refusals, KL) is reported from all of them.
 
 use crate::activations::Means;
-use crate::edit::{normalized, EditWeights, Kernel};
+use crate::edit::{normalized, EditPoint, EditWeights, Kernel};
 use anyhow::{Context, Result};
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
-
-/// One point of the edit space.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct EditPoint {
-    /// Fractional layer: the direction interpolates between the two
-    /// neighbouring layers' (normalized) differences of means.
-    pub direction_index: f32,
-    pub position: usize,
-    /// Orthogonalized against the harmless mean at that layer.
-    pub biprojected: bool,
-    /// Each layer's writers lose their own layer's direction (heretic's
-    /// "per layer" scope); `direction_index` then only picks `token_embd`'s.
-    #[serde(default)]
-    pub per_layer: bool,
-    /// Global share (`apply --scale`); the weights carry the rest.
-    pub scale: f32,
-    pub weights: EditWeights,
-}
 
 /// A measured point.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -148,10 +129,9 @@ pub struct Space {
 /// The per-layer scope's plain edit, as a first guess the optimizer would
 /// take many trials to find: each layer from two thirds of the way to
 /// `first`'s direction layer onward loses its own (biprojected) direction
-/// at one weight, earlier layers and `token_embd` nothing. Measured through
-/// the hook, this shape was the best per-layer edit on the fixture (layers
-/// 14–29 of 30, direction layer 21) and on Qwen2.5-Coder-0.5B (10–23 of 24,
-/// direction layer 16), scaled to the KL target.
+/// at one weight, earlier layers and `token_embd` nothing: the best
+/// per-layer edit on both test models (docs/figures.md), scaled to the KL
+/// target.
 pub fn per_layer_seed(first: &EditPoint, n_layer: usize) -> EditPoint {
     let last = (n_layer - 1) as f32;
     let from = (first.direction_index * 2.0 / 3.0).round().min(last);
@@ -399,7 +379,7 @@ pub fn pareto_front(trials: &[Trial]) -> Vec<usize> {
 /// (`noise`, with rates measured on `n` prompts), the lowest KL. A few
 /// replies out of 32 or 64 are noise, while the KL a point costs is not:
 /// held back, the stronger of two such points kept none of its advantage
-/// and more of its KL (see the README's figures).
+/// and more of its KL (docs/figures.md).
 pub fn pick(trials: &[Trial], kl_target: f64, n: usize) -> Option<usize> {
     pick_by(trials, kl_target, n, |t| Some((t.refusal_rate?, t.kl)))
 }
@@ -556,12 +536,9 @@ mod tests {
         assert_eq!(pick_confirmed(&t, 0.25, n, n), Some(1));
     }
 
-    /// The finalists of the CI run of 363c53e, pooled over 64 prompts.
-    /// Qwen2.5-Coder-0.5B: 6.3 % at KL 0.082 and 9.4 % at 0.047, two
-    /// replies apart, within one standard error (4.7 %): the lower KL.
-    /// Held back, the other measured 5 % at 0.111 in that run, and this
-    /// one 5 % at 0.055 in the next (the CI run of d23f5a7).
-    /// A gap larger than one standard error still buys the fewer refusals.
+    /// Two finalists two replies apart in 64, within one standard error:
+    /// the lower KL. A gap larger than one standard error still buys the
+    /// fewer refusals.
     #[test]
     fn refusals_within_noise_give_way_to_the_lower_kl() {
         let mut q = vec![trial(Some(0.03), 0.079), trial(Some(0.06), 0.045)];

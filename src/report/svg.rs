@@ -88,8 +88,8 @@ pub fn front_svg(result: &SearchResult) -> Option<String> {
     let path: Vec<String> = result
         .front
         .iter()
-        .map(|&i| {
-            let t = &result.trials[i];
+        .map(|f| {
+            let t = &result.trials[f.trial];
             format!("{:.1},{:.1}", x(t.kl), y(t.refusal_rate.unwrap_or(1.0)))
         })
         .collect();
@@ -98,8 +98,8 @@ pub fn front_svg(result: &SearchResult) -> Option<String> {
         r##"<polyline points="{}" stroke="#1f77b4" fill="none" stroke-width="2"/>"##,
         path.join(" ")
     );
-    for (n, &i) in result.front.iter().enumerate() {
-        let t = &result.trials[i];
+    for (n, f) in result.front.iter().enumerate() {
+        let t = &result.trials[f.trial];
         let (cx, cy) = (x(t.kl), y(t.refusal_rate.unwrap_or(1.0)));
         let chosen = t.point == result.point;
         let _ = writeln!(

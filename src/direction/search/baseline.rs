@@ -1,0 +1,166 @@
+//! Stage 3: the unedited model, judged from its replies: how often it
+//! refuses, which tokens its refusals open with, and the harmless
+//! prompts it answers (KL is measured on those).
+
+use super::capture::Captured;
+use super::prompts::{tokenize_all, train_after, Prompts};
+use super::{mean, Setup};
+use crate::activations::Means;
+use crate::eval::{NoHook, Runner};
+use crate::judge::{
+    detokenize, refusal_score, refusal_scores, refusal_tokens, Answers, RefusalToken, Verdict,
+    JUDGE_TOKENS,
+};
+use anyhow::{bail, Result};
+
+/// Below this share of harmful prompts refused, there is nothing to remove.
+const MIN_BASELINE_REFUSAL: f64 = 0.05;
+
+pub struct Baseline {
+    pub harmful: Means,
+    pub harmless: Means,
+    pub refusal_ids: Vec<i32>,
+    pub refusal_tokens: Vec<RefusalToken>,
+    /// Share of harmful validation replies refused.
+    pub refusal_rate: f64,
+    /// Mean first-token refusal scores on the validation prompts.
+    pub harmful_score: f64,
+    pub harmless_score: f64,
+    /// Harmless validation prompts the model answers.
+    pub answered_val: usize,
+    /// The harmless prompts KL is measured on, with their first-token
+    /// log-probabilities: the answered validation prompts, then answered
+    /// training prompts that the capture did not use.
+    pub safe_answered: Vec<Vec<i32>>,
+    pub base_answered: Vec<Vec<f32>>,
+    /// Harmless training prompts taken for KL after the captured ones.
+    pub spare: usize,
+}
+
+impl Baseline {
+    /// The candidate direction at (layer, position): the difference of means.
+    pub fn direction(&self, layer: usize, position: usize) -> Vec<f32> {
+        self.harmful.minus(&self.harmless, layer, position)
+    }
+}
+
+/// First-token distributions of the replies judged refusals, and of those
+/// judged real answers.
+type Openings = (Vec<Vec<f32>>, Vec<Vec<f32>>);
+
+/// A model that does not refuse is told so here, before minutes of search.
+pub fn measure(s: &Setup, runner: &mut Runner, p: &Prompts, c: Captured) -> Result<Baseline> {
+    let (refused_first, complied_first) = harmful_openings(s, runner, p)?;
+    let n_replies = p.harm_val.len();
+    let refusal_rate = refused_first.len() as f64 / n_replies.max(1) as f64;
+    if refusal_rate < MIN_BASELINE_REFUSAL {
+        bail!(
+            "the model refuses {} of {} harmful validation prompts ({:.0}%, judged from its replies): \
+             there is no refusal to remove (a base model, or one already abliterated?)",
+            refused_first.len(),
+            n_replies,
+            100.0 * refusal_rate
+        );
+    }
+    let answered_first: Vec<Vec<f32>> = runner
+        .generate(&p.safe_val, JUDGE_TOKENS, &mut NoHook)?
+        .into_iter()
+        .filter(|g| {
+            let text = detokenize(s.model, &g.tokens);
+            s.judge.verdict("", false, &text, &g.tokens) == Verdict::Complied
+        })
+        .map(|g| g.first_log_probs)
+        .collect();
+    let refusal_ids = refusal_tokens(
+        &c.harmful_first,
+        &c.harmless_first,
+        &refused_first,
+        &Answers {
+            harmless: &answered_first,
+            harmful: &complied_first,
+        },
+    );
+    if refusal_ids.is_empty() {
+        bail!("the model's refusals begin with no token: there is nothing to score refusals by");
+    }
+    let refusal_tokens = refusal_ids
+        .iter()
+        .map(|&id| RefusalToken {
+            id,
+            text: s.model.token_to_piece(id),
+        })
+        .collect();
+
+    let base_harm = runner.first_token_logprobs(&p.harm_val, &mut NoHook)?;
+    let base_safe = runner.first_token_logprobs(&p.safe_val, &mut NoHook)?;
+    let safe_scores = refusal_scores(&base_safe, &refusal_ids);
+    // KL is measured only where the model answers: un-refusing a harmless
+    // prompt it used to refuse is the point, not damage.
+    let answered: Vec<usize> = (0..p.safe_val.len())
+        .filter(|&i| safe_scores[i] < 0.0)
+        .collect();
+    if answered.is_empty() {
+        bail!(
+            "the model refuses every harmless validation prompt; there is nothing to measure KL on"
+        );
+    }
+    let mut safe_answered: Vec<Vec<i32>> =
+        answered.iter().map(|&i| p.safe_val[i].clone()).collect();
+    let mut base_answered: Vec<Vec<f32>> = answered.iter().map(|&i| base_safe[i].clone()).collect();
+    // KL on a few prompts is noisy, and the refinement's many trials would
+    // fit its noise: so it is also measured on answered training prompts
+    // that the capture did not use. Not on the captured ones: the direction
+    // is made from their means, so KL there is biased low.
+    let spare = train_after(s.harmless, p.safe_train.len(), p.safe_val.len());
+    let (spare_answered, spare_base) =
+        answered_prompts(runner, tokenize_all(s.model, s.fmt, &spare)?, &refusal_ids)?;
+    safe_answered.extend(spare_answered);
+    base_answered.extend(spare_base);
+    Ok(Baseline {
+        harmful: c.harmful,
+        harmless: c.harmless,
+        harmful_score: mean(&refusal_scores(&base_harm, &refusal_ids)),
+        harmless_score: mean(&safe_scores),
+        refusal_ids,
+        refusal_tokens,
+        refusal_rate,
+        answered_val: answered.len(),
+        safe_answered,
+        base_answered,
+        spare: spare.len(),
+    })
+}
+
+/// Replies to the harmful validation prompts, judged: the openings of
+/// the refusals and of the real answers.
+fn harmful_openings(s: &Setup, runner: &mut Runner, p: &Prompts) -> Result<Openings> {
+    let replies = runner.generate(&p.harm_val, JUDGE_TOKENS, &mut NoHook)?;
+    let (mut refused, mut complied) = (Vec::new(), Vec::new());
+    for (g, request) in replies.into_iter().zip(&p.harm_texts) {
+        let text = detokenize(s.model, &g.tokens);
+        match s.judge.verdict(request, true, &text, &g.tokens) {
+            Verdict::Refused => refused.push(g.first_log_probs),
+            Verdict::Complied => complied.push(g.first_log_probs),
+            _ => {}
+        }
+    }
+    Ok((refused, complied))
+}
+
+/// Prompts (tokens) with their first-token log-probabilities.
+pub type PromptsWithLogProbs = (Vec<Vec<i32>>, Vec<Vec<f32>>);
+
+/// The prompts the unedited model answers (first-token refusal score
+/// below 0), with their first-token log-probabilities.
+pub fn answered_prompts(
+    runner: &mut Runner,
+    prompts: Vec<Vec<i32>>,
+    refusal_ids: &[i32],
+) -> Result<PromptsWithLogProbs> {
+    let base = runner.first_token_logprobs(&prompts, &mut NoHook)?;
+    Ok(prompts
+        .into_iter()
+        .zip(base)
+        .filter(|(_, lp)| refusal_score(lp, refusal_ids) < 0.0)
+        .unzip())
+}
