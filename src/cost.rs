@@ -13,6 +13,8 @@ pub struct StageCost {
     pub seconds: f64,
     /// Batch rows decoded: every prompt token and every generated token.
     pub rows: u64,
+    /// Of the rows, the generated tokens (decoded one per sequence).
+    pub generated: u64,
     /// Sequences begun (prompts, text chunks), each a KV history of its own.
     pub sequences: u64,
     pub decodes: u64,
@@ -41,6 +43,7 @@ impl Meter {
             stage: stage.into(),
             seconds: self.since.elapsed().as_secs_f64(),
             rows: now.rows - self.at.rows,
+            generated: now.generated - self.at.generated,
             sequences: now.sequences - self.at.sequences,
             decodes: now.decodes - self.at.decodes,
         });
@@ -56,22 +59,24 @@ impl Meter {
 /// The account as a short table, with a total row.
 pub fn table(stages: &[StageCost]) -> String {
     let mut out = format!(
-        "{:<10} {:>9} {:>10} {:>10} {:>9}\n",
-        "stage", "seconds", "rows", "sequences", "rows/s"
+        "{:<10} {:>9} {:>10} {:>10} {:>10} {:>9}\n",
+        "stage", "seconds", "rows", "generated", "sequences", "rows/s"
     );
     let total = StageCost {
         stage: "total".into(),
         seconds: stages.iter().map(|s| s.seconds).sum(),
         rows: stages.iter().map(|s| s.rows).sum(),
+        generated: stages.iter().map(|s| s.generated).sum(),
         sequences: stages.iter().map(|s| s.sequences).sum(),
         decodes: stages.iter().map(|s| s.decodes).sum(),
     };
     for s in stages.iter().chain([&total]) {
         out += &format!(
-            "{:<10} {:>9.1} {:>10} {:>10} {:>9.0}\n",
+            "{:<10} {:>9.1} {:>10} {:>10} {:>10} {:>9.0}\n",
             s.stage,
             s.seconds,
             s.rows,
+            s.generated,
             s.sequences,
             s.rows as f64 / s.seconds.max(1e-9)
         );
@@ -89,6 +94,7 @@ mod tests {
             stage: name.into(),
             seconds,
             rows,
+            generated: rows / 4,
             sequences,
             decodes: 1,
         };
@@ -103,6 +109,6 @@ mod tests {
             "{t}"
         );
         let total: Vec<&str> = lines[3].split_whitespace().collect();
-        assert_eq!(total, ["total", "5.0", "1500", "15", "300"]);
+        assert_eq!(total, ["total", "5.0", "1500", "375", "15", "300"]);
     }
 }

@@ -555,6 +555,7 @@ impl<'m> Runner<'m> {
                 }
                 hook.begin(&step_entries);
                 self.decode(hook)?;
+                crate::ffi::count_generated(still.len());
                 for &(seq, row) in &still {
                     logits[seq] = self.ctx.logits(row)?.to_vec();
                 }

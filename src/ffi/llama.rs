@@ -523,20 +523,30 @@ unsafe extern "C" fn eval_callback(
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DecodeCount {
     pub rows: u64,
+    /// Of the rows, those that were generated tokens fed back one per
+    /// sequence (the rest are prompt rows, decoded many to a sequence).
+    pub generated: u64,
     pub sequences: u64,
     pub decodes: u64,
 }
 
 static DECODED_ROWS: AtomicU64 = AtomicU64::new(0);
+static GENERATED_ROWS: AtomicU64 = AtomicU64::new(0);
 static BEGUN_SEQUENCES: AtomicU64 = AtomicU64::new(0);
 static DECODES: AtomicU64 = AtomicU64::new(0);
 
 pub fn decode_count() -> DecodeCount {
     DecodeCount {
         rows: DECODED_ROWS.load(Ordering::Relaxed),
+        generated: GENERATED_ROWS.load(Ordering::Relaxed),
         sequences: BEGUN_SEQUENCES.load(Ordering::Relaxed),
         decodes: DECODES.load(Ordering::Relaxed),
     }
+}
+
+/// Counts `rows` of the last decode as generated tokens.
+pub fn count_generated(rows: usize) {
+    GENERATED_ROWS.fetch_add(rows as u64, Ordering::Relaxed);
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -612,10 +622,12 @@ impl<'m> Context<'m> {
         self.opts
     }
 
-    /// Forgets every sequence.
+    /// Forgets every sequence. Only the cells' metadata is reset: attention
+    /// masks out every empty cell, so zeroing the buffers would cost a
+    /// pass over the whole KV cache for nothing.
     pub fn clear(&mut self) {
         // SAFETY: valid context.
-        unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ptr.as_ptr()), true) }
+        unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ptr.as_ptr()), false) }
     }
 
     /// Removes one sequence's cached tokens.

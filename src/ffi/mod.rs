@@ -8,8 +8,8 @@ mod llama;
 
 pub use ggml::{dequantize_rows, quantize_rows, validate_rows, GgmlType};
 pub use llama::{
-    apply_chat_template, builtin_chat_templates, decode_count, init_backend, read_control_vector,
-    Batch, Context, ContextOptions, DecodeCount, Model, Node, ResidualHook,
+    apply_chat_template, builtin_chat_templates, count_generated, decode_count, init_backend,
+    read_control_vector, Batch, Context, ContextOptions, DecodeCount, Model, Node, ResidualHook,
 };
 
 pub(crate) use llama_cpp_sys_2 as sys;

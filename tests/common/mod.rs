@@ -648,11 +648,18 @@ pub fn assert_cost_account(r: &serde_json::Value, stdout: &str) {
         .unwrap()
         .iter()
         .map(|s| {
-            (
-                s["stage"].as_str().unwrap(),
-                s["rows"].as_u64().unwrap(),
-                s["sequences"].as_u64().unwrap(),
-            )
+            let (name, rows) = (s["stage"].as_str().unwrap(), s["rows"].as_u64().unwrap());
+            // Generated rows: none where only prompts are decoded, some
+            // (and fewer than all rows) wherever replies are generated.
+            let generated = s["generated"].as_u64().unwrap();
+            match name {
+                "capture" | "rank" | "apply" => assert_eq!(generated, 0, "{name}"),
+                _ => assert!(
+                    generated > 0 && generated < rows,
+                    "{name}: {generated} of {rows}"
+                ),
+            }
+            (name, rows, s["sequences"].as_u64().unwrap())
         })
         .collect();
     let names: Vec<&str> = stages.iter().map(|s| s.0).collect();
