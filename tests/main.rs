@@ -25,3 +25,4 @@ mod layout;
 mod modelfile;
 mod pick;
 mod qwen_e2e;
+mod report;

@@ -168,11 +168,6 @@ impl SearchResult {
     pub fn layer(&self) -> usize {
         self.point.direction_index.round() as usize
     }
-
-    /// The front point a trial is, numbered as printed.
-    pub fn front_number(&self, trial: usize) -> Option<usize> {
-        self.front.iter().position(|f| f.trial == trial)
-    }
 }
 
 /// Finds and scores the refusal direction. `imatrix` observes the
