@@ -106,6 +106,9 @@ pub trait TensorSink {
     fn tensor(&mut self, _done: usize, _total: usize, _shape: &str, _report: &TensorReport) {}
 }
 
+/// Hears nothing.
+impl TensorSink for () {}
+
 /// Rewrites `input` (and its other shards) to `output`.
 pub fn apply(
     input: &Path,
@@ -113,9 +116,7 @@ pub fn apply(
     direction: &[f32],
     opts: &ApplyOptions,
 ) -> Result<ApplyReport> {
-    struct Quiet;
-    impl TensorSink for Quiet {}
-    apply_with(input, output, direction, opts, &mut Quiet)
+    apply_with(input, output, direction, opts, &mut ())
 }
 
 /// `apply`, telling `sink` of each tensor as it is written.

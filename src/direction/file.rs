@@ -107,6 +107,11 @@ impl DirectionFile {
     }
 
     pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(&self.to_value()).expect("serializable")
+    }
+
+    /// The file as a JSON object: direction, edit record and provenance.
+    pub fn to_value(&self) -> Json {
         let mut map = self.keys();
         map.insert(
             "direction".into(),
@@ -120,7 +125,7 @@ impl DirectionFile {
                 .collect();
             map.insert("layer_directions".into(), Json::from(layers));
         }
-        serde_json::to_string_pretty(&Json::Object(map)).expect("serializable")
+        Json::Object(map)
     }
 
     /// The recorded edit, or the plain one where the file records none.

@@ -5,7 +5,7 @@
 use crate::cache::Cache;
 use crate::direction::{self, SearchOptions};
 use clap::builder::{PossibleValuesParser, TypedValueParser};
-use clap::{ArgAction, Args};
+use clap::{ArgAction, Args, FromArgMatches};
 use std::path::PathBuf;
 
 /// What the direction search needs besides the model.
@@ -75,26 +75,7 @@ pub struct SearchConfig {
 
 impl Default for SearchConfig {
     fn default() -> Self {
-        let d = SearchOptions::default();
-        SearchConfig {
-            export_control_vector: None,
-            harmful: None,
-            harmless: None,
-            column: None,
-            n_train: d.n_train,
-            n_val: d.n_val,
-            layer: None,
-            position: None,
-            chat_template: None,
-            kl_threshold: d.kl_threshold,
-            trials: None,
-            top_k: d.top_k,
-            rank_prompts: d.rank_prompts,
-            n_gpu_layers: 0,
-            seed: None,
-            threads: None,
-            collect_imatrix: false,
-        }
+        parsed_defaults()
     }
 }
 
@@ -151,16 +132,7 @@ pub struct EditConfig {
 
 impl Default for EditConfig {
     fn default() -> Self {
-        EditConfig {
-            scale: None,
-            skip_embeddings: false,
-            pick: None,
-            exact_grid: true,
-            preserve_norms: false,
-            imatrix: None,
-            force: false,
-            quiet: false,
-        }
+        parsed_defaults()
     }
 }
 
@@ -249,4 +221,38 @@ pub struct DirectionConfig {
     pub quiet: bool,
     #[command(flatten)]
     pub search: SearchConfig,
+}
+
+/// Options as clap parses them from no arguments: the defaults are the
+/// ones the command line declares, written once.
+fn parsed_defaults<T: Args + FromArgMatches>() -> T {
+    let command = T::augment_args(clap::Command::new("defaults"));
+    T::from_arg_matches(&command.get_matches_from(["defaults"]))
+        .expect("every option has a default")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_the_command_lines() {
+        let (search, edit) = (SearchConfig::default(), EditConfig::default());
+        let d = SearchOptions::default();
+        assert_eq!(
+            (
+                search.n_train,
+                search.n_val,
+                search.top_k,
+                search.rank_prompts
+            ),
+            (d.n_train, d.n_val, d.top_k, d.rank_prompts)
+        );
+        assert_eq!(
+            (search.kl_threshold, search.trials, search.n_gpu_layers),
+            (0.25, None, 0)
+        );
+        assert!(!search.collect_imatrix);
+        assert!(edit.exact_grid && !edit.preserve_norms && !edit.force && edit.scale.is_none());
+    }
 }

@@ -159,7 +159,7 @@ pub fn run_all(
             output: &applied.outputs,
             scale: opts.scale,
             imatrix: &applied.imatrix,
-            direction: report::direction_provenance(&file)?,
+            direction: report::direction_provenance(&file),
             search: search.as_ref(),
             apply: &applied,
             verification: verification.as_ref(),

@@ -45,12 +45,12 @@ impl Report<'_> {
 
 /// The direction file as the report holds it: without the search's
 /// tables, which the report has whole.
-pub fn direction_provenance(file: &DirectionFile) -> Result<serde_json::Value> {
-    let mut provenance: serde_json::Value = serde_json::from_str(&file.to_json())?;
+pub fn direction_provenance(file: &DirectionFile) -> serde_json::Value {
+    let mut provenance = file.to_value();
     if let Some(map) = provenance.as_object_mut() {
         map.remove("search");
     }
-    Ok(provenance)
+    provenance
 }
 
 /// A direction found by search, as the reporter sees it.

@@ -58,10 +58,7 @@ pub fn evaluate(
     let mut powers: Vec<f64> = Vec::new();
     for c in candidates.iter_mut().take(k) {
         let r = b.direction(c.layer, c.position);
-        let mut ablate = AblateHook::new(&r)
-            .context("zero candidate direction")?
-            .with_post_norms(&opts.post_norms);
-        ablate.unembedding = opts.tied_embeddings;
+        let mut ablate = s.ablation(&r).context("zero candidate direction")?;
         powers.extend(measure.ablation(runner, &mut ablate, c)?);
         let mut add = AddHook {
             layer: c.layer,

@@ -24,7 +24,7 @@ use super::space::{self, Trial};
 use crate::chat::ChatFormat;
 use crate::cost::{Meter, StageCost};
 use crate::edit::EditPoint;
-use crate::eval::{kl_divergence, Runner};
+use crate::eval::{kl_divergence, AblateHook, Runner};
 use crate::ffi::Model;
 use crate::imatrix::InputSums;
 use crate::judge::{Judge, RefusalToken};
@@ -110,6 +110,14 @@ impl Setup<'_> {
     /// output rows.
     fn capture_layers(&self) -> usize {
         self.n_layer - 1
+    }
+
+    /// The run-time edit that removes `direction` from every writer, as
+    /// `apply` would (None for a zero direction).
+    fn ablation(&self, direction: &[f32]) -> Option<AblateHook> {
+        let mut hook = AblateHook::new(direction)?.with_post_norms(&self.opts.post_norms);
+        hook.unembedding = self.opts.tied_embeddings;
+        Some(hook)
     }
 }
 

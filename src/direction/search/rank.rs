@@ -5,7 +5,7 @@
 use super::baseline::Baseline;
 use super::prompts::Prompts;
 use super::{bar, mean, mean_kl, Setup};
-use crate::eval::{AblateHook, Runner};
+use crate::eval::Runner;
 use crate::judge::refusal_scores;
 use anyhow::{bail, Result};
 use serde::Serialize;
@@ -87,10 +87,8 @@ pub fn rank(s: &Setup, runner: &mut Runner, p: &Prompts, b: &Baseline) -> Result
     let pb = bar(opts.progress, n_cand as u64, "rank");
     let rank = |runner: &mut Runner, layer: usize, position: usize| -> Result<CandidateScores> {
         let r = b.direction(layer, position);
-        let hook = AblateHook::new(&r).map(|h| h.with_post_norms(&opts.post_norms));
-        let (rank_bypass, rank_kl) = match hook {
+        let (rank_bypass, rank_kl) = match s.ablation(&r) {
             Some(mut hook) => {
-                hook.unembedding = opts.tied_embeddings;
                 let lps = runner.first_token_logprobs(&rank_batch, &mut hook)?;
                 let (harm, safe) = lps.split_at(r_harm.len());
                 (

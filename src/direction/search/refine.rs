@@ -22,13 +22,12 @@ pub fn hook_for(s: &Setup, b: &Baseline, point: &EditPoint) -> Result<AblateHook
     let opts = s.opts;
     let r = space::point_direction(&b.harmful, &b.harmless, point)?;
     let layers = space::layer_directions(&b.harmful, &b.harmless, point, s.n_layer)?;
-    let mut hook = AblateHook::new(&r)
+    let mut hook = s
+        .ablation(&r)
         .context("zero refined direction")?
-        .with_post_norms(&opts.post_norms)
         .with_layer_directions(&layers, &opts.post_norms);
     hook.scale = point.scale;
     hook.weights = point.weights;
-    hook.unembedding = opts.tied_embeddings;
     Ok(hook)
 }
 
