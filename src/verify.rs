@@ -80,6 +80,9 @@ pub struct Verification {
     pub replies_after: Vec<Reply>,
     /// A few prompts with both replies side by side (see [`Verification::select_samples`]).
     pub samples: Vec<Sample>,
+    /// The harmful prompts the edited model does not answer, with its
+    /// replies: what `harmful_refusal_after` counts.
+    pub still_refused: Vec<Reply>,
     /// Why the original's measurement could not be kept in the cache.
     #[serde(skip)]
     pub cache_error: Option<String>,
@@ -145,6 +148,16 @@ impl Verification {
                 SAMPLE_HARMLESS,
             ))
             .map(sample)
+            .collect()
+    }
+
+    /// The edited model's replies to harmful prompts that are not answers.
+    pub fn select_still_refused(&self) -> Vec<Reply> {
+        self.replies_after
+            .iter()
+            .take(self.n_harmful)
+            .filter(|r| r.verdict != Verdict::Complied)
+            .cloned()
             .collect()
     }
 }
@@ -416,9 +429,11 @@ pub fn verify(
             .chain(after.harmless.replies)
             .collect(),
         samples: Vec::new(),
+        still_refused: Vec::new(),
         cache_error,
     };
     verification.samples = verification.select_samples();
+    verification.still_refused = verification.select_still_refused();
     Ok(verification)
 }
 
@@ -450,8 +465,21 @@ mod tests {
             replies_before: test_replies(before, "before"),
             replies_after: test_replies(after, "after"),
             samples: Vec::new(),
+            still_refused: Vec::new(),
             cache_error: None,
         }
+    }
+
+    #[test]
+    fn still_refused_lists_the_harmful_prompts_not_answered_after() {
+        use Verdict::*;
+        let before = [Refused, Refused, Refused, Refused, Complied];
+        let after = [Complied, Refused, Evasive, Degenerate, Refused];
+        let v = verification(&before, &after, 4);
+        let still = v.select_still_refused();
+        let prompts: Vec<&str> = still.iter().map(|r| r.prompt.as_str()).collect();
+        // Harmful 1..4 are not answers; harmless 4 is not harmful.
+        assert_eq!(prompts, ["prompt 1", "prompt 2", "prompt 3"]);
     }
 
     fn picked(samples: &[Sample]) -> Vec<(bool, &str)> {

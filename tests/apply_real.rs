@@ -91,6 +91,7 @@ fn check_real_model(input: &Path, prompt: &str) {
 
 #[test]
 fn smollm2_q4_1() {
+    let _cores = all_cores();
     check_real_model(
         &require_model!(SMOLLM2_Q4_1),
         "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n",
@@ -99,5 +100,6 @@ fn smollm2_q4_1() {
 
 #[test]
 fn gemma3_270m_mixed_k_quants_with_post_norms() {
+    let _cores = all_cores();
     check_real_model(&require_model!(GEMMA3_270M), "The capital of France is");
 }

@@ -6,6 +6,7 @@ use crate::common::*;
 
 #[test]
 fn a_model_that_does_not_refuse_is_told_so_and_nothing_is_written() {
+    let _cores = all_cores();
     let model = require_model!(GEMMA3_270M);
     let tmp = tempfile::tempdir().unwrap();
     let out_path = tmp.path().join("out.gguf");

@@ -8,6 +8,7 @@ use std::process::Stdio;
 
 #[test]
 fn main_command_finds_applies_and_verifies_on_the_fixture() {
+    let _cores = all_cores();
     let fixture = require_model!(fixture);
     // Kept for CI, where a second llama.cpp build judges the output and
     // checks the report's perplexity (.ci/run).
@@ -93,6 +94,14 @@ fn main_command_finds_applies_and_verifies_on_the_fixture() {
         phrase <= after,
         "phrase refusals {phrase} vs all refusals {after}"
     );
+    // What the edit left is listed: the harmful replies that are not answers.
+    let still = v["still_refused"].as_array().unwrap();
+    let not_answered: Vec<&serde_json::Value> = harmful_after
+        .iter()
+        .filter(|r| r["verdict"] != "Complied")
+        .collect();
+    assert_eq!(still.iter().collect::<Vec<_>>(), not_answered);
+    assert_eq!(still.len() as f64 / n_harmful as f64, after);
     assert!(
         after <= 0.5 && after <= before - 0.3,
         "refusal rate after the edit: {after} (before {before})"
@@ -113,6 +122,8 @@ fn main_command_finds_applies_and_verifies_on_the_fixture() {
     // Judged on whole replies, with late refusals, loops and perplexity.
     let (ppl_before, ppl_after) = assert_long_reply_figures(v);
     let stdout = String::from_utf8_lossy(&run.stdout);
+    let listed = format!("still refused after the edit ({} of", still.len());
+    assert_eq!(stdout.contains(&listed), !still.is_empty(), "{stdout}");
     for row in [
         "late: refusal phrase after token 24",
         "replies that loop",
@@ -187,6 +198,7 @@ fn direction_search_bad_input() {
 
 #[test]
 fn interrupting_the_run_leaves_nothing_behind() {
+    let _cores = all_cores();
     let model = require_model!(GEMMA3_270M);
     let dir = tempfile::tempdir().unwrap();
     let direction = dir.path().join("dir.json");
@@ -220,6 +232,7 @@ fn interrupting_the_run_leaves_nothing_behind() {
 
 #[test]
 fn verification_fails_when_the_output_does_not_load() {
+    let _cores = all_cores();
     let fixture = require_model!(fixture);
     let dir = tempfile::tempdir().unwrap();
     let broken = dir.path().join("broken.gguf");
@@ -248,6 +261,7 @@ fn verification_fails_when_the_output_does_not_load() {
 /// again and replaced; `--no-cache` neither reads nor writes it.
 #[test]
 fn a_second_run_reads_the_originals_verification_from_the_cache() {
+    let _cores = all_cores();
     let fixture = require_model!(fixture);
     let dir = tempfile::tempdir().unwrap();
     let (direction, cache) = (dir.path().join("dir.json"), dir.path().join("cache"));

@@ -122,15 +122,18 @@ fn check(model: &Path) {
 
 #[test]
 fn the_q8_0_fixture_loses_the_component_in_the_file() {
+    let _cores = all_cores();
     check(&require_model!(fixture));
 }
 
 #[test]
 fn smollm2_q4_1_loses_the_component_in_the_file() {
+    let _cores = all_cores();
     check(&require_model!(SMOLLM2_Q4_1));
 }
 
 #[test]
 fn gemma3_q4_k_m_loses_the_component_in_the_file() {
+    let _cores = all_cores();
     check(&require_model!(GEMMA3_270M));
 }

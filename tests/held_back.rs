@@ -1,9 +1,10 @@
 //! The verify step's prompts are never ones the search used.
 
-use crate::common::{assert_clean_failure, bin, listing};
+use crate::common::{all_cores, assert_clean_failure, bin, listing};
 
 #[test]
 fn verification_refuses_to_reuse_the_searchs_validation_prompts() {
+    let _cores = all_cores();
     let fixture = require_model!(fixture);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.gguf");

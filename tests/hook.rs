@@ -39,6 +39,7 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 
 #[test]
 fn ablating_a_zero_direction_changes_nothing() {
+    let _cores = all_cores();
     let fixture = require_model!(fixture);
     let model = load(&fixture);
     let p = prompts(&model);
@@ -60,6 +61,7 @@ fn ablating_a_zero_direction_changes_nothing() {
 
 #[test]
 fn adding_through_the_callback_equals_llama_control_vectors() {
+    let _cores = all_cores();
     let fixture = require_model!(fixture);
     let model = load(&fixture);
     let (n_embd, n_layer) = (model.n_embd(), model.n_layer());
@@ -102,6 +104,7 @@ fn adding_through_the_callback_equals_llama_control_vectors() {
 
 #[test]
 fn captured_means_do_not_depend_on_the_batch_size() {
+    let _cores = all_cores();
     let fixture = require_model!(fixture);
     let model = load(&fixture);
     let p = prompts(&model);
@@ -126,6 +129,7 @@ fn captured_means_do_not_depend_on_the_batch_size() {
 
 #[test]
 fn a_capture_under_an_ablation_sees_the_direction_gone() {
+    let _cores = all_cores();
     let fixture = require_model!(fixture);
     let model = load(&fixture);
     let p = prompts(&model);
@@ -246,6 +250,7 @@ fn edit_and_hook_kls(
 
 #[test]
 fn ablation_hook_predicts_the_weight_edit_at_any_scale() {
+    let _cores = all_cores();
     let fixture = require_model!(fixture);
     use gguf_abliterate::apply::ApplyOptions;
     let model = load(&fixture);
@@ -339,6 +344,7 @@ fn ablation_hook_predicts_the_weight_edit_at_any_scale() {
 /// the requantization noise; see the first-token KL printed.)
 #[test]
 fn on_a_4_bit_model_grid_aware_projection_makes_the_file_match_the_hook() {
+    let _cores = all_cores();
     let path = require_model!(SMOLLM2_Q4_1);
     use gguf_abliterate::apply::ApplyOptions;
     let model = load(&path);
@@ -401,6 +407,7 @@ fn on_a_4_bit_model_grid_aware_projection_makes_the_file_match_the_hook() {
 /// prompt sets.
 #[test]
 fn on_a_k_quant_model_grid_aware_projection_makes_the_file_agree_with_the_hook() {
+    let _cores = all_cores();
     let path = require_model!(QWEN_CODER);
     use gguf_abliterate::apply::ApplyOptions;
     use gguf_abliterate::prompts::{Kind, PromptSet};
@@ -485,6 +492,7 @@ fn builtin_harmful_val(model: &Model, n: usize) -> Vec<Vec<i32>> {
 /// differs from each prompt decoded alone by a KL of up to 4e-3 here.)
 #[test]
 fn a_shared_prompt_prefix_changes_no_logits_and_no_replies() {
+    let _cores = all_cores();
     let fixture = require_model!(fixture);
     use gguf_abliterate::eval::{log_softmax, shared_prefix};
     let model = load(&fixture);
@@ -540,6 +548,7 @@ fn a_shared_prompt_prefix_changes_no_logits_and_no_replies() {
 /// verdict cannot change after that, and fewer tokens are generated.
 #[test]
 fn replies_ended_at_a_refusal_marker_keep_their_verdict() {
+    let _cores = all_cores();
     let fixture = require_model!(fixture);
     use gguf_abliterate::judge::{detokenize, stop_when_settled, Judge, MarkerJudge, Verdict};
     let model = load(&fixture);

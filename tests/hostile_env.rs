@@ -7,8 +7,8 @@
 //! fall back to `chmod` and `ulimit -f`.
 
 use crate::common::{
-    self, apply_command, assert_clean_failure, assert_success, bin, direction_command, hostile,
-    listing, QUICK_SEARCH,
+    self, all_cores, apply_command, assert_clean_failure, assert_success, bin, direction_command,
+    hostile, listing, QUICK_SEARCH,
 };
 use gguf_abliterate::gguf::GgufFile;
 use std::io::{BufRead, BufReader, Read};
@@ -99,6 +99,7 @@ fn left_in(out: &Output) -> String {
 
 #[test]
 fn concurrent_runs_to_one_out() {
+    let _cores = all_cores();
     let fixture = require_model!(fixture);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.gguf");
@@ -470,6 +471,7 @@ fn sigterm_when(fixture: &Path, marker: &str) -> (tempfile::TempDir, i32, String
 
 #[test]
 fn sigterm_in_every_phase() {
+    let _cores = all_cores();
     let fixture = require_model!(fixture);
     let fixture_len = std::fs::metadata(&fixture).unwrap().len();
     // Bar labels mark capture, search and rewrite; verification starts
@@ -551,6 +553,7 @@ fn run_measured(mut cmd: Command) -> (u64, Output) {
 
 #[test]
 fn long_prompts_and_huge_prompt_files() {
+    let _cores = all_cores();
     let fixture = require_model!(fixture);
     let dir = tempfile::tempdir().unwrap();
     // 100,000 instructions (the built-in harmful ones, numbered): read in
@@ -669,6 +672,7 @@ fn a_poisoned_tensor_is_a_clear_error_before_anything_is_written() {
 /// was killed first): the handler's message must not fail the handler.
 #[test]
 fn sigterm_with_stderr_closed() {
+    let _cores = all_cores();
     let fixture = require_model!(fixture);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.gguf");

@@ -218,6 +218,7 @@ impl BatchHook for FinalNormSquares {}
 
 #[test]
 fn collected_importances_are_plausible_and_match_an_independent_sum() {
+    let _cores = all_cores();
     let fixture = require_model!(fixture);
     let model = Model::load(&fixture, 0).unwrap();
     let fmt = ChatFormat::resolve(&model, None).unwrap();
@@ -295,6 +296,7 @@ fn collected_importances_are_plausible_and_match_an_independent_sum() {
 
 #[test]
 fn main_command_records_the_collected_matrix() {
+    let _cores = all_cores();
     let fixture = require_model!(fixture);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.gguf");

@@ -24,6 +24,7 @@ fn main_with(model: &Path, dir: &Path, out: &Path, extra: &[&str]) {
 
 #[test]
 fn pick_and_apply_reproduce_front_points_byte_for_byte() {
+    let _cores = all_cores();
     let fixture = require_model!(fixture);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("dir.json");

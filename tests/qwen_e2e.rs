@@ -9,6 +9,7 @@ use crate::common::*;
 
 #[test]
 fn main_command_abliterates_qwen2_5_coder_0_5b_instruct() {
+    let _cores = all_cores();
     let model = require_model!(QWEN_CODER);
     let dir = e2e_dir();
     let (out, report) = (

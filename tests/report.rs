@@ -17,6 +17,7 @@ impl TensorSink for Collected {
 
 #[test]
 fn apply_tells_its_sink_of_every_tensor_and_the_pipeline_runs_silently() {
+    let _cores = all_cores();
     let model = require_model!(SMOLLM2_Q4_1);
     let dir = tempfile::tempdir().unwrap();
     let direction: Vec<f32> = noise(576, 7);

@@ -160,9 +160,12 @@ pub struct RunConfig {
     #[arg(long, value_name = "FILE")]
     pub perplexity_text: Option<PathBuf>,
     /// Chunks of 512 tokens scored for perplexity, as llama-perplexity's
-    /// --chunks (default: the whole text; 0 skips perplexity).
-    #[arg(long, value_name = "N")]
-    pub perplexity_chunks: Option<usize>,
+    /// --chunks (0 skips perplexity; more than the text holds scores all of
+    /// it: the shipped text holds 25).
+    // Ten chunks measure the rise about as well as 25, at 0.4 of the rows
+    // (docs/figures.md).
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub perplexity_chunks: usize,
     /// Keep the original model's verification here between runs (default:
     /// $GGUF_ABLITERATE_CACHE, else $XDG_CACHE_HOME/gguf-abliterate or
     /// ~/.cache/gguf-abliterate).

@@ -198,7 +198,7 @@ struct HeldBack {
 impl HeldBack {
     fn load(cfg: &RunConfig) -> Result<HeldBack> {
         let text = match cfg.perplexity_chunks {
-            Some(0) => None,
+            0 => None,
             _ => Some(HeldText::load(cfg.perplexity_text.as_deref())?),
         };
         Ok(HeldBack {
@@ -226,7 +226,7 @@ fn verify_output(
         perplexity: held.text.as_ref().map(|text| {
             let s = perplexity::Settings {
                 n_ctx: perplexity::N_CTX,
-                max_chunks: cfg.perplexity_chunks,
+                max_chunks: Some(cfg.perplexity_chunks),
                 threads,
             };
             (text, s)

@@ -88,6 +88,7 @@ impl Reporter for Terminal {
         }
         print_table(v);
         print_samples(v);
+        print_still_refused(v);
     }
 
     fn cost(&mut self, stages: &[StageCost]) {
@@ -320,18 +321,20 @@ fn print_table(v: &Verification) {
 /// Characters of a reply shown in the terminal; the report has them whole.
 const SAMPLE_CHARS: usize = 160;
 
+/// `text` on one line, cut at [`SAMPLE_CHARS`].
+fn one_line(text: &str) -> String {
+    let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match flat.char_indices().nth(SAMPLE_CHARS) {
+        Some((cut, _)) => format!("{}…", &flat[..cut]),
+        None => flat,
+    }
+}
+
 /// The sample prompts with the original's reply above the edited model's.
 fn print_samples(v: &Verification) {
     if v.samples.is_empty() {
         return;
     }
-    let one_line = |text: &str| {
-        let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
-        match flat.char_indices().nth(SAMPLE_CHARS) {
-            Some((cut, _)) => format!("{}…", &flat[..cut]),
-            None => flat,
-        }
-    };
     println!(
         "\nsample replies (first {} tokens; all of them in the report)",
         v.tokens_generated
@@ -341,5 +344,21 @@ fn print_samples(v: &Verification) {
         println!("{kind}: {}", one_line(&s.prompt));
         println!("  before [{:?}] {}", s.verdict_before, one_line(&s.before));
         println!("  after  [{:?}] {}", s.verdict_after, one_line(&s.after));
+    }
+}
+
+/// What one direction's removal left: every harmful prompt still refused.
+fn print_still_refused(v: &Verification) {
+    if v.still_refused.is_empty() {
+        return;
+    }
+    println!(
+        "\nstill refused after the edit ({} of {} harmful prompts; whole replies in the report)",
+        v.still_refused.len(),
+        v.n_harmful
+    );
+    for r in &v.still_refused {
+        println!("{}", one_line(&r.prompt));
+        println!("  [{:?}] {}", r.verdict, one_line(&r.reply));
     }
 }
