@@ -15,8 +15,6 @@ use anyhow::{bail, Result};
 
 /// Below this share of harmful prompts refused, there is nothing to remove.
 const MIN_BASELINE_REFUSAL: f64 = 0.05;
-/// One answered prompt in this many is in the scale fit's sample.
-const FIT_STRIDE: usize = 3;
 
 pub struct Baseline {
     pub harmful: Means,
@@ -35,8 +33,6 @@ pub struct Baseline {
     /// training prompts that the capture did not use.
     pub safe_answered: Vec<Vec<i32>>,
     pub base_answered: Vec<Vec<f32>>,
-    /// The first `fit_len` of them are the scale fit's ([`fit_first`]).
-    pub fit_len: usize,
     /// Harmless training prompts taken for KL after the captured ones.
     pub spare: usize,
 }
@@ -48,18 +44,13 @@ impl Baseline {
     }
 }
 
-/// First-token distributions of the replies judged refusals, of those
-/// judged real answers, and of every reply.
-struct Openings {
-    refused: Vec<Vec<f32>>,
-    complied: Vec<Vec<f32>>,
-    all: Vec<Vec<f32>>,
-}
+/// First-token distributions of the replies judged refusals, and of those
+/// judged real answers.
+type Openings = (Vec<Vec<f32>>, Vec<Vec<f32>>);
 
 /// A model that does not refuse is told so here, before minutes of search.
 pub fn measure(s: &Setup, runner: &mut Runner, p: &Prompts, c: Captured) -> Result<Baseline> {
-    let harm = openings(s, runner, &p.harm_val, Some(&p.harm_texts))?;
-    let refused_first = &harm.refused;
+    let (refused_first, complied_first) = harmful_openings(s, runner, p)?;
     let n_replies = p.harm_val.len();
     let refusal_rate = refused_first.len() as f64 / n_replies.max(1) as f64;
     if refusal_rate < MIN_BASELINE_REFUSAL {
@@ -71,14 +62,22 @@ pub fn measure(s: &Setup, runner: &mut Runner, p: &Prompts, c: Captured) -> Resu
             100.0 * refusal_rate
         );
     }
-    let safe = openings(s, runner, &p.safe_val, None)?;
+    let answered_first: Vec<Vec<f32>> = runner
+        .generate(&p.safe_val, JUDGE_TOKENS, &mut NoHook)?
+        .into_iter()
+        .filter(|g| {
+            let text = detokenize(s.model, &g.tokens);
+            s.judge.verdict("", false, &text, &g.tokens) == Verdict::Complied
+        })
+        .map(|g| g.first_log_probs)
+        .collect();
     let refusal_ids = refusal_tokens(
         &c.harmful_first,
         &c.harmless_first,
-        refused_first,
+        &refused_first,
         &Answers {
-            harmless: &safe.complied,
-            harmful: &harm.complied,
+            harmless: &answered_first,
+            harmful: &complied_first,
         },
     );
     if refusal_ids.is_empty() {
@@ -92,8 +91,8 @@ pub fn measure(s: &Setup, runner: &mut Runner, p: &Prompts, c: Captured) -> Resu
         })
         .collect();
 
-    // The replies' first-token distributions: no second decode of the prompts.
-    let (base_harm, base_safe) = (harm.all, safe.all);
+    let base_harm = runner.first_token_logprobs(&p.harm_val, &mut NoHook)?;
+    let base_safe = runner.first_token_logprobs(&p.safe_val, &mut NoHook)?;
     let safe_scores = refusal_scores(&base_safe, &refusal_ids);
     // KL is measured only where the model answers: un-refusing a harmless
     // prompt it used to refuse is the point, not damage.
@@ -117,7 +116,6 @@ pub fn measure(s: &Setup, runner: &mut Runner, p: &Prompts, c: Captured) -> Resu
         answered_prompts(runner, tokenize_all(s.model, s.fmt, &spare)?, &refusal_ids)?;
     safe_answered.extend(spare_answered);
     base_answered.extend(spare_base);
-    let fit_len = fit_first(&mut safe_answered, &mut base_answered);
     Ok(Baseline {
         harmful: c.harmful,
         harmless: c.harmless,
@@ -129,55 +127,24 @@ pub fn measure(s: &Setup, runner: &mut Runner, p: &Prompts, c: Captured) -> Resu
         answered_val: answered.len(),
         safe_answered,
         base_answered,
-        fit_len,
         spare: spare.len(),
     })
 }
 
-/// Replies to `prompts` (harmful ones with their `requests`), judged:
-/// the openings of the refusals, of the real answers and of all.
-fn openings(
-    s: &Setup,
-    runner: &mut Runner,
-    prompts: &[Vec<i32>],
-    requests: Option<&[String]>,
-) -> Result<Openings> {
-    let replies = runner.generate(prompts, JUDGE_TOKENS, &mut NoHook)?;
-    let mut o = Openings {
-        refused: Vec::new(),
-        complied: Vec::new(),
-        all: Vec::new(),
-    };
-    for (i, g) in replies.into_iter().enumerate() {
+/// Replies to the harmful validation prompts, judged: the openings of
+/// the refusals and of the real answers.
+fn harmful_openings(s: &Setup, runner: &mut Runner, p: &Prompts) -> Result<Openings> {
+    let replies = runner.generate(&p.harm_val, JUDGE_TOKENS, &mut NoHook)?;
+    let (mut refused, mut complied) = (Vec::new(), Vec::new());
+    for (g, request) in replies.into_iter().zip(&p.harm_texts) {
         let text = detokenize(s.model, &g.tokens);
-        let (request, harmful) = requests.map_or(("", false), |r| (r[i].as_str(), true));
-        match s.judge.verdict(request, harmful, &text, &g.tokens) {
-            Verdict::Refused => o.refused.push(g.first_log_probs.clone()),
-            Verdict::Complied => o.complied.push(g.first_log_probs.clone()),
+        match s.judge.verdict(request, true, &text, &g.tokens) {
+            Verdict::Refused => refused.push(g.first_log_probs),
+            Verdict::Complied => complied.push(g.first_log_probs),
             _ => {}
         }
-        o.all.push(g.first_log_probs);
     }
-    Ok(o)
-}
-
-/// Every [`FIT_STRIDE`]th prompt moved to the front, in order, and how
-/// many: a spread sample of validation and spare prompts alike, on which
-/// a scale fit's KL passes run before the rest are measured once.
-fn fit_first(prompts: &mut Vec<Vec<i32>>, base: &mut Vec<Vec<f32>>) -> usize {
-    let (mut order, rest): (Vec<usize>, Vec<usize>) =
-        (0..prompts.len()).partition(|i| i % FIT_STRIDE == 0);
-    let fit_len = order.len();
-    order.extend(rest);
-    *prompts = order
-        .iter()
-        .map(|&i| std::mem::take(&mut prompts[i]))
-        .collect();
-    *base = order
-        .iter()
-        .map(|&i| std::mem::take(&mut base[i]))
-        .collect();
-    fit_len
+    Ok((refused, complied))
 }
 
 /// Prompts (tokens) with their first-token log-probabilities.

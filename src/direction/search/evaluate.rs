@@ -56,25 +56,22 @@ pub fn evaluate(
     let induce_set = &p.safe_val[..p.safe_val.len().div_ceil(2)];
     let pb = bar(opts.progress, k as u64, "evaluate");
     let mut powers: Vec<f64> = Vec::new();
-    // The fewest refusals of a candidate not rejected so far.
-    let mut best = 1.0f64;
     for c in candidates.iter_mut().take(k) {
         let r = b.direction(c.layer, c.position);
         let mut ablate = s.ablation(&r).context("zero candidate direction")?;
-        powers.extend(measure.ablation(runner, &mut ablate, c, best)?);
+        powers.extend(measure.ablation(runner, &mut ablate, c)?);
         let mut add = AddHook {
             layer: c.layer,
             vector: r,
         };
         let induced = runner.first_token_logprobs(induce_set, &mut add)?;
         c.induce = Some(mean(&refusal_scores(&induced, &b.refusal_ids)));
-        c.rejected = rejection(c, opts.kl_threshold);
-        if c.rejected.is_none() {
-            best = best.min(c.refusal_rate.unwrap());
-        }
         pb.inc(1);
     }
     pb.finish_and_clear();
+    for c in candidates.iter_mut().take(k) {
+        c.rejected = rejection(c, opts.kl_threshold);
+    }
     let (mut best, fallback) = choose(&candidates[..k]);
     // Editing token_embd is a choice (with tied embeddings it also edits the
     // unembedding): without a refinement, which searches its weight, the
@@ -145,12 +142,7 @@ fn without_embeddings(
         .with_post_norms(&s.opts.post_norms);
     // Keeping token_embd keeps the tied unembedding too.
     ablate.embeddings = false;
-    measure.ablation(
-        runner,
-        &mut ablate,
-        &mut without,
-        best.refusal_rate.unwrap(),
-    )?;
+    measure.ablation(runner, &mut ablate, &mut without)?;
     without.skip_embeddings = true;
     let better = without.scale > 0.0
         && without.kl.unwrap() <= s.opts.kl_threshold

@@ -217,7 +217,6 @@ pub fn search(
         harm_texts: &p.harm_texts,
         safe_answered: &b.safe_answered,
         base_answered: &b.base_answered,
-        fit_len: b.fit_len,
         refusal_ids: &b.refusal_ids,
         kl_threshold: opts.kl_threshold,
     };

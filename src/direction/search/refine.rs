@@ -50,17 +50,11 @@ impl Refiner<'_> {
         point: &EditPoint,
         target: f64,
         best: f64,
-        earlier: &[Trial],
     ) -> Result<Trial> {
         let mut hook = hook_for(self.s, self.b, point)?;
         let start = median(&self.powers).unwrap_or(2.0);
-        let rivals: Vec<(f64, f64)> = earlier
-            .iter()
-            .filter_map(|t| Some((t.kl, t.refusal_rate?)))
-            .collect();
-        let (refusal_rate, Fit { scale, kl, power }) = self
-            .measure
-            .trial(runner, &mut hook, target, best, start, &rivals)?;
+        let (refusal_rate, Fit { scale, kl, power }) =
+            self.measure.trial(runner, &mut hook, target, best, start)?;
         self.powers.extend(power);
         self.pb.inc(1);
         Ok(Trial {
@@ -115,7 +109,7 @@ pub fn run_trials(
                 confirmed: None,
             }
         }
-        _ => refiner.trial(runner, &first, opts.kl_threshold, 1.0, &[])?,
+        _ => refiner.trial(runner, &first, opts.kl_threshold, 1.0)?,
     };
     // Every trial's raw parameters, to refit the optimizer to each target.
     let mut raws = vec![optimizer.raw_of(&first)];
@@ -146,7 +140,7 @@ pub fn run_trials(
             .filter(|t: &&Trial| t.kl <= target)
             .filter_map(|t| t.refusal_rate)
             .fold(1.0, f64::min);
-        let t = refiner.trial(runner, &point, target, best, &trials)?;
+        let t = refiner.trial(runner, &point, target, best)?;
         raws.push(raw);
         trials.push(t);
     }
@@ -185,7 +179,6 @@ pub fn confirm(
         harm_texts: &fresh_harm_texts,
         safe_answered: &fresh_answered,
         base_answered: &fresh_base,
-        fit_len: fresh_answered.len(),
         ..*measure
     };
     let pool = |a: f64, n: usize, b: f64, m: usize| (a * n as f64 + b * m as f64) / (n + m) as f64;
