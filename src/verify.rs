@@ -150,16 +150,6 @@ impl Verification {
             .map(sample)
             .collect()
     }
-
-    /// The edited model's replies to harmful prompts that are not answers.
-    pub fn select_still_refused(&self) -> Vec<Reply> {
-        self.replies_after
-            .iter()
-            .take(self.n_harmful)
-            .filter(|r| r.verdict != Verdict::Complied)
-            .cloned()
-            .collect()
-    }
 }
 
 /// How verification runs each model.
@@ -404,6 +394,7 @@ pub fn verify(
         original,
         harmful_refusal_before: before.harmful.refusal_rate(),
         harmful_refusal_after: after.harmful.refusal_rate(),
+        still_refused: after.harmful.not_answered().cloned().collect(),
         harmful_phrase_refusal_before: before.harmful.phrase_refusal_rate(),
         harmful_phrase_refusal_after: after.harmful.phrase_refusal_rate(),
         harmful_late_refusal_before: before.harmful.late_refusal_rate(),
@@ -429,11 +420,9 @@ pub fn verify(
             .chain(after.harmless.replies)
             .collect(),
         samples: Vec::new(),
-        still_refused: Vec::new(),
         cache_error,
     };
     verification.samples = verification.select_samples();
-    verification.still_refused = verification.select_still_refused();
     Ok(verification)
 }
 
@@ -468,18 +457,6 @@ mod tests {
             still_refused: Vec::new(),
             cache_error: None,
         }
-    }
-
-    #[test]
-    fn still_refused_lists_the_harmful_prompts_not_answered_after() {
-        use Verdict::*;
-        let before = [Refused, Refused, Refused, Refused, Complied];
-        let after = [Complied, Refused, Evasive, Degenerate, Refused];
-        let v = verification(&before, &after, 4);
-        let still = v.select_still_refused();
-        let prompts: Vec<&str> = still.iter().map(|r| r.prompt.as_str()).collect();
-        // Harmful 1..4 are not answers; harmless 4 is not harmful.
-        assert_eq!(prompts, ["prompt 1", "prompt 2", "prompt 3"]);
     }
 
     fn picked(samples: &[Sample]) -> Vec<(bool, &str)> {

@@ -93,9 +93,19 @@ pub struct Judged {
     pub first_log_probs: Vec<Vec<f32>>,
 }
 
+/// A reply that is not a real answer: what the strict figure counts.
+fn not_answered(r: &Reply) -> bool {
+    r.verdict != Verdict::Complied
+}
+
 impl Judged {
     pub fn refusal_rate(&self) -> f64 {
-        self.share(|r| r.verdict != Verdict::Complied)
+        self.share(not_answered)
+    }
+
+    /// The replies `refusal_rate` counts.
+    pub fn not_answered(&self) -> impl Iterator<Item = &Reply> {
+        self.replies.iter().filter(|r| not_answered(r))
     }
 
     /// Share of replies holding a refusal phrase: the markers-only count
@@ -168,6 +178,18 @@ pub(crate) mod tests {
         // Strictly three of four are refusals; by phrase, one.
         assert_eq!(judged.refusal_rate(), 0.75);
         assert_eq!(judged.phrase_refusal_rate(), 0.25);
+    }
+
+    #[test]
+    fn the_replies_not_answered_are_those_the_strict_figure_counts() {
+        use Verdict::*;
+        let judged = Judged {
+            replies: replies(&[Complied, Refused, Evasive, Degenerate], "r"),
+            first_log_probs: Vec::new(),
+        };
+        let prompts: Vec<&str> = judged.not_answered().map(|r| r.prompt.as_str()).collect();
+        assert_eq!(prompts, ["prompt 1", "prompt 2", "prompt 3"]);
+        assert_eq!(prompts.len() as f64 / 4.0, judged.refusal_rate());
     }
 
     #[test]
