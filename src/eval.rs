@@ -276,18 +276,31 @@ pub struct Runner<'m> {
 impl<'m> Runner<'m> {
     /// `n_batch` tokens per decode (also the longest prompt accepted).
     pub fn new(model: &'m Model, n_batch: usize, threads: i32) -> Result<Runner<'m>> {
-        Runner::with_callback(model, n_batch, threads, true)
+        Runner::with_callback(model, n_batch, n_batch, threads, true)
     }
 
     /// A runner with no eval callback installed: a plain llama.cpp decode,
     /// for baselines. Only [`NoHook`] may be passed to it.
     pub fn plain(model: &'m Model, n_batch: usize, threads: i32) -> Result<Runner<'m>> {
-        Runner::with_callback(model, n_batch, threads, false)
+        Runner::with_callback(model, n_batch, n_batch, threads, false)
+    }
+
+    /// A plain runner whose KV cache holds `cells` tokens, more than one
+    /// decode's `n_batch`: generation then runs more sequences side by
+    /// side, and each step's pass over the weights serves more replies.
+    pub fn plain_with_cells(
+        model: &'m Model,
+        n_batch: usize,
+        cells: usize,
+        threads: i32,
+    ) -> Result<Runner<'m>> {
+        Runner::with_callback(model, n_batch, cells, threads, false)
     }
 
     fn with_callback(
         model: &'m Model,
         n_batch: usize,
+        cells: usize,
         threads: i32,
         eval_callback: bool,
     ) -> Result<Runner<'m>> {
@@ -295,7 +308,7 @@ impl<'m> Runner<'m> {
         // llama.cpp sizes its output buffer for at least n_seq outputs, which must fit in n_batch.
         let n_seq = n_batch.min(64) as u32;
         let opts = ContextOptions {
-            n_ctx: n_batch as u32,
+            n_ctx: cells.max(n_batch) as u32,
             n_batch: n_batch as u32,
             n_seq,
             threads,
@@ -486,26 +499,27 @@ impl<'m> Runner<'m> {
         done: &dyn Fn(&[i32]) -> bool,
     ) -> Result<Vec<Generation>> {
         let model = self.ctx.model();
-        let budget = self.max_tokens();
+        let (budget, max_prefill) = (self.ctx.options().n_ctx as usize, self.max_tokens());
         let n_seq = self.ctx.options().n_seq as usize;
         let mut out = vec![Generation::default(); prompts.len()];
         let mut next = 0;
         while next < prompts.len() {
             // A group whose prompts and generations all fit in the KV cache.
-            let (mut group, mut used) = (Vec::new(), 0);
+            let (mut group, mut used, mut prefill) = (Vec::new(), 0, 0);
             while next < prompts.len()
                 && group.len() < n_seq
                 && used + prompts[next].len() + n_gen <= budget
+                && prefill + prompts[next].len() <= max_prefill
             {
                 used += prompts[next].len() + n_gen;
+                prefill += prompts[next].len();
                 group.push(next);
                 next += 1;
             }
             if group.is_empty() {
                 bail!("prompt {next} has {} tokens; the context holds {budget} with {n_gen} to generate (use a shorter prompt)", prompts[next].len());
             }
-            // Prefill: the group's prompts fit one batch, since their
-            // prompts and generations together fit the context.
+            // Prefill: the group's prompts fit one batch.
             self.ctx.clear();
             self.batch.clear();
             // The group's prompts are consecutive.

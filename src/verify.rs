@@ -306,6 +306,10 @@ fn measure_original(
     Ok((m, how, stored.err().map(|e| format!("{e:#}"))))
 }
 
+/// KV cells for the replies: 40 prompts and their 128-token replies side
+/// by side, where 4096 held 24 of them (a fifth less time generating).
+const REPLY_CELLS: usize = 8192;
+
 fn measure(path: &Path, harmful: &[String], harmless: &[String], s: &Settings) -> Result<Measured> {
     let model = Model::load(path, s.n_gpu_layers)
         .with_context(|| format!("verifying {}", path.display()))?;
@@ -316,7 +320,7 @@ fn measure(path: &Path, harmful: &[String], harmless: &[String], s: &Settings) -
             .map(|t| fmt.tokenize(&model, t))
             .collect::<Result<Vec<_>>>()
     };
-    let mut runner = Runner::new(&model, 4096, s.threads)?;
+    let mut runner = Runner::plain_with_cells(&model, 4096, REPLY_CELLS, s.threads)?;
     let harmful = judge_replies(s.judge, &mut runner, harmful, &tok(harmful)?, s.n_gen, true)?;
     let harmless = judge_replies(
         s.judge,

@@ -584,3 +584,42 @@ fn replies_ended_at_a_refusal_marker_keep_their_verdict() {
         assert!(a.tokens.starts_with(&b.tokens));
     }
 }
+
+/// Verification's runner holds more KV cells than one decode: its replies
+/// run side by side in fewer decodes, and are the replies a runner of one
+/// decode's cells gives (but for a near tie, as batch shapes differ).
+#[test]
+fn more_kv_cells_generate_the_same_replies_in_fewer_decodes() {
+    let _cores = all_cores();
+    let fixture = require_model!(fixture);
+    use gguf_abliterate::ffi::decode_count;
+    let model = load(&fixture);
+    let p = builtin_harmful_val(&model, 24);
+    let n_gen = 40;
+    let decodes = |runner: &mut Runner| {
+        let at = decode_count().decodes;
+        let replies = runner.generate(&p, n_gen, &mut NoHook).unwrap();
+        (replies, decode_count().decodes - at)
+    };
+    // 1024 cells hold a dozen of these prompts with their replies.
+    let (narrow, narrow_decodes) = decodes(&mut Runner::plain(&model, 1024, 2).unwrap());
+    let (wide, wide_decodes) =
+        decodes(&mut Runner::plain_with_cells(&model, 1024, 4096, 2).unwrap());
+    eprintln!("decodes: {narrow_decodes} with 1024 cells, {wide_decodes} with 4096");
+    // One group: a prefill and at most n_gen − 1 steps.
+    assert!(wide_decodes <= n_gen as u64, "{wide_decodes}");
+    assert!(
+        wide_decodes < narrow_decodes,
+        "{wide_decodes} vs {narrow_decodes}"
+    );
+    let same = narrow
+        .iter()
+        .zip(&wide)
+        .filter(|(a, b)| a.tokens == b.tokens)
+        .count();
+    assert!(same + 2 >= p.len(), "{same} of {} replies agree", p.len());
+    // A group's prompts must still fit one decode.
+    let long: Vec<Vec<i32>> = (0..4).map(|_| vec![p[0][0]; 400]).collect();
+    let mut small = Runner::plain_with_cells(&model, 512, 8192, 2).unwrap();
+    assert_eq!(small.generate(&long, 2, &mut NoHook).unwrap().len(), 4);
+}
