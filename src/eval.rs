@@ -517,7 +517,11 @@ impl<'m> Runner<'m> {
                 next += 1;
             }
             if group.is_empty() {
-                bail!("prompt {next} has {} tokens; the context holds {budget} with {n_gen} to generate (use a shorter prompt)", prompts[next].len());
+                let len = prompts[next].len();
+                if len > max_prefill {
+                    bail!("prompt {next} has {len} tokens; a decode holds {max_prefill} (use a shorter prompt)");
+                }
+                bail!("prompt {next} has {len} tokens; the context holds {budget} with {n_gen} to generate (use a shorter prompt)");
             }
             // Prefill: the group's prompts fit one batch.
             self.ctx.clear();

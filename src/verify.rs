@@ -307,7 +307,7 @@ fn measure_original(
 }
 
 /// KV cells for the replies: 40 prompts and their 128-token replies side
-/// by side, where 4096 held 24 of them (a fifth less time generating).
+/// by side, where one decode's 4096 held 24 of them.
 const REPLY_CELLS: usize = 8192;
 
 fn measure(path: &Path, harmful: &[String], harmless: &[String], s: &Settings) -> Result<Measured> {
