@@ -519,7 +519,7 @@ impl<'m> Runner<'m> {
             if group.is_empty() {
                 let len = prompts[next].len();
                 if len > max_prefill {
-                    bail!("prompt {next} has {len} tokens; a decode holds {max_prefill} (use a shorter prompt)");
+                    bail!("prompt {next} has {len} tokens; the context holds {max_prefill} in one decode (use a shorter prompt)");
                 }
                 bail!("prompt {next} has {len} tokens; the context holds {budget} with {n_gen} to generate (use a shorter prompt)");
             }
