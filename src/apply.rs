@@ -38,6 +38,9 @@ pub struct ApplyOptions {
     /// Per-layer scope: one direction per layer for its writers (empty:
     /// every tensor loses the one direction).
     pub layer_directions: Vec<Vec<f32>>,
+    /// Further directions every writer loses with its refusal direction:
+    /// the edit removes the subspace they span (empty: one direction).
+    pub further_directions: Vec<Vec<f32>>,
 }
 
 impl ApplyOptions {
@@ -64,6 +67,7 @@ impl Default for ApplyOptions {
             exact_grid: true,
             preserve_norms: false,
             layer_directions: Vec::new(),
+            further_directions: Vec::new(),
         }
     }
 }
@@ -72,14 +76,15 @@ impl Default for ApplyOptions {
 pub struct TensorReport {
     pub name: String,
     pub ggml_type: String,
-    /// Largest component along the direction it could write, before and after.
+    /// Largest component along a removed direction it could write, before
+    /// and after.
     pub max_before: f64,
     pub max_after: f64,
     pub post_norm: Option<String>,
     /// Share of the component removed (`scale` × the tensor's weight).
     pub removed: f32,
-    /// `‖uᵀV‖ / ‖uᵀW‖` as ggml reads the written tensor back; the request
-    /// was `1 − removed`.
+    /// `‖uᵀV‖ / ‖uᵀW‖` as ggml reads the written tensor back, for the
+    /// removed direction that kept most; the request was `1 − removed`.
     pub kept: f64,
     /// Quantization error against the ideal f32 edit, relative to plain
     /// requantization's.
@@ -88,6 +93,8 @@ pub struct TensorReport {
     pub passes: u32,
     /// Element codes moved by one step after the quantization passes.
     pub moves: u64,
+    /// Directions removed from it (2 or more: a subspace).
+    pub directions: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -98,6 +105,8 @@ pub struct ApplyReport {
     pub embeddings_edited: bool,
     /// Where the requantization importances came from (`abliterate.imatrix`).
     pub imatrix: String,
+    /// Directions in the subspace removed (1: the refusal direction alone).
+    pub subspace_dim: usize,
 }
 
 /// Receives each tensor's report as it is written.
@@ -131,10 +140,11 @@ pub fn apply_with(
         bail!("--scale must be in (0, 1], got {}", opts.scale);
     }
     let shards = gguf::open_model(input)?;
-    let plan = edit::plan_edits(
+    let plan = edit::plan_subspace_edits(
         &shards,
         direction,
         &opts.layer_directions,
+        &opts.further_directions,
         &opts.effective_weights(),
     )
     .with_context(|| format!("planning the edit of {}", input.display()))?;
@@ -186,6 +196,7 @@ pub fn apply_with(
         tied_embeddings: plan.tied_embeddings,
         embeddings_edited: opts.effective_weights().embeddings > 0.0,
         imatrix: imatrix_source(opts),
+        subspace_dim: 1 + opts.further_directions.len(),
     })
 }
 
@@ -258,7 +269,7 @@ fn edit_tensor(
 ) -> Result<(Vec<u8>, TensorReport)> {
     let request = rewrite::Request {
         kind: e.kind,
-        u: &e.direction,
+        basis: &e.basis,
         scale,
         importance: importance_for(t, opts.imatrix.as_deref())?,
         exact_grid: opts.exact_grid,
@@ -284,6 +295,7 @@ fn edit_tensor(
         error_ratio: out.error_ratio,
         passes: out.passes,
         moves: out.moves,
+        directions: e.basis.len(),
     };
     Ok((out.bytes, report))
 }
@@ -335,6 +347,25 @@ fn provenance_kvs(plan: &EditPlan, direction: &[f32], opts: &ApplyOptions) -> Ve
             Value::Array(
                 gguf::value_type::F32,
                 opts.layer_directions
+                    .iter()
+                    .flatten()
+                    .map(|&x| Value::F32(x))
+                    .collect(),
+            ),
+        ));
+    }
+    if !opts.further_directions.is_empty() {
+        // One after the other, n_embd values each; with `direction` they
+        // span the subspace removed.
+        kvs.push((
+            key("subspace_dim"),
+            Value::U32(1 + opts.further_directions.len() as u32),
+        ));
+        kvs.push((
+            key("further_directions"),
+            Value::Array(
+                gguf::value_type::F32,
+                opts.further_directions
                     .iter()
                     .flatten()
                     .map(|&x| Value::F32(x))

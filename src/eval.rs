@@ -41,15 +41,17 @@ impl ResidualHook for NoHook {
 }
 impl BatchHook for NoHook {}
 
-/// Projects a unit direction out of every residual-stream node at every
-/// position: the run-time equivalent of the weight edit.
+/// Projects a unit direction (or a subspace: it and `further` directions)
+/// out of every residual-stream node at every position: the run-time
+/// equivalent of the weight edit.
 ///
 /// With `scale` s < 1 the weight edit removes a share s of each *write*
 /// (`w − s (w·u) u`), not of the accumulated residual, which compounding
 /// per-node projections would over-remove. So each row's component is
 /// tracked from node to node: a node's new write along u is what its
 /// component gained since the previous node, and only (1 − s) of that gain
-/// is kept.
+/// is kept. A subspace is handled direction by direction over an
+/// orthonormal basis, which is exact: the components do not interact.
 ///
 /// `embeddings` mirrors editing `token_embd`: its rows lose their
 /// component on the way in, and with tied embeddings (`unembedding`) the
@@ -66,15 +68,22 @@ pub struct AblateHook {
     pub weights: EditWeights,
     pub embeddings: bool,
     pub unembedding: bool,
-    /// Component along u of each batch row after the previous node.
+    /// Further directions (unit), as given: each writer's basis is built
+    /// from its own refusal direction and these, as `apply` plans it.
+    further: Vec<Vec<f32>>,
+    /// `further` orthonormalized against `direction`: with it, the basis of
+    /// the residual nodes and the embeddings.
+    further_global: Vec<Vec<f32>>,
+    /// Component along each basis direction of each batch row after the
+    /// previous node (row-major: a row's components together).
     carried: Vec<f32>,
     /// Batch rows that produce outputs (the rows of a last-layer node).
     output_rows: Vec<usize>,
-    /// The unit direction removed from a projection's output (before any
-    /// post-norm), keyed by `Node::AttnProj(l)` / `Node::FfnProj(l)`: for
-    /// post-norm families (`with_post_norms`) and per-layer directions
+    /// The orthonormal basis removed from a projection's output (before
+    /// any post-norm), keyed by `Node::AttnProj(l)` / `Node::FfnProj(l)`:
+    /// for post-norm families (`with_post_norms`) and per-layer directions
     /// (`with_layer_directions`). Other writes are ablated on the residual.
-    pre_norm: Vec<(Node, Vec<f32>)>,
+    pre_norm: Vec<(Node, Vec<Vec<f32>>)>,
 }
 
 impl AblateHook {
@@ -86,10 +95,36 @@ impl AblateHook {
             weights: EditWeights::default(),
             embeddings: true,
             unembedding: false,
+            further: Vec::new(),
+            further_global: Vec::new(),
             carried: Vec::new(),
             output_rows: Vec::new(),
             pre_norm: Vec::new(),
         })
+    }
+
+    /// A subspace: `further` directions are removed with the refusal
+    /// direction, from every writer. Call before `with_post_norms` and
+    /// `with_layer_directions`, which build each writer's basis from them.
+    pub fn with_further(mut self, further: &[Vec<f32>]) -> Option<AblateHook> {
+        self.further = further
+            .iter()
+            .map(|d| edit::normalized(d))
+            .collect::<Option<_>>()?;
+        let basis = edit::writer_basis(&self.direction, &self.further, None)?;
+        self.further_global = basis[1..].to_vec();
+        Some(self)
+    }
+
+    /// Directions in the subspace removed.
+    pub fn subspace_dim(&self) -> usize {
+        1 + self.further_global.len()
+    }
+
+    /// The basis the residual nodes and the embeddings lose.
+    fn global_basis(&self) -> impl Iterator<Item = &[f32]> {
+        std::iter::once(self.direction.as_slice())
+            .chain(self.further_global.iter().map(Vec::as_slice))
     }
 
     /// For a post-norm family, the weight edit removes `g ⊙ r` from a
@@ -107,7 +142,7 @@ impl AblateHook {
                     edit::Projection::Attention => Node::AttnProj(*layer),
                     edit::Projection::Mlp => Node::FfnProj(*layer),
                 };
-                edit::post_norm_direction(g, &self.direction).map(|u| (node, u))
+                edit::writer_basis(&self.direction, &self.further, Some(g)).map(|b| (node, b))
             })
             .collect();
         self
@@ -139,23 +174,24 @@ impl AblateHook {
                 (edit::Projection::Attention, Node::AttnProj(layer)),
                 (edit::Projection::Mlp, Node::FfnProj(layer)),
             ] {
-                let u = match post_norm(layer, proj) {
-                    Some(g) => edit::post_norm_direction(g, r),
-                    None => edit::normalized(r),
+                let basis = match post_norm(layer, proj) {
+                    Some(g) => edit::writer_basis(r, &self.further, Some(g)),
+                    None => edit::normalized(r)
+                        .and_then(|r| edit::writer_basis(&r, &self.further, None)),
                 };
-                if let Some(u) = u {
-                    self.pre_norm.push((node, u));
+                if let Some(basis) = basis {
+                    self.pre_norm.push((node, basis));
                 }
             }
         }
         self
     }
 
-    fn pre_norm_direction(&self, node: Node) -> Option<&[f32]> {
+    fn pre_norm_basis(&self, node: Node) -> Option<&[Vec<f32>]> {
         self.pre_norm
             .iter()
             .find(|(n, _)| *n == node)
-            .map(|(_, u)| u.as_slice())
+            .map(|(_, b)| b.as_slice())
     }
 }
 
@@ -174,7 +210,7 @@ impl ResidualHook for AblateHook {
     fn wants(&mut self, node: Node) -> bool {
         match node {
             Node::FinalNorm => self.unembedding,
-            Node::AttnProj(_) | Node::FfnProj(_) => self.pre_norm_direction(node).is_some(),
+            Node::AttnProj(_) | Node::FfnProj(_) => self.pre_norm_basis(node).is_some(),
             _ => true,
         }
     }
@@ -190,17 +226,22 @@ impl ResidualHook for AblateHook {
                 Node::FfnProj(l) => self.scale * self.weights.weight(Component::Mlp(l)),
                 _ => unreachable!("matched above"),
             };
-            return match self.pre_norm_direction(node) {
-                Some(u) => {
-                    edit::orthogonalize_rows_seq(rows, u, share);
+            return match self.pre_norm_basis(node) {
+                Some(basis) => {
+                    for u in basis {
+                        edit::orthogonalize_rows_seq(rows, u, share);
+                    }
                     true
                 }
                 None => false,
             };
         }
-        let u = &self.direction;
         if node == Node::FinalNorm {
-            edit::orthogonalize_rows_seq(rows, u, self.embedding_share());
+            let share = self.embedding_share();
+            let basis: Vec<&[f32]> = self.global_basis().collect();
+            for u in basis {
+                edit::orthogonalize_rows_seq(rows, u, share);
+            }
             return true;
         }
         // Scaling the embeddings writes nothing new: its component is just
@@ -208,29 +249,35 @@ impl ResidualHook for AblateHook {
         let keep_here = match node {
             Node::Embeddings => 1.0 - self.embedding_share(),
             Node::ScaledEmbeddings => 1.0,
-            Node::MidLayer(l) if self.pre_norm_direction(Node::AttnProj(l)).is_some() => 1.0,
-            Node::LayerOut(l) if self.pre_norm_direction(Node::FfnProj(l)).is_some() => 1.0,
+            Node::MidLayer(l) if self.pre_norm_basis(Node::AttnProj(l)).is_some() => 1.0,
+            Node::LayerOut(l) if self.pre_norm_basis(Node::FfnProj(l)).is_some() => 1.0,
             Node::MidLayer(l) => 1.0 - self.scale * self.weights.weight(Component::Attention(l)),
             Node::LayerOut(l) => 1.0 - self.scale * self.weights.weight(Component::Mlp(l)),
             Node::FinalNorm | Node::AttnProj(_) | Node::FfnProj(_) => unreachable!("handled above"),
         };
+        let k = self.subspace_dim();
+        let n_carried = self.carried.len() / k;
+        let basis: Vec<Vec<f32>> = self.global_basis().map(<[f32]>::to_vec).collect();
         for (i, row) in rows.chunks_exact_mut(n_embd).enumerate() {
             // Last-layer nodes hold only the output rows, in batch order.
-            let batch_row = if n_rows == self.carried.len() {
+            let batch_row = if n_rows == n_carried {
                 i
             } else {
                 self.output_rows.get(i).copied().unwrap_or(i)
             };
-            let before = match node {
-                Node::Embeddings | Node::ScaledEmbeddings => 0.0,
-                _ => self.carried.get(batch_row).copied().unwrap_or(0.0),
-            };
-            let now = edit::dot(row, u) as f32;
-            let target = before + keep_here * (now - before);
-            let delta = target - now;
-            row.iter_mut().zip(u).for_each(|(x, ui)| *x += delta * ui);
-            if let Some(c) = self.carried.get_mut(batch_row) {
-                *c = target;
+            for (a, u) in basis.iter().enumerate() {
+                let slot = batch_row * k + a;
+                let before = match node {
+                    Node::Embeddings | Node::ScaledEmbeddings => 0.0,
+                    _ => self.carried.get(slot).copied().unwrap_or(0.0),
+                };
+                let now = edit::dot(row, u) as f32;
+                let target = before + keep_here * (now - before);
+                let delta = target - now;
+                row.iter_mut().zip(u).for_each(|(x, ui)| *x += delta * ui);
+                if let Some(c) = self.carried.get_mut(slot) {
+                    *c = target;
+                }
             }
         }
         true
@@ -241,7 +288,7 @@ impl BatchHook for AblateHook {
     fn begin(&mut self, entries: &[Entry]) {
         self.output_rows = entries.iter().map(Entry::last).collect();
         let n_tokens = entries.last().map_or(0, |e| e.start + e.len);
-        self.carried = vec![0.0; n_tokens];
+        self.carried = vec![0.0; n_tokens * self.subspace_dim()];
     }
 }
 

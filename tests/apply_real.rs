@@ -103,3 +103,62 @@ fn gemma3_270m_mixed_k_quants_with_post_norms() {
     let _cores = all_cores();
     check_real_model(&require_model!(GEMMA3_270M), "The capital of France is");
 }
+
+/// A 2-dimensional subspace through the command line: the output's
+/// `abliterate.*` keys record both directions, a direction file rebuilt
+/// from those keys alone gives the same bytes, and the output still loads
+/// and generates.
+#[test]
+fn a_subspace_is_recorded_in_the_file_and_reapplied_byte_for_byte() {
+    use gguf_abliterate::gguf::Value;
+    let _cores = all_cores();
+    let input = require_model!(SMOLLM2_Q4_1);
+    let n_embd = GgufFile::open(&input)
+        .unwrap()
+        .arch_u64("embedding_length")
+        .unwrap() as usize;
+    let (r, f) = (noise(n_embd, 31), noise(n_embd, 32));
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, r: &[f32], f: &[f32]| {
+        let path = dir.path().join(name);
+        let json = serde_json::json!({"direction": r, "further_directions": [f]});
+        std::fs::write(&path, json.to_string()).unwrap();
+        path
+    };
+    let first = dir.path().join("first.gguf");
+    let run = run_apply(&write("given.json", &r, &f), &input, &first, &["-q"]);
+    assert_success(&run);
+    let edited = GgufFile::open(&first).unwrap();
+    assert_eq!(edited.get_u64("abliterate.subspace_dim"), Some(2));
+    let floats = |key: &str| -> Vec<f32> {
+        match edited.get(key) {
+            Some(Value::ScalarArray(ty, bytes))
+                if *ty == gguf_abliterate::gguf::value_type::F32 =>
+            {
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect()
+            }
+            _ => panic!("{key} is not an f32 array"),
+        }
+    };
+    let (kept_r, kept_f) = (
+        floats("abliterate.direction"),
+        floats("abliterate.further_directions"),
+    );
+    assert_eq!((kept_r.as_slice(), kept_f.as_slice()), (&r[..], &f[..]));
+    let second = dir.path().join("second.gguf");
+    let rebuilt = write("from-keys.json", &kept_r, &kept_f);
+    assert_success(&run_apply(&rebuilt, &input, &second, &["-q"]));
+    assert!(
+        std::fs::read(&first).unwrap() == std::fs::read(&second).unwrap(),
+        "the subspace recorded in the keys gives other bytes"
+    );
+    let text = generate_with_llama_cpp_2(
+        &first,
+        "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n",
+        12,
+    );
+    assert!(text.trim().len() >= 3, "generated {text:?}");
+}

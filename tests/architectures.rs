@@ -48,8 +48,10 @@ fn prove(label: &str) {
     fam.write(&path, &r);
     capture_sees_every_layer(&fam, &path);
     plan_touches_exactly_the_writers(&fam, &path, &r);
-    for scale in [1.0, 0.5] {
-        hook_agrees_with_the_edit(&fam, &path, &dir.path().join("out.gguf"), &r, scale);
+    let further = [noise(N_EMBD, 8)];
+    for (scale, further) in [(1.0, &[][..]), (0.5, &[]), (0.7, &further[..])] {
+        let out = dir.path().join("out.gguf");
+        hook_agrees_with_the_edit(&fam, &path, &out, &r, further, scale);
     }
 }
 
@@ -136,10 +138,20 @@ fn plan_touches_exactly_the_writers(fam: &Family, path: &Path, r: &[f32]) {
     }
 }
 
-fn hook_agrees_with_the_edit(fam: &Family, path: &Path, out: &Path, r: &[f32], scale: f32) {
+/// With `further` directions the edit removes a subspace, which the hook
+/// must emulate as exactly as one direction.
+fn hook_agrees_with_the_edit(
+    fam: &Family,
+    path: &Path,
+    out: &Path,
+    r: &[f32],
+    further: &[Vec<f32>],
+    scale: f32,
+) {
     let prompts = synth::prompts();
     let opts = ApplyOptions {
         scale,
+        further_directions: further.to_vec(),
         force: true,
         progress: false,
         ..Default::default()
@@ -151,7 +163,11 @@ fn hook_agrees_with_the_edit(fam: &Family, path: &Path, out: &Path, r: &[f32], s
     let shards = gguf_abliterate::gguf::open_model(path).unwrap();
     let norms = PostNorms::read(&shards).unwrap();
     assert_eq!(norms.weights.len(), fam.post_norms as usize * 2 * N_LAYER);
-    let mut hook = AblateHook::new(r).unwrap().with_post_norms(&norms);
+    let mut hook = AblateHook::new(r)
+        .unwrap()
+        .with_further(further)
+        .unwrap()
+        .with_post_norms(&norms);
     (hook.scale, hook.unembedding) = (scale, fam.tied);
     let predicted = runner.first_token_logprobs(&prompts, &mut hook).unwrap();
     let edited_model = Model::load(out, 0).unwrap();
@@ -161,8 +177,9 @@ fn hook_agrees_with_the_edit(fam: &Family, path: &Path, out: &Path, r: &[f32], s
         .unwrap();
     let (effect, error) = (mean_kl(&plain, &edited), mean_kl(&predicted, &edited));
     eprintln!(
-        "{:<10} scale {scale}: edit moves KL {effect:.4}, hook vs edit KL {error:.2e}",
-        fam.label
+        "{:<10} scale {scale}, k = {}: edit moves KL {effect:.4}, hook vs edit KL {error:.2e}",
+        fam.label,
+        1 + further.len()
     );
     assert!(
         effect > 0.01,

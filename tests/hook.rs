@@ -234,6 +234,8 @@ fn edit_and_hook_kls(
             let plain = runner.first_token_logprobs(p, &mut NoHook).unwrap();
             let mut hook = AblateHook::new(r)
                 .unwrap()
+                .with_further(&opts.further_directions)
+                .unwrap()
                 .with_layer_directions(&opts.layer_directions, &Default::default());
             (hook.scale, hook.weights, hook.embeddings, hook.unembedding) = (
                 opts.scale,
@@ -292,13 +294,25 @@ fn ablation_hook_predicts_the_weight_edit_at_any_scale() {
     let uniform = EditWeights::default();
     let dir = tempfile::tempdir().unwrap();
     let none = Vec::new();
+    // A second direction for a k = 2 subspace: layer 6's difference of
+    // means (not orthogonal to r; the edit and the hook orthonormalize it).
+    let further = vec![a.minus(&b, 6, 0)];
     let cases = [
-        ("scale 1", &r, &none, 1.0, false, uniform),
-        ("scale 0.5", &r, &none, 0.5, false, uniform),
-        ("scale 0.5, token_embd kept", &r, &none, 0.5, true, uniform),
+        ("scale 1", &r, &none, &none, 1.0, false, uniform),
+        ("scale 0.5", &r, &none, &none, 0.5, false, uniform),
+        (
+            "scale 0.5, token_embd kept",
+            &r,
+            &none,
+            &none,
+            0.5,
+            true,
+            uniform,
+        ),
         (
             "kernel-weighted, biprojected",
             &refined,
+            &none,
             &none,
             1.0,
             false,
@@ -308,18 +322,40 @@ fn ablation_hook_predicts_the_weight_edit_at_any_scale() {
             "per-layer directions, kernel-weighted, biprojected",
             &refined,
             &layers,
+            &none,
+            1.0,
+            false,
+            point.weights,
+        ),
+        (
+            "k = 2 subspace, scale 0.7",
+            &r,
+            &none,
+            &further,
+            0.7,
+            false,
+            uniform,
+        ),
+        (
+            "k = 2 subspace, per-layer directions, kernel-weighted",
+            &refined,
+            &layers,
+            &further,
             1.0,
             false,
             point.weights,
         ),
     ];
-    for (i, (what, r, layers, scale, skip_embeddings, weights)) in cases.into_iter().enumerate() {
+    for (i, (what, r, layers, further, scale, skip_embeddings, weights)) in
+        cases.into_iter().enumerate()
+    {
         let out = dir.path().join(format!("case{i}.gguf"));
         let opts = ApplyOptions {
             scale,
             skip_embeddings,
             weights,
             layer_directions: layers.clone(),
+            further_directions: further.clone(),
             progress: false,
             ..Default::default()
         };
@@ -333,6 +369,12 @@ fn ablation_hook_predicts_the_weight_edit_at_any_scale() {
             error < 0.15 * effect,
             "{what}: hook vs edit KL {error} against effect {effect}"
         );
+        if !further.is_empty() {
+            assert!(
+                error <= 0.1 * effect,
+                "{what}: hook vs edit KL {error} should be within a tenth of the effect {effect}"
+            );
+        }
     }
 }
 

@@ -12,6 +12,9 @@ pub struct DirectionFile {
     /// Per-layer scope: one direction per layer for its writers (empty:
     /// global scope, `direction` for every tensor).
     pub layer_directions: Vec<Vec<f32>>,
+    /// Further directions removed with it from every writer: the edit
+    /// removes the subspace they span with `direction` (or each layer's).
+    pub further_directions: Vec<Vec<f32>>,
     /// The edit it records (None: it records none, and applies the plain
     /// edit). A file that records part of one gets the rest at their defaults.
     pub edit: Option<EditRecord>,
@@ -42,15 +45,8 @@ impl DirectionFile {
             bail!("missing \"direction\": [numbers]");
         };
         let direction = numbers(&values).context("\"direction\" must contain only numbers")?;
-        let layers = match map.remove("layer_directions") {
-            None | Some(Json::Null) => Vec::new(),
-            Some(Json::Array(layers)) => layers
-                .iter()
-                .map(|l| l.as_array().and_then(|v| numbers(v)))
-                .collect::<Option<Vec<_>>>()
-                .context("\"layer_directions\" must be a list of lists of numbers")?,
-            Some(_) => bail!("\"layer_directions\" must be a list of lists of numbers"),
-        };
+        let layers = vectors(&mut map, "layer_directions")?;
+        let further = vectors(&mut map, "further_directions")?;
         let recorded: Map<String, Json> = RECORD_KEYS
             .iter()
             .filter_map(|&k| map.remove(k).map(|v| (k.to_string(), v)))
@@ -63,9 +59,34 @@ impl DirectionFile {
             record.validate()?;
             Some(record)
         };
-        let mut file = Self::new(direction, map)?.with_layer_directions(layers)?;
+        let mut file = Self::new(direction, map)?
+            .with_layer_directions(layers)?
+            .with_further_directions(further)?;
         file.edit = edit;
         Ok(file)
+    }
+
+    /// Further directions, provided each has the global one's length and
+    /// can be normalised.
+    pub fn with_further_directions(mut self, further: Vec<Vec<f32>>) -> Result<DirectionFile> {
+        for (k, d) in further.iter().enumerate() {
+            if d.len() != self.direction.len() {
+                bail!(
+                    "further direction {} has {} values, \"direction\" {}",
+                    k + 1,
+                    d.len(),
+                    self.direction.len()
+                );
+            }
+            check_usable(d).with_context(|| format!("further direction {}", k + 1))?;
+        }
+        self.further_directions = further;
+        Ok(self)
+    }
+
+    /// Directions in the edit's subspace: 1 + the further ones.
+    pub fn subspace_dim(&self) -> usize {
+        1 + self.further_directions.len()
     }
 
     /// Per-layer scope, provided every layer's vector has the global one's
@@ -92,6 +113,7 @@ impl DirectionFile {
         Ok(DirectionFile {
             direction,
             layer_directions: Vec::new(),
+            further_directions: Vec::new(),
             edit: None,
             provenance,
         })
@@ -125,6 +147,14 @@ impl DirectionFile {
                 .collect();
             map.insert("layer_directions".into(), Json::from(layers));
         }
+        if !self.further_directions.is_empty() {
+            let further: Vec<Vec<f64>> = self
+                .further_directions
+                .iter()
+                .map(|d| d.iter().map(|&x| x as f64).collect())
+                .collect();
+            map.insert("further_directions".into(), Json::from(further));
+        }
         Json::Object(map)
     }
 
@@ -154,6 +184,7 @@ impl DirectionFile {
             &serde_json::json!({
                 "direction": entry["direction"],
                 "layer_directions": entry.get("layer_directions"),
+                "further_directions": entry.get("further_directions"),
             })
             .to_string(),
         )
@@ -163,6 +194,7 @@ impl DirectionFile {
         Ok(DirectionFile {
             direction: picked.direction,
             layer_directions: picked.layer_directions,
+            further_directions: picked.further_directions,
             edit: Some(edit),
             provenance: self.provenance.clone(),
         })
@@ -211,6 +243,19 @@ fn check_usable(direction: &[f32]) -> Result<()> {
         bail!("\"direction\" has norm {norm:e}; it cannot be normalised");
     }
     Ok(())
+}
+
+/// A list of vectors under `key` (absent or null: none).
+fn vectors(map: &mut Map<String, Json>, key: &str) -> Result<Vec<Vec<f32>>> {
+    match map.remove(key) {
+        None | Some(Json::Null) => Ok(Vec::new()),
+        Some(Json::Array(vectors)) => vectors
+            .iter()
+            .map(|l| l.as_array().and_then(|v| numbers(v)))
+            .collect::<Option<Vec<_>>>()
+            .with_context(|| format!("\"{key}\" must be a list of lists of numbers")),
+        Some(_) => bail!("\"{key}\" must be a list of lists of numbers"),
+    }
 }
 
 fn numbers(values: &[Json]) -> Option<Vec<f32>> {
@@ -316,5 +361,48 @@ mod tests {
             vec![vec![1.0, 1.0], vec![1.0, -1.0]]
         );
         assert!(picked.edit.as_ref().unwrap().per_layer);
+    }
+
+    #[test]
+    fn further_directions_round_trip_are_checked_and_follow_a_pick() {
+        let f = DirectionFile::parse(r#"{"direction":[1,0,0],"further_directions":[[0,1,1]]}"#)
+            .unwrap();
+        assert_eq!(f.further_directions, vec![vec![0.0, 1.0, 1.0]]);
+        assert_eq!(f.subspace_dim(), 2);
+        let round = DirectionFile::parse(&f.to_json()).unwrap();
+        assert_eq!(round.further_directions, f.further_directions);
+        // One direction writes no key.
+        let one = DirectionFile::parse(r#"{"direction":[1,0]}"#).unwrap();
+        assert_eq!(one.subspace_dim(), 1);
+        assert!(!one.to_json().contains("further_directions"));
+        for (bad, says) in [
+            (
+                r#"{"direction":[1,0],"further_directions":[[1]]}"#,
+                "further direction 1 has 1 values",
+            ),
+            (
+                r#"{"direction":[1,0],"further_directions":[[0,0]]}"#,
+                "all zeros",
+            ),
+            (
+                r#"{"direction":[1,0],"further_directions":[[1,"x"]]}"#,
+                "list of lists",
+            ),
+            (
+                r#"{"direction":[1,0],"further_directions":[1,0]}"#,
+                "list of lists",
+            ),
+        ] {
+            let err = format!("{:#}", DirectionFile::parse(bad).err().expect(bad));
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        let point = r#"{"direction_index":1.5,"position":0,"biprojected":false,"per_layer":false,"scale":1.0,
+                        "weights":{"attention":null,"mlp":null,"embeddings":1.0}}"#;
+        let f = DirectionFile::parse(&format!(
+            r#"{{"direction":[1,0],"front":[{{"point":{point},"direction":[0,1]}},{{"point":{point},"direction":[0,1],"further_directions":[[1,1]]}}]}}"#
+        ))
+        .unwrap();
+        assert!(f.pick(0).unwrap().further_directions.is_empty());
+        assert_eq!(f.pick(1).unwrap().further_directions, vec![vec![1.0, 1.0]]);
     }
 }

@@ -14,8 +14,8 @@ pub use params::{Component, EditPoint, EditWeights, Kernel, MAX_WEIGHT};
 pub use record::{EditRecord, RECORD_KEYS};
 
 pub use plan::{
-    check_supported, classify, plan_edits, post_norm_direction, EditKind, EditPlan, PlannedEdit,
-    PostNorms, Projection, POST_NORM_ARCHS, SUPPORTED_ARCHS,
+    check_supported, classify, plan_edits, plan_subspace_edits, post_norm_direction, writer_basis,
+    EditKind, EditPlan, PlannedEdit, PostNorms, Projection, POST_NORM_ARCHS, SUPPORTED_ARCHS,
 };
 
 use rayon::prelude::*;

@@ -49,8 +49,9 @@ pub struct PlannedEdit {
     pub shard: usize,
     pub name: String,
     pub kind: EditKind,
-    /// Unit direction to remove from this tensor's output.
-    pub direction: Arc<Vec<f32>>,
+    /// Orthonormal directions whose span is removed from this tensor's
+    /// output: the refusal direction first, then any further ones.
+    pub basis: Arc<Vec<Vec<f32>>>,
     /// The post-norm weight the direction was scaled by, if any.
     pub post_norm: Option<String>,
     /// This tensor's edit weight (times the global scale: the share removed).
@@ -155,6 +156,19 @@ pub fn plan_edits(
     layer_directions: &[Vec<f32>],
     weights: &EditWeights,
 ) -> Result<EditPlan> {
+    plan_subspace_edits(shards, direction, layer_directions, &[], weights)
+}
+
+/// `plan_edits` for a subspace: every writer also loses `further`
+/// directions (the same for every layer), so that each tensor loses the
+/// span of its own refusal direction and these.
+pub fn plan_subspace_edits(
+    shards: &[GgufFile],
+    direction: &[f32],
+    layer_directions: &[Vec<f32>],
+    further: &[Vec<f32>],
+    weights: &EditWeights,
+) -> Result<EditPlan> {
     weights.validate()?;
     let meta = &shards[0];
     let arch = meta.architecture().context("no general.architecture key")?;
@@ -164,6 +178,12 @@ pub fn plan_edits(
         .with_context(|| format!("no {arch}.embedding_length key"))? as usize;
     let r = unit_direction(direction, n_embd, "direction")?;
     let per_layer = unit_layer_directions(meta, arch, n_embd, layer_directions)?;
+    let further: Vec<Vec<f32>> = further
+        .iter()
+        .enumerate()
+        .map(|(k, d)| unit_direction(d, n_embd, &format!("further direction {}", k + 1)))
+        .map(|d| d.map(|d| d.to_vec()))
+        .collect::<Result<_>>()?;
     let tied_embeddings = !shards.iter().any(|s| s.tensor("output.weight").is_some());
 
     let find = |name: &str| shards.iter().find_map(|s| s.tensor(name).map(|t| (s, t)));
@@ -202,27 +222,30 @@ pub fn plan_edits(
                 }
                 _ => r.clone(),
             };
-            let (direction, post_norm) =
-                match post_norm.and_then(|n| find(&n).map(|(s, t)| (n, s, t))) {
-                    None => (r, None),
-                    Some((norm_name, s, norm)) => {
-                        let g = s.read_f32(norm)?;
-                        if g.len() != n_embd {
-                            bail!(
-                                "{norm_name} has {} values, expected n_embd = {n_embd}",
-                                g.len()
-                            );
-                        }
-                        let u = post_norm_direction(&g, &r)
-                            .with_context(|| format!("{norm_name} ⊙ r is zero"))?;
-                        (Arc::new(u), Some(norm_name))
+            let norm = match post_norm.and_then(|n| find(&n).map(|(s, t)| (n, s, t))) {
+                None => None,
+                Some((norm_name, s, norm)) => {
+                    let g = s.read_f32(norm)?;
+                    if g.len() != n_embd {
+                        bail!(
+                            "{norm_name} has {} values, expected n_embd = {n_embd}",
+                            g.len()
+                        );
                     }
-                };
+                    Some((norm_name, g))
+                }
+            };
+            let g = norm.as_ref().map(|(_, g)| g.as_slice());
+            let basis = writer_basis(&r, &further, g).with_context(|| match &norm {
+                Some((name, _)) => format!("{name} ⊙ r is zero"),
+                None => format!("the directions to remove from {} are degenerate", t.name),
+            })?;
+            let post_norm = norm.map(|(name, _)| name);
             edits.push(PlannedEdit {
                 shard,
                 name: t.name.clone(),
                 kind,
-                direction,
+                basis: Arc::new(basis),
                 post_norm,
                 weight,
             });
@@ -236,6 +259,39 @@ pub fn plan_edits(
         n_embd,
         tied_embeddings,
     })
+}
+
+/// The orthonormal basis a writer loses: its refusal direction `r` (unit)
+/// first, then each further direction with what the earlier ones span
+/// taken out (Gram–Schmidt, twice for accuracy). A post-norm weight `g`
+/// maps each direction `d` to `g ⊙ d` first: removing those from the
+/// projection's output is what zeroes `dᵀ·` the write after the norm.
+/// A further direction already in the span (within 1e-4 of its norm) adds
+/// nothing and is left out. None if `g ⊙ r` is zero.
+pub fn writer_basis(r: &[f32], further: &[Vec<f32>], g: Option<&[f32]>) -> Option<Vec<Vec<f32>>> {
+    let first = match g {
+        Some(g) => post_norm_direction(g, r)?,
+        None => r.to_vec(),
+    };
+    let mut basis = vec![first];
+    for d in further {
+        let mut x: Vec<f64> = match g {
+            Some(g) => d.iter().zip(g).map(|(d, g)| (d * g) as f64).collect(),
+            None => d.iter().map(|&d| d as f64).collect(),
+        };
+        let norm0 = x.iter().map(|x| x * x).sum::<f64>().sqrt();
+        for _ in 0..2 {
+            for b in &basis {
+                let c: f64 = x.iter().zip(b).map(|(x, &b)| x * b as f64).sum();
+                x.iter_mut().zip(b).for_each(|(x, &b)| *x -= c * b as f64);
+            }
+        }
+        let norm = x.iter().map(|x| x * x).sum::<f64>().sqrt();
+        if norm > 1e-4 * norm0 && norm.is_finite() {
+            basis.push(x.iter().map(|x| (x / norm) as f32).collect());
+        }
+    }
+    Some(basis)
 }
 
 /// Per-layer directions, checked against the model and normalized.

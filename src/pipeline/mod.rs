@@ -55,6 +55,7 @@ pub fn apply_options(
         preserve_norms: edit.preserve_norms,
         imatrix,
         layer_directions: file.layer_directions.clone(),
+        further_directions: file.further_directions.clone(),
     }
 }
 

@@ -42,9 +42,10 @@ impl Reporter for Terminal {
     fn applied(&mut self, applied: &ApplyReport, scale: f32, skip_embeddings: bool) {
         for out in &applied.outputs {
             eprintln!(
-                "wrote {} ({} tensors edited, scale {scale}{})",
+                "wrote {} ({} tensors edited, scale {scale}{}{})",
                 out.display(),
                 applied.tensors.len(),
+                subspace_note(applied),
                 if skip_embeddings {
                     ", token_embd kept"
                 } else {
@@ -57,9 +58,10 @@ impl Reporter for Terminal {
     fn applied_direction(&mut self, applied: &ApplyReport) {
         for out in &applied.outputs {
             eprintln!(
-                "wrote {} ({} tensors edited)",
+                "wrote {} ({} tensors edited{})",
                 out.display(),
-                applied.tensors.len()
+                applied.tensors.len(),
+                subspace_note(applied)
             );
         }
     }
@@ -119,13 +121,22 @@ impl Reporter for Terminal {
 }
 
 /// One tensor's line: what happened to it.
+/// ", a 2-dimensional subspace" where more than one direction was removed.
+fn subspace_note(applied: &ApplyReport) -> String {
+    match applied.subspace_dim {
+        1 => String::new(),
+        k => format!(", a {k}-dimensional subspace"),
+    }
+}
+
 pub fn tensor_line(done: usize, total: usize, shape: &str, t: &TensorReport) -> String {
     format!(
-        "[{:>4}/{total}] {:<32} {:>7} {:>18}  max|rᵀW| {:.4} -> {:.4}  kept {:.3} of {:.2}, error x{:.2} ({}){}{}",
+        "[{:>4}/{total}] {:<32} {:>7} {:>18}  max|{}ᵀW| {:.4} -> {:.4}  kept {:.3} of {:.2}, error x{:.2} ({}){}{}",
         done,
         t.name,
         t.ggml_type,
         shape,
+        if t.directions > 1 { "U" } else { "r" },
         t.max_before,
         t.max_after,
         t.kept,

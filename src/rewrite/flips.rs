@@ -28,6 +28,10 @@ struct Line<'a> {
     along: &'a [f32],
     steps: &'a [f32],
     importance: Option<&'a [f32]>,
+    /// The other directions of a subspace, each with its own miss: a move
+    /// is taken only if it lowers the whole squared miss, so that settling
+    /// one direction never undoes what settling another did.
+    cross: &'a [(&'a [f32], f64)],
 }
 
 /// The moves, cheapest first, that bring the line's miss within its
@@ -58,6 +62,7 @@ fn settle(line: &Line, scratch: &mut Keys, mut try_move: impl FnMut(usize, i32) 
         FIRST_BATCH
     };
     let mut taken = 0;
+    let mut cross: Vec<f64> = line.cross.iter().map(|(_, m)| *m).collect();
     let mut batches = Batches::new(scratch, movable, first);
     while miss.abs() > line.tolerance {
         let Some(batch) = batches.next() else { break };
@@ -70,9 +75,31 @@ fn settle(line: &Line, scratch: &mut Keys, mut try_move: impl FnMut(usize, i32) 
             // The direction priced above: toward the initial miss's zero.
             let delta = if (per_unit > 0.0) == lowers { 1 } else { -1 };
             let effect = delta as f64 * per_unit;
-            // Only moves that leave |miss| smaller, and codes in range.
-            if (miss + effect).abs() < miss.abs() && try_move(k, delta) {
+            // Only moves that leave |miss| smaller (across the subspace),
+            // and codes in range.
+            let lowers_miss = if cross.is_empty() {
+                (miss + effect).abs() < miss.abs()
+            } else {
+                let step = delta as f64 * line.steps[k] as f64;
+                let growth: f64 = line
+                    .cross
+                    .iter()
+                    .zip(&cross)
+                    .map(|((along, _), m)| {
+                        let e = step * along[k] as f64;
+                        2.0 * m * e + e * e
+                    })
+                    .sum();
+                2.0 * miss * effect + effect * effect + growth < 0.0
+            };
+            if lowers_miss && try_move(k, delta) {
                 miss += effect;
+                if !cross.is_empty() {
+                    let step = delta as f64 * line.steps[k] as f64;
+                    for ((along, _), m) in line.cross.iter().zip(&mut cross) {
+                        *m += step * along[k] as f64;
+                    }
+                }
                 taken += 1;
             }
         }
@@ -343,8 +370,8 @@ fn block_steps(ty: GgmlType, block: &[u8], steps: &mut [f32]) {
 /// What settling an output projection's columns left, read back through
 /// ggml's dequantizer.
 pub(super) struct Settled {
-    /// `uᵀV` per column.
-    pub after: Vec<f64>,
+    /// `u_aᵀV` per basis direction, per column.
+    pub after: Vec<Vec<f64>>,
     /// `‖V − X‖²`, with `X` the ideal edit.
     pub error2: f64,
     pub moves: u64,
@@ -352,24 +379,26 @@ pub(super) struct Settled {
 }
 
 /// Output projection: every stored row is an output feature `i`, so column
-/// `j` of the slab gets `Σ_i u_i V_ij` to `target_j`; the ideal edit is
-/// `(W_ij − s u_i v_j) norm_j`, with `original` W as ggml reads it (row
-/// major). Columns are independent; tasks take one block-column each,
-/// which owns disjoint bytes of every row.
+/// `j` of the slab gets `Σ_i u_ai V_ij` to `target[a][j]` for each basis
+/// direction `a`; the ideal edit is `(W_ij − s Σ_a u_ai v_aj) norm_j`, with
+/// `original` W as ggml reads it (row major). Columns are independent;
+/// tasks take one block-column each, which owns disjoint bytes of every
+/// row. Several directions are settled in turn (`super::rounds`).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn settle_columns(
     ty: GgmlType,
     original: &[f32],
     dst: &mut [u8],
     row_len: usize,
-    u: &[f32],
+    basis: &[Vec<f32>],
     scale: f32,
-    v: &[f32],
+    v: &[Vec<f32>],
     norm: &[f32],
-    target: &[f64],
-    tolerance: f64,
+    target: &[Vec<f64>],
+    tolerance: &[f64],
 ) -> Result<Settled> {
-    let n_rows = u.len();
+    let n_rows = basis[0].len();
+    let k = basis.len();
     let row_bytes = dst.len() / n_rows;
     let block_bytes = ty.type_size() as usize;
     let per_block = ty.block_size() as usize;
@@ -381,86 +410,105 @@ pub(super) fn settle_columns(
             col.push(block);
         }
     }
+    // The ideal edit of one element.
+    let ideal = |i: usize, j: usize, w: f32| -> f32 {
+        let mut x = w - scale * basis[0][i] * v[0][j];
+        for a in 1..k {
+            x -= scale * basis[a][i] * v[a][j];
+        }
+        x * norm[j]
+    };
     let parts = columns
         .into_par_iter()
         .enumerate()
         .map(|(b, mut blocks)| -> Result<(Vec<f64>, f64, u64, u64)> {
-            // Element-major ([row][element in block]): each element's value
-            // as written minus its ideal, and what each column writes now.
             let group = codes::scale_group(ty);
-            let (vb, fb) = (
-                &v[b * per_block..][..per_block],
-                &norm[b * per_block..][..per_block],
-            );
             let mut q = vec![0f32; per_block];
             let mut errors = vec![0f32; per_block * n_rows];
             // Steps are shared by a group's elements, so by its columns:
             // [group][row].
             let mut group_steps = vec![0f32; per_block / group * n_rows];
-            let mut written = vec![0f64; per_block];
-            for (i, (block, e)) in blocks
-                .iter()
-                .zip(errors.chunks_exact_mut(per_block))
-                .enumerate()
-            {
-                ffi::dequantize_rows(ty, block, &mut q)?;
-                let w = &original[i * row_len + b * per_block..][..per_block];
-                let (ui, ui64) = (u[i], u[i] as f64);
-                for (((a, e), &x), (&w, (&vj, &fj))) in written
-                    .iter_mut()
-                    .zip(e)
-                    .zip(&q)
-                    .zip(w.iter().zip(vb.iter().zip(fb)))
-                {
-                    *a += ui64 * x as f64;
-                    *e = x - (w - scale * ui * vj) * fj;
-                }
-                for (g, steps) in group_steps.chunks_exact_mut(n_rows).enumerate() {
-                    steps[i] = codes::get(ty, block, g * group).step;
-                }
-            }
-            // Column-major, transposed a strip of rows at a time: gathering
-            // each column with a whole block's stride missed the cache on
-            // every element.
-            let errors = transposed(&errors, n_rows, per_block);
             let mut keys = Keys::default();
             let mut moved = 0;
-            for (c, &written) in written.iter().enumerate() {
-                let j = b * per_block + c;
-                if (written - target[j]).abs() <= tolerance {
-                    continue;
+            for a in super::rounds(k) {
+                // Element-major ([row][element in block]): each element's
+                // value as written minus its ideal, and what each column
+                // writes now along each direction ([direction][column]).
+                let mut written = vec![vec![0f64; per_block]; k];
+                for (i, (block, e)) in blocks
+                    .iter()
+                    .zip(errors.chunks_exact_mut(per_block))
+                    .enumerate()
+                {
+                    ffi::dequantize_rows(ty, block, &mut q)?;
+                    let w = &original[i * row_len + b * per_block..][..per_block];
+                    let ui64 = basis[a][i] as f64;
+                    for (c, ((acc, e), (&x, &w))) in written[a]
+                        .iter_mut()
+                        .zip(e)
+                        .zip(q.iter().zip(w))
+                        .enumerate()
+                    {
+                        *acc += ui64 * x as f64;
+                        *e = x - ideal(i, b * per_block + c, w);
+                    }
+                    for (other, written) in written.iter_mut().enumerate() {
+                        if other != a {
+                            let ui64 = basis[other][i] as f64;
+                            for (acc, &x) in written.iter_mut().zip(&q) {
+                                *acc += ui64 * x as f64;
+                            }
+                        }
+                    }
+                    for (g, steps) in group_steps.chunks_exact_mut(n_rows).enumerate() {
+                        steps[i] = codes::get(ty, block, g * group).step;
+                    }
                 }
-                let line = Line {
-                    miss: written - target[j],
-                    tolerance,
-                    errors: &errors[c * n_rows..(c + 1) * n_rows],
-                    along: u,
-                    steps: &group_steps[c / group * n_rows..][..n_rows],
-                    // One column, one importance: it cannot change the order.
-                    importance: None,
-                };
-                moved += settle(&line, &mut keys, |i, delta| {
-                    move_code(ty, blocks[i], c, delta)
-                });
+                // Column-major, transposed a strip of rows at a time:
+                // gathering each column with a whole block's stride missed
+                // the cache on every element.
+                let errors = transposed(&errors, n_rows, per_block);
+                for c in 0..per_block {
+                    let j = b * per_block + c;
+                    let miss = written[a][c] - target[a][j];
+                    if miss.abs() <= tolerance[a] {
+                        continue;
+                    }
+                    let cross: Vec<(&[f32], f64)> = (0..k)
+                        .filter(|&o| o != a)
+                        .map(|o| (basis[o].as_slice(), written[o][c] - target[o][j]))
+                        .collect();
+                    let line = Line {
+                        miss,
+                        tolerance: tolerance[a],
+                        errors: &errors[c * n_rows..(c + 1) * n_rows],
+                        along: &basis[a],
+                        steps: &group_steps[c / group * n_rows..][..n_rows],
+                        // One column, one importance: it cannot change the order.
+                        importance: None,
+                        cross: &cross,
+                    };
+                    moved += settle(&line, &mut keys, |i, delta| {
+                        move_code(ty, blocks[i], c, delta)
+                    });
+                }
             }
-            // What ggml reads back from the final bytes.
-            // Per-column sums (vectorized across the block), added up at the end.
-            let mut after = vec![0f64; per_block];
+            // What ggml reads back from the final bytes. Per-column sums
+            // (vectorized across the block), added up at the end.
+            let mut after = vec![0f64; k * per_block];
             let mut error2 = vec![0f64; per_block];
             let mut non_finite = 0;
             for (i, block) in blocks.iter().enumerate() {
                 ffi::dequantize_rows(ty, block, &mut q)?;
                 let w = &original[i * row_len + b * per_block..][..per_block];
-                let (su, ui) = (scale * u[i], u[i] as f64);
-                for ((((a, e), &x), &w), (&vj, &fj)) in after
-                    .iter_mut()
-                    .zip(&mut error2)
-                    .zip(&q)
-                    .zip(w)
-                    .zip(vb.iter().zip(fb))
-                {
-                    *a += ui * x as f64;
-                    let d = x as f64 - ((w - su * vj) * fj) as f64;
+                for (u, after) in basis.iter().zip(after.chunks_exact_mut(per_block)) {
+                    let ui = u[i] as f64;
+                    for (a, &x) in after.iter_mut().zip(&q) {
+                        *a += ui * x as f64;
+                    }
+                }
+                for (c, (e, (&x, &w))) in error2.iter_mut().zip(q.iter().zip(w)).enumerate() {
+                    let d = x as f64 - ideal(i, b * per_block + c, w) as f64;
                     *e += d * d;
                 }
                 non_finite += q.iter().filter(|x| !x.is_finite()).count() as u64;
@@ -470,13 +518,15 @@ pub(super) fn settle_columns(
         .collect::<Result<Vec<_>>>()?;
     // Gathered in order, so the sums never depend on thread timing.
     let mut settled = Settled {
-        after: Vec::with_capacity(row_len),
+        after: vec![Vec::with_capacity(row_len); k],
         error2: 0.0,
         moves: 0,
         non_finite: 0,
     };
     for (after, error2, moves, non_finite) in parts {
-        settled.after.extend(after);
+        for (all, part) in settled.after.iter_mut().zip(after.chunks_exact(per_block)) {
+            all.extend_from_slice(part);
+        }
         settled.error2 += error2;
         settled.moves += moves;
         settled.non_finite += non_finite;
@@ -524,6 +574,7 @@ pub(super) fn settle_row(
     (written, target): (f64, f64),
     tolerance: f64,
     importance: Option<&[f32]>,
+    cross: &[(&[f32], f64)],
     scratch: &mut RowScratch,
 ) -> u64 {
     let block_bytes = ty.type_size() as usize;
@@ -551,6 +602,7 @@ pub(super) fn settle_row(
         along: u,
         steps: &scratch.steps,
         importance,
+        cross,
     };
     settle(&line, &mut scratch.keys, |k, delta| {
         let block = &mut dst[k / per_block * block_bytes..][..block_bytes];

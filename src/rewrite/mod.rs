@@ -41,8 +41,9 @@ pub const MAX_PASSES: u32 = 5;
 #[derive(Clone, Copy)]
 pub struct Request<'a> {
     pub kind: EditKind,
-    /// Unit direction on the tensor's residual axis.
-    pub u: &'a [f32],
+    /// Orthonormal directions on the tensor's residual axis (one or more):
+    /// the edit removes the share `scale` of the subspace they span.
+    pub basis: &'a [Vec<f32>],
     /// Share of the component to remove.
     pub scale: f32,
     /// Column importances for the quantizer, `row_len` per matrix (expert).
@@ -56,11 +57,13 @@ pub struct Request<'a> {
 
 pub struct Rewritten {
     pub bytes: Vec<u8>,
-    /// Largest component along `u` the tensor can write, before and after.
+    /// Largest component along a basis direction the tensor can write,
+    /// before and after.
     pub max_before: f64,
     pub max_after: f64,
-    /// `‖uᵀV‖ / ‖uᵀW‖`, with `V` as ggml dequantizes the written bytes:
-    /// `1 − scale` when the edit survived quantization exactly.
+    /// `‖uᵀV‖ / ‖uᵀW‖` for the basis direction that kept most, with `V` as
+    /// ggml dequantizes the written bytes: `1 − scale` when the edit
+    /// survived quantization exactly.
     pub kept: f64,
     /// Error against the ideal f32 edit, relative to plain requantization's
     /// (1 for plain requantization itself).
@@ -79,9 +82,9 @@ pub struct Rewritten {
 struct Stats {
     max_before: f64,
     max_after: f64,
-    /// `‖uᵀW‖²`, `‖uᵀV‖²`.
-    before2: f64,
-    after2: f64,
+    /// `‖uᵀW‖²`, `‖uᵀV‖²`, per basis direction.
+    before2: Vec<f64>,
+    after2: Vec<f64>,
     /// `‖V − X‖²` now and after the plain pass.
     error2: f64,
     plain_error2: f64,
@@ -93,8 +96,8 @@ impl Stats {
     fn merge(mut self, o: Stats) -> Stats {
         self.max_before = self.max_before.max(o.max_before);
         self.max_after = self.max_after.max(o.max_after);
-        self.before2 += o.before2;
-        self.after2 += o.after2;
+        add_into(&mut self.before2, &o.before2);
+        add_into(&mut self.after2, &o.after2);
         self.error2 += o.error2;
         self.plain_error2 += o.plain_error2;
         self.passes = self.passes.max(o.passes);
@@ -103,8 +106,8 @@ impl Stats {
     }
 }
 
-/// Rewrites one tensor's data. `row_len` is its contiguous axis; `req.u`
-/// the unit direction on its residual axis.
+/// Rewrites one tensor's data. `row_len` is its contiguous axis; `req.basis`
+/// the directions on its residual axis.
 pub fn rewrite(ty: GgmlType, data: &[u8], row_len: usize, req: &Request) -> Result<Rewritten> {
     let row_bytes = ty
         .row_bytes(row_len as u64)
@@ -126,7 +129,7 @@ pub fn rewrite(ty: GgmlType, data: &[u8], row_len: usize, req: &Request) -> Resu
         EditKind::OutputProjection => {
             // One slab per expert (a single slab for dense tensors), each
             // with its own row of importances.
-            let slab = row_bytes * req.u.len();
+            let slab = row_bytes * req.basis[0].len();
             let mut stats = Stats::default();
             for (k, (src, dst)) in data.chunks(slab).zip(out.chunks_mut(slab)).enumerate() {
                 let importance = req
@@ -138,11 +141,17 @@ pub fn rewrite(ty: GgmlType, data: &[u8], row_len: usize, req: &Request) -> Resu
         }
     };
     let ratio = |a: f64, b: f64| if b > 0.0 { (a / b).sqrt() } else { 1.0 };
+    let kept = stats
+        .after2
+        .iter()
+        .zip(&stats.before2)
+        .map(|(&a, &b)| ratio(a, b))
+        .fold(0f64, f64::max);
     Ok(Rewritten {
         bytes: out,
         max_before: stats.max_before,
         max_after: stats.max_after,
-        kept: ratio(stats.after2, stats.before2),
+        kept,
         error_ratio: ratio(stats.error2, stats.plain_error2),
         passes: stats.passes,
         moves: stats.moves,
@@ -208,8 +217,11 @@ impl Job<'_> {
     /// whole tensor's component, so it is kept per chunk of rows: after the
     /// plain pass, the rows that miss most are settled until the chunk's
     /// miss is within its share (often none: 8-bit rows rarely need it).
+    /// With several basis directions each is settled in turn, for a few
+    /// rounds, as a move for one shifts the others a little.
     fn rows(&self, src: &[u8], dst: &mut [u8], imp: Option<&[f32]>) -> Result<Stats> {
-        let u = self.req.u;
+        let basis = self.req.basis;
+        let k = basis.len();
         let s = self.req.scale as f64;
         let n = self.row_len;
         dst.par_chunks_mut(self.task)
@@ -218,23 +230,31 @@ impl Job<'_> {
                 let w = self.dequantize(src)?;
                 let n_rows = w.len() / n;
                 let mut ideal = w.clone();
-                edit::orthogonalize_rows_seq(&mut ideal, u, s as f32);
-                let before: Vec<f64> = w.chunks_exact(n).map(|r| edit::dot(r, u)).collect();
-                let mut target: Vec<f64> = before.iter().map(|b| (1.0 - s) * b).collect();
+                for u in basis {
+                    edit::orthogonalize_rows_seq(&mut ideal, u, s as f32);
+                }
+                // [direction][row]
+                let components = |values: &[f32], u: &[f32]| -> Vec<f64> {
+                    values.chunks_exact(n).map(|r| edit::dot(r, u)).collect()
+                };
+                let before: Vec<Vec<f64>> = basis.iter().map(|u| components(&w, u)).collect();
+                let mut target: Vec<Vec<f64>> = before
+                    .iter()
+                    .map(|b| b.iter().map(|b| (1.0 - s) * b).collect())
+                    .collect();
                 if self.req.preserve_norms {
-                    for ((x, w), (t, &b)) in ideal
-                        .chunks_exact_mut(n)
-                        .zip(w.chunks_exact(n))
-                        .zip(target.iter_mut().zip(&before))
+                    for (r, (x, w)) in ideal.chunks_exact_mut(n).zip(w.chunks_exact(n)).enumerate()
                     {
-                        let norm = edit::norm_restoring_factor(edit::dot(w, w), b, s);
+                        let c = magnitude(before.iter().map(|b| b[r]));
+                        let norm = edit::norm_restoring_factor(edit::dot(w, w), c, s);
                         x.iter_mut().for_each(|x| *x *= norm as f32);
-                        *t *= norm;
+                        target.iter_mut().for_each(|t| t[r] *= norm);
                     }
                 }
                 let mut values = vec![0f32; w.len()];
                 self.quantize(&ideal, dst, &mut values, imp)?;
-                let mut after: Vec<f64> = values.chunks_exact(n).map(|r| edit::dot(r, u)).collect();
+                let mut after: Vec<Vec<f64>> =
+                    basis.iter().map(|u| components(&values, u)).collect();
                 let plain: Vec<f64> = values
                     .chunks_exact(n)
                     .zip(ideal.chunks_exact(n))
@@ -242,57 +262,71 @@ impl Job<'_> {
                     .collect();
                 // Each row's error as written: only settled rows change.
                 let mut errors = plain.clone();
-                let before2: f64 = before.iter().map(|b| b * b).sum();
+                let before2: Vec<f64> = before
+                    .iter()
+                    .map(|b| b.iter().map(|b| b * b).sum())
+                    .collect();
                 // A row whose own component is tiny need not be matched more
                 // closely than a typical row.
-                let typical2 = before2 / n_rows.max(1) as f64;
+                let typical2: Vec<f64> =
+                    before2.iter().map(|b2| b2 / n_rows.max(1) as f64).collect();
                 let mut passes = 1;
                 let mut moves = 0;
                 if self.iterate && self.codes {
-                    let miss2 = |after: &[f64]| -> f64 {
-                        after
-                            .iter()
-                            .zip(&target)
-                            .map(|(a, t)| (a - t).powi(2))
-                            .sum()
-                    };
-                    let bound2 = FLIP_TOLERANCE.powi(2) * before2;
                     let mut scratch = flips::RowScratch::default();
-                    let mut order: Vec<usize> = (0..n_rows).collect();
-                    order.sort_by(|&a, &b| {
-                        (after[b] - target[b])
-                            .abs()
-                            .total_cmp(&(after[a] - target[a]).abs())
-                    });
-                    for r in order {
-                        if miss2(&after) <= bound2 {
-                            break;
+                    for a in rounds(k) {
+                        let u = &basis[a];
+                        let miss2 = |after: &[f64]| -> f64 {
+                            after
+                                .iter()
+                                .zip(&target[a])
+                                .map(|(a, t)| (a - t).powi(2))
+                                .sum()
+                        };
+                        let bound2 = FLIP_TOLERANCE.powi(2) * before2[a];
+                        let mut order: Vec<usize> = (0..n_rows).collect();
+                        order.sort_by(|&x, &y| {
+                            (after[a][y] - target[a][y])
+                                .abs()
+                                .total_cmp(&(after[a][x] - target[a][x]).abs())
+                        });
+                        for r in order {
+                            if miss2(&after[a]) <= bound2 {
+                                break;
+                            }
+                            // Within its share of the bound: these squared
+                            // sum to FLIP_TOLERANCE² ‖Wu‖² over the chunk.
+                            let share = ((before[a][r].powi(2) + typical2[a]) / 2.0).sqrt();
+                            let span = r * n..(r + 1) * n;
+                            let row = &mut dst[r * self.row_bytes..(r + 1) * self.row_bytes];
+                            let cross: Vec<(&[f32], f64)> = (0..k)
+                                .filter(|&o| o != a)
+                                .map(|o| (basis[o].as_slice(), after[o][r] - target[o][r]))
+                                .collect();
+                            let moved = flips::settle_row(
+                                self.ty,
+                                row,
+                                &values[span.clone()],
+                                &ideal[span.clone()],
+                                u,
+                                (after[a][r], target[a][r]),
+                                FLIP_TOLERANCE * share,
+                                imp,
+                                &cross,
+                                &mut scratch,
+                            );
+                            if moved == 0 {
+                                // Unchanged bytes: values, after and errors hold.
+                                continue;
+                            }
+                            moves += moved;
+                            ffi::dequantize_rows(self.ty, row, &mut values[span.clone()])?;
+                            self.count_non_finite(&values[span.clone()]);
+                            for (after, u) in after.iter_mut().zip(basis) {
+                                after[r] = edit::dot(&values[span.clone()], u);
+                            }
+                            errors[r] = sq_dist(&values[span.clone()], &ideal[span]);
                         }
-                        // Within its share of the bound: these squared sum
-                        // to FLIP_TOLERANCE² ‖Wu‖² over the chunk.
-                        let share = ((before[r].powi(2) + typical2) / 2.0).sqrt();
-                        let span = r * n..(r + 1) * n;
-                        let row = &mut dst[r * self.row_bytes..(r + 1) * self.row_bytes];
-                        let moved = flips::settle_row(
-                            self.ty,
-                            row,
-                            &values[span.clone()],
-                            &ideal[span.clone()],
-                            u,
-                            (after[r], target[r]),
-                            FLIP_TOLERANCE * share,
-                            imp,
-                            &mut scratch,
-                        );
-                        if moved == 0 {
-                            // Unchanged bytes: values, after and errors hold.
-                            continue;
-                        }
-                        moves += moved;
-                        ffi::dequantize_rows(self.ty, row, &mut values[span.clone()])?;
-                        self.count_non_finite(&values[span.clone()]);
-                        after[r] = edit::dot(&values[span.clone()], u);
-                        errors[r] = sq_dist(&values[span.clone()], &ideal[span]);
                     }
                 } else if self.iterate {
                     // Requantize each row with what it kept pushed back in.
@@ -300,19 +334,30 @@ impl Job<'_> {
                     for r in 0..n_rows {
                         let span = r * n..(r + 1) * n;
                         let row = &mut dst[r * self.row_bytes..(r + 1) * self.row_bytes];
-                        let tolerance = GRID_TOLERANCE * before[r].abs().max(typical2.sqrt());
+                        let tolerance: Vec<f64> = (0..k)
+                            .map(|a| GRID_TOLERANCE * before[a][r].abs().max(typical2[a].sqrt()))
+                            .collect();
+                        let misses = |after: &[Vec<f64>]| -> Vec<f64> {
+                            (0..k).map(|a| after[a][r] - target[a][r]).collect()
+                        };
+                        let outside =
+                            |miss: &[f64]| miss.iter().zip(&tolerance).any(|(m, t)| m.abs() > *t);
                         x.copy_from_slice(&ideal[span.clone()]);
                         let mut row_passes = 1;
-                        while row_passes < MAX_PASSES && (after[r] - target[r]).abs() > tolerance {
-                            let miss = after[r] - target[r];
-                            for (xi, &ui) in x.iter_mut().zip(u) {
-                                *xi -= (miss * ui as f64) as f32;
+                        while row_passes < MAX_PASSES && outside(&misses(&after)) {
+                            let miss = misses(&after);
+                            for (u, &m) in basis.iter().zip(&miss) {
+                                for (xi, &ui) in x.iter_mut().zip(u) {
+                                    *xi -= (m * ui as f64) as f32;
+                                }
                             }
                             self.quantize(&x, row, &mut values[span.clone()], imp)?;
                             row_passes += 1;
-                            let next = edit::dot(&values[span.clone()], u);
-                            let stalled = (next - target[r]).abs() > 0.9 * miss.abs();
-                            after[r] = next;
+                            for (after, u) in after.iter_mut().zip(basis) {
+                                after[r] = edit::dot(&values[span.clone()], u);
+                            }
+                            let stalled = magnitude(misses(&after).into_iter())
+                                > 0.9 * magnitude(miss.into_iter());
                             if stalled {
                                 break;
                             }
@@ -330,12 +375,15 @@ impl Job<'_> {
                         .map(|(v, x)| sq_dist(v, x))
                         .sum()
                 };
-                let max_abs = |v: &[f64]| v.iter().fold(0f64, |m, x| m.max(x.abs()));
+                let max_abs = |v: &[Vec<f64>]| v.iter().flatten().fold(0f64, |m, x| m.max(x.abs()));
                 Ok(Stats {
                     max_before: max_abs(&before),
                     max_after: max_abs(&after),
                     before2,
-                    after2: after.iter().map(|a| a * a).sum(),
+                    after2: after
+                        .iter()
+                        .map(|a| a.iter().map(|a| a * a).sum())
+                        .collect(),
                     error2,
                     plain_error2,
                     passes,
@@ -349,14 +397,15 @@ impl Job<'_> {
     fn output_slab(&self, src: &[u8], dst: &mut [u8], imp: Option<&[f32]>) -> Result<Stats> {
         let rows = self.task / self.row_bytes;
         let n = self.row_len;
-        let u = self.req.u;
+        let basis = self.req.basis;
+        let k = basis.len();
         let s = self.req.scale;
-        let max_abs = |v: &[f64]| v.iter().fold(0f64, |m, x| m.max(x.abs()));
+        let max_abs = |v: &[Vec<f64>]| v.iter().flatten().fold(0f64, |m, x| m.max(x.abs()));
         let norm2 = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>();
-        // Pass 1: v = uᵀW, and each column's squared norm when norms are
-        // preserved (the second half of the sums).
+        // Pass 1: v = uᵀW for each direction, and each column's squared
+        // norm when norms are preserved (the last n of the sums).
         let preserve = self.req.preserve_norms;
-        let width = if preserve { 2 * n } else { n };
+        let width = if preserve { (k + 1) * n } else { k * n };
         // The slab in f32, dequantized once for every pass below (within
         // the memory target: the largest edited tensor in f32).
         let mut weights_f32 = vec![0f32; src.len() / self.row_bytes * n];
@@ -369,10 +418,12 @@ impl Job<'_> {
                     ffi::dequantize_rows(self.ty, src, w)?;
                     let w = &*w;
                     let mut acc = vec![0f64; width];
-                    edit::accumulate_projection(w, n, &u[task * rows..], &mut acc[..n]);
+                    for (u, acc) in basis.iter().zip(acc.chunks_exact_mut(n)) {
+                        edit::accumulate_projection(w, n, &u[task * rows..], acc);
+                    }
                     if preserve {
                         for row in w.chunks_exact(n) {
-                            for (a, &x) in acc[n..].iter_mut().zip(row) {
+                            for (a, &x) in acc[k * n..].iter_mut().zip(row) {
                                 *a += x as f64 * x as f64;
                             }
                         }
@@ -381,29 +432,40 @@ impl Job<'_> {
                 })
                 .collect::<Result<Vec<_>>>()?,
         );
-        let v = sums[..n].to_vec();
+        let v: Vec<Vec<f64>> = sums[..k * n].chunks_exact(n).map(<[f64]>::to_vec).collect();
         // `norm` gives each column its norm back.
         let norm: Vec<f32> = (0..n)
             .map(|j| match preserve {
-                true => edit::norm_restoring_factor(sums[n + j], v[j], s as f64) as f32,
+                true => {
+                    let c = magnitude(v.iter().map(|v| v[j]));
+                    edit::norm_restoring_factor(sums[k * n + j], c, s as f64) as f32
+                }
                 false => 1.0,
             })
             .collect();
-        let v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-        let target: Vec<f64> = v
+        let v32: Vec<Vec<f32>> = v
             .iter()
-            .zip(&norm)
-            .map(|(x, &f)| (1.0 - s as f64) * x * f as f64)
+            .map(|v| v.iter().map(|&x| x as f32).collect())
             .collect();
-        // Pass 2: the plain edit, X = (W − s u vᵀ) diag(norm), requantized.
-        let mut row_error = vec![0f64; u.len()];
-        let no_correction = vec![0f32; n];
+        let target: Vec<Vec<f64>> = v
+            .iter()
+            .map(|v| {
+                v.iter()
+                    .zip(&norm)
+                    .map(|(x, &f)| (1.0 - s as f64) * x * f as f64)
+                    .collect()
+            })
+            .collect();
+        let v_norm: Vec<f64> = v.iter().map(|v| norm2(v).sqrt()).collect();
+        // Pass 2: the plain edit, X = (W − s Σ u vᵀ) diag(norm), requantized.
+        let mut row_error = vec![0f64; basis[0].len()];
+        let no_correction = vec![vec![0f32; n]; k];
         let mut after = self.output_pass(
             &weights_f32,
             dst,
             (&v32, &norm),
             &no_correction,
-            u,
+            basis,
             &mut row_error,
             None,
             imp,
@@ -412,35 +474,42 @@ impl Job<'_> {
         let mut passes = 1;
         // Further passes push what the grid kept, e = uᵀV − (1 − s) uᵀW,
         // back into the rows: X ← X − u eᵀ (accumulated in `correction`).
-        let miss = |after: &[f64]| {
-            norm2(
-                &after
-                    .iter()
-                    .zip(&target)
-                    .map(|(a, t)| a - t)
-                    .collect::<Vec<_>>(),
-            )
-            .sqrt()
+        let misses = |after: &[Vec<f64>]| -> Vec<f64> {
+            after
+                .iter()
+                .zip(&target)
+                .map(|(a, t)| {
+                    norm2(&a.iter().zip(t).map(|(a, t)| a - t).collect::<Vec<_>>()).sqrt()
+                })
+                .collect()
         };
-        let tolerance = GRID_TOLERANCE * norm2(&v).sqrt();
+        let outside = |after: &[Vec<f64>], tolerance: f64| {
+            misses(after)
+                .iter()
+                .zip(&v_norm)
+                .any(|(m, v)| *m > tolerance * v)
+        };
         let mut moves = 0;
         let mut error2: f64 = row_error.iter().sum();
-        if self.iterate && self.codes && miss(&after) > FLIP_TOLERANCE * norm2(&v).sqrt() {
+        if self.iterate && self.codes && outside(&after, FLIP_TOLERANCE) {
             // Every column within its share of the bound, so that the
             // whole miss is within it too; no closer, as each further move
             // adds quantization error.
-            let per_column = FLIP_TOLERANCE * norm2(&v).sqrt() / (n as f64).sqrt();
+            let per_column: Vec<f64> = v_norm
+                .iter()
+                .map(|v| FLIP_TOLERANCE * v / (n as f64).sqrt())
+                .collect();
             let settled = flips::settle_columns(
                 self.ty,
                 &weights_f32,
                 dst,
                 n,
-                u,
+                basis,
                 s,
                 &v32,
                 &norm,
                 &target,
-                per_column,
+                &per_column,
             )?;
             self.add_non_finite(settled.non_finite);
             (after, moves, error2) = (settled.after, settled.moves, settled.error2);
@@ -449,16 +518,26 @@ impl Job<'_> {
         // move uᵀV the most per flipped rounding, and the others would
         // mostly round back. Their share of the correction is scaled up so
         // that Σ u_i w_i = 1.
-        let weights = correction_weights(u, SUBSET_MASS);
-        let mut correction = vec![0f64; n];
-        let mut missed = miss(&after);
-        while self.iterate && !self.codes && passes < MAX_PASSES && missed > tolerance {
-            let current: Vec<f64> = after.iter().zip(&target).map(|(a, t)| a - t).collect();
-            correction
-                .iter_mut()
-                .zip(&current)
-                .for_each(|(c, e)| *c += e);
-            let c32: Vec<f32> = correction.iter().map(|&x| x as f32).collect();
+        let weights: Vec<Vec<f32>> = basis
+            .iter()
+            .map(|u| correction_weights(u, SUBSET_MASS))
+            .collect();
+        let mut correction = vec![vec![0f64; n]; k];
+        let mut missed = magnitude(misses(&after).into_iter());
+        while self.iterate && !self.codes && passes < MAX_PASSES && outside(&after, GRID_TOLERANCE)
+        {
+            let current: Vec<Vec<f64>> = after
+                .iter()
+                .zip(&target)
+                .map(|(a, t)| a.iter().zip(t).map(|(a, t)| a - t).collect())
+                .collect();
+            for (c, e) in correction.iter_mut().zip(&current) {
+                c.iter_mut().zip(e).for_each(|(c, e)| *c += e);
+            }
+            let c32: Vec<Vec<f32>> = correction
+                .iter()
+                .map(|c| c.iter().map(|&x| x as f32).collect())
+                .collect();
             let delta = self.output_pass(
                 &weights_f32,
                 dst,
@@ -469,10 +548,12 @@ impl Job<'_> {
                 Some(&current),
                 imp,
             )?;
-            after.iter_mut().zip(&delta).for_each(|(a, d)| *a += d);
+            for (a, d) in after.iter_mut().zip(&delta) {
+                a.iter_mut().zip(d).for_each(|(a, d)| *a += d);
+            }
             error2 = row_error.iter().sum();
             passes += 1;
-            let next = miss(&after);
+            let next = magnitude(misses(&after).into_iter());
             let stalled = next > 0.9 * missed;
             missed = next;
             if stalled {
@@ -482,8 +563,8 @@ impl Job<'_> {
         Ok(Stats {
             max_before: max_abs(&v),
             max_after: max_abs(&after),
-            before2: norm2(&v),
-            after2: norm2(&after),
+            before2: v.iter().map(|v| norm2(v)).collect(),
+            after2: after.iter().map(|a| norm2(a)).collect(),
             error2,
             plain_error2,
             passes,
@@ -491,29 +572,32 @@ impl Job<'_> {
         })
     }
 
-    /// Requantizes the rows as `W_i − s u_i v − w_i c` and returns `uᵀV`
-    /// (`miss` is None: the plain pass, every row) or its change since the
-    /// last pass (only rows with `w_i ≠ 0`). A later pass keeps a row's new
+    /// Requantizes the rows as `W_i − s Σ_a u_ai v_a − Σ_a w_ai c_a` and
+    /// returns each direction's `u_aᵀV` (`miss` is None: the plain pass,
+    /// every row, with `weights` unused) or its change since the last pass
+    /// (only rows with some `w_ai ≠ 0`). A later pass keeps a row's new
     /// quantization only if it brings `uᵀV` closer to the target, given the
     /// current `miss`: on grids whose quantizer re-chooses its scales (the
     /// K-quants), many rows come back with fresh rounding noise instead of
     /// the requested shift. `row_error` receives each row's squared
-    /// distance to the ideal edit `W_i − s u_i v`.
+    /// distance to the ideal edit `W_i − s Σ_a u_ai v_a`.
     #[allow(clippy::too_many_arguments)]
     fn output_pass(
         &self,
         weights_f32: &[f32],
         dst: &mut [u8],
-        (v, norm): (&[f32], &[f32]),
-        correction: &[f32],
-        weights: &[f32],
+        (v, norm): (&[Vec<f32>], &[f32]),
+        correction: &[Vec<f32>],
+        weights: &[Vec<f32>],
         row_error: &mut [f64],
-        miss: Option<&[f64]>,
+        miss: Option<&[Vec<f64>]>,
         imp: Option<&[f32]>,
-    ) -> Result<Vec<f64>> {
+    ) -> Result<Vec<Vec<f64>>> {
         let rows = self.task / self.row_bytes;
         let n = self.row_len;
         let s = self.req.scale;
+        let basis = self.req.basis;
+        let k = basis.len();
         let first = miss.is_none();
         let parts = dst
             .par_chunks_mut(self.task)
@@ -521,11 +605,11 @@ impl Job<'_> {
             .zip(row_error.par_chunks_mut(rows))
             .enumerate()
             .map(|(task, ((dst, w), row_error))| -> Result<Vec<f64>> {
-                let u_rows = &self.req.u[task * rows..];
-                let w_rows = &weights[task * rows..];
+                let start = task * rows;
                 let n_rows = w.len() / n;
-                if !first && w_rows[..n_rows].iter().all(|&w| w == 0.0) {
-                    return Ok(vec![0f64; n]);
+                let corrected = |i: usize| weights.iter().any(|w| w[start + i] != 0.0);
+                if !first && !(0..n_rows).any(corrected) {
+                    return Ok(vec![0f64; k * n]);
                 }
                 let old = if first {
                     None
@@ -535,69 +619,78 @@ impl Job<'_> {
                 let mut ideal = vec![0f32; n];
                 let mut x = vec![0f32; n];
                 let mut back = vec![0f32; n];
-                let mut change = vec![0f64; n];
+                let mut change = vec![0f64; k * n];
                 let mut old_bytes = vec![0u8; self.row_bytes];
-                let mut acc = vec![0f64; n];
-                for (k, (w, dst)) in w
+                let mut acc = vec![0f64; k * n];
+                for (r, (w, dst)) in w
                     .chunks_exact(n)
                     .zip(dst.chunks_exact_mut(self.row_bytes))
                     .enumerate()
                 {
-                    let (ui, wi) = (u_rows[k], w_rows[k]);
-                    if !first && wi == 0.0 {
+                    let i = start + r;
+                    if !first && !corrected(r) {
                         continue;
                     }
-                    for ((((id, xi), &wj), (&vj, &cj)), &fj) in ideal
-                        .iter_mut()
-                        .zip(&mut x)
-                        .zip(w)
-                        .zip(v.iter().zip(correction))
-                        .zip(norm)
-                    {
-                        *id = (wj - s * ui * vj) * fj;
-                        *xi = *id - wi * cj;
+                    for (j, (id, xi)) in ideal.iter_mut().zip(&mut x).enumerate() {
+                        let mut e = w[j] - s * basis[0][i] * v[0][j];
+                        for a in 1..k {
+                            e -= s * basis[a][i] * v[a][j];
+                        }
+                        *id = e * norm[j];
+                        let mut c = *id - weights[0][i] * correction[0][j];
+                        for a in 1..k {
+                            c -= weights[a][i] * correction[a][j];
+                        }
+                        *xi = c;
                     }
-                    let ui64 = ui as f64;
-                    let Some(old) = old.as_ref().map(|o| &o[k * n..(k + 1) * n]) else {
+                    let Some(old) = old.as_ref().map(|o| &o[r * n..(r + 1) * n]) else {
                         // The plain pass: every row is kept as quantized, so
                         // nothing needs a copy to restore.
                         self.quantize(&x, dst, &mut back, imp)?;
-                        row_error[k] = sq_dist(&back, &ideal);
-                        acc.iter_mut()
-                            .zip(&back)
-                            .for_each(|(a, &b)| *a += ui64 * b as f64);
+                        row_error[r] = sq_dist(&back, &ideal);
+                        for (u, acc) in basis.iter().zip(acc.chunks_exact_mut(n)) {
+                            let ui64 = u[i] as f64;
+                            acc.iter_mut()
+                                .zip(&back)
+                                .for_each(|(a, &b)| *a += ui64 * b as f64);
+                        }
                         continue;
                     };
                     old_bytes.copy_from_slice(dst);
                     self.quantize(&x, dst, &mut back, imp)?;
-                    for ((c, &b), &o) in change.iter_mut().zip(&back).zip(old) {
-                        *c = ui64 * (b as f64 - o as f64);
+                    for (u, change) in basis.iter().zip(change.chunks_exact_mut(n)) {
+                        let ui64 = u[i] as f64;
+                        for ((c, &b), &o) in change.iter_mut().zip(&back).zip(old) {
+                            *c = ui64 * (b as f64 - o as f64);
+                        }
                     }
                     if let Some(miss) = miss {
+                        let miss = miss.iter().flatten();
                         // ‖e + d‖² < ‖e‖²  ⇔  2⟨e, d⟩ + ‖d‖² < 0.
                         let growth: f64 = change
                             .iter()
-                            .zip(miss)
+                            .zip(miss.clone())
                             .map(|(d, e)| 2.0 * e * d + d * d)
                             .sum();
                         // …and only if mostly along −e: a row that comes back
                         // with fresh rounding noise would add it to every column.
                         let dd: f64 = change.iter().map(|d| d * d).sum();
-                        let ee: f64 = miss.iter().map(|e| e * e).sum();
+                        let ee: f64 = miss.clone().map(|e| e * e).sum();
                         let ed: f64 = change.iter().zip(miss).map(|(d, e)| -d * e).sum();
                         if growth >= 0.0 || ed < MIN_ALIGNMENT * (dd * ee).sqrt() {
                             dst.copy_from_slice(&old_bytes);
                             continue;
                         }
                     }
-                    row_error[k] = sq_dist(&back, &ideal);
+                    row_error[r] = sq_dist(&back, &ideal);
                     acc.iter_mut().zip(&change).for_each(|(a, c)| *a += c);
                 }
                 Ok(acc)
             })
             .collect::<Result<Vec<_>>>()?;
         // Summed in order, so the result never depends on thread timing.
-        Ok(sum_vectors(n, parts))
+        let sums = sum_vectors(k * n, parts);
+        Ok(sums.chunks_exact(n).map(<[f64]>::to_vec).collect())
     }
 }
 
@@ -630,6 +723,35 @@ fn correction_weights(u: &[f32], mass: f64) -> Vec<f32> {
     weights
 }
 
+/// Rounds of settling a basis: the direction settled at each step. One
+/// direction needs one; with more, a move for one shifts the others a
+/// little, so they are taken in turn a few times.
+fn rounds(k: usize) -> impl Iterator<Item = usize> {
+    let n = if k == 1 { 1 } else { SUBSPACE_ROUNDS };
+    (0..n * k).map(move |i| i % k)
+}
+
+/// Rounds of settling each direction of a basis of several.
+const SUBSPACE_ROUNDS: usize = 3;
+
+/// `‖x‖`; for one value exactly `|x|`, so that a single direction's
+/// arithmetic is unchanged.
+fn magnitude(x: impl Iterator<Item = f64>) -> f64 {
+    let x: Vec<f64> = x.collect();
+    match x.as_slice() {
+        [one] => one.abs(),
+        _ => x.iter().map(|x| x * x).sum::<f64>().sqrt(),
+    }
+}
+
+/// `a += b`, elementwise; an empty `a` takes `b`'s length.
+fn add_into(a: &mut Vec<f64>, b: &[f64]) {
+    if a.is_empty() {
+        a.resize(b.len(), 0.0);
+    }
+    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+}
+
 fn sum_vectors(n: usize, parts: Vec<Vec<f64>>) -> Vec<f64> {
     parts.into_iter().fold(vec![0f64; n], |mut a, b| {
         a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
@@ -642,10 +764,10 @@ mod tests {
     use super::*;
     use crate::quant;
 
-    fn request(kind: EditKind, u: &[f32], scale: f32, exact_grid: bool) -> Request<'_> {
+    fn request(kind: EditKind, basis: &[Vec<f32>], scale: f32, exact_grid: bool) -> Request<'_> {
         Request {
             kind,
-            u,
+            basis,
             scale,
             importance: None,
             exact_grid,
@@ -669,7 +791,12 @@ mod tests {
             let data = quant::quantize(ty, &values, n_in, None).unwrap();
             let mut ideal = quant::dequantize(ty, &data, n_in).unwrap();
             edit::orthogonalize_output(&mut ideal, n_in, &u, 1.0);
-            let req = request(EditKind::OutputProjection, &u, 1.0, false);
+            let req = request(
+                EditKind::OutputProjection,
+                std::slice::from_ref(&u),
+                1.0,
+                false,
+            );
             let got = rewrite(ty, &data, n_in, &req).unwrap();
             assert_eq!(got.passes, 1);
             // Equal up to f64 summation order (a rounding flip at most).
@@ -713,7 +840,12 @@ mod tests {
         assert!(!codes::supports(ty));
         let data = quant::quantize(ty, &values, n_in, None).unwrap();
         let run = |exact_grid| {
-            let req = request(EditKind::OutputProjection, &u, 1.0, exact_grid);
+            let req = request(
+                EditKind::OutputProjection,
+                std::slice::from_ref(&u),
+                1.0,
+                exact_grid,
+            );
             rewrite(ty, &data, n_in, &req).unwrap()
         };
         let (single, exact) = (run(false), run(true));
@@ -766,7 +898,12 @@ mod tests {
         for ty in [GgmlType::F32, GgmlType::Q8_0, GgmlType::Q4_K] {
             let data = quant::quantize(ty, &values, n_in, None).unwrap();
             let w = quant::dequantize(ty, &data, n_in).unwrap();
-            let mut req = request(EditKind::OutputProjection, &u, 1.0, true);
+            let mut req = request(
+                EditKind::OutputProjection,
+                std::slice::from_ref(&u),
+                1.0,
+                true,
+            );
             req.preserve_norms = true;
             let got = rewrite(ty, &data, n_in, &req).unwrap();
             let v = quant::dequantize(ty, &got.bytes, n_in).unwrap();
@@ -781,7 +918,12 @@ mod tests {
                 ty,
                 &data,
                 n_in,
-                &request(EditKind::OutputProjection, &u, 1.0, true),
+                &request(
+                    EditKind::OutputProjection,
+                    std::slice::from_ref(&u),
+                    1.0,
+                    true,
+                ),
             )
             .unwrap();
             let shrunk = column_norms(&quant::dequantize(ty, &plain.bytes, n_in).unwrap())
@@ -803,7 +945,12 @@ mod tests {
                     .collect::<Vec<_>>(),
             )
             .unwrap();
-            let mut req = request(EditKind::EmbeddingRows, &u_row, 1.0, true);
+            let mut req = request(
+                EditKind::EmbeddingRows,
+                std::slice::from_ref(&u_row),
+                1.0,
+                true,
+            );
             req.preserve_norms = true;
             let got = rewrite(ty, &rows, n_in, &req).unwrap();
             let (w, v) = (
@@ -818,6 +965,64 @@ mod tests {
                 );
             }
             assert!(got.kept < 0.05, "{ty}: rows kept {:.3}", got.kept);
+        }
+    }
+
+    /// A 2-dimensional subspace, on a grid with code moves (Q4_K) and one
+    /// without (Q3_K): both directions lose their component, and settling
+    /// the second does not give back what the first lost.
+    #[test]
+    fn both_directions_of_a_subspace_lose_their_component() {
+        let (n_out, n_in) = (128, 512);
+        let values: Vec<f32> = (0..n_out * n_in)
+            .map(|i| (((i * 2654435761usize) % 1000) as f32 / 1000.0 - 0.5) * 0.1)
+            .collect();
+        let u1 = edit::normalized(
+            &(0..n_out)
+                .map(|i| (i as f32 * 0.3).cos())
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let raw: Vec<f32> = (0..n_out).map(|i| (i * 7 % 13) as f32 - 6.0).collect();
+        let basis = edit::writer_basis(&u1, &[raw], None).unwrap();
+        assert_eq!(basis.len(), 2);
+        assert!(edit::dot(&basis[0], &basis[1]).abs() < 1e-6);
+        for ty in [GgmlType::Q4_K, GgmlType::Q3_K] {
+            let bound: f64 = 0.05;
+            let data = quant::quantize(ty, &values, n_in, None).unwrap();
+            let w = quant::dequantize(ty, &data, n_in).unwrap();
+            let run = |exact_grid| {
+                let req = request(EditKind::OutputProjection, &basis, 1.0, exact_grid);
+                rewrite(ty, &data, n_in, &req).unwrap()
+            };
+            let (single, exact) = (run(false), run(true));
+            // Without code moves, the grid bounds what one direction can lose.
+            let one = rewrite(
+                ty,
+                &data,
+                n_in,
+                &request(EditKind::OutputProjection, &basis[..1], 1.0, true),
+            )
+            .unwrap();
+            let bound = bound.max(1.1 * one.kept);
+            let v = quant::dequantize(ty, &exact.bytes, n_in).unwrap();
+            let norm = |c: Vec<f64>| c.iter().map(|x| x * x).sum::<f64>().sqrt();
+            for u in &basis {
+                let kept = norm(edit::project_output(&v, n_in, u))
+                    / norm(edit::project_output(&w, n_in, u));
+                assert!(
+                    kept <= bound && kept <= exact.kept + 1e-9,
+                    "{ty}: kept {kept:.3} (single pass {:.3}, one direction {:.3})",
+                    single.kept,
+                    one.kept
+                );
+            }
+            assert!(
+                exact.kept < 0.5 * single.kept,
+                "{ty}: {:.3} vs {:.3}",
+                exact.kept,
+                single.kept
+            );
         }
     }
 }
