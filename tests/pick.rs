@@ -121,3 +121,64 @@ fn pick_and_apply_reproduce_front_points_byte_for_byte() {
         .unwrap();
     assert_fails_cleanly(&o, "the front has", &bad);
 }
+
+/// `--directions 2`: after the refinement the search derives a further
+/// direction from the training prompts its provisional pick still refuses
+/// and measures the 2-dimensional subspace as trials; the cost account
+/// names the stage. A front point of two directions carries its further
+/// direction, and `--pick` of it writes the subspace into the GGUF.
+#[test]
+fn a_search_with_two_directions_measures_subspace_trials() {
+    let _cores = all_cores();
+    let fixture = require_model!(fixture);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dir.json");
+    run_ok(direction_command(&fixture, &dir).args([
+        "--position",
+        "5",
+        "--n-train",
+        "32",
+        "--n-val",
+        "16",
+        "--top-k",
+        "1",
+        "--trials",
+        "4",
+        "--directions",
+        "2",
+        "-q",
+    ]));
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&dir).unwrap()).unwrap();
+    let trials = json["search"]["trials"].as_array().unwrap();
+    let subspace: Vec<&serde_json::Value> =
+        trials.iter().filter(|t| t["directions"] == 2).collect();
+    assert!(
+        !subspace.is_empty()
+            && trials
+                .iter()
+                .all(|t| t["directions"].as_u64().unwrap_or(1) <= 2),
+        "{trials:?}"
+    );
+    let stages: Vec<&str> = json["search"]["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    assert!(stages.contains(&"subspace"), "{stages:?}");
+    let front = json["front"].as_array().unwrap();
+    for (n, p) in front.iter().enumerate() {
+        let trial = &trials[json["search"]["front"][n]["trial"].as_u64().unwrap() as usize];
+        let further = p["further_directions"].as_array().map_or(0, Vec::len);
+        assert_eq!(
+            1 + further,
+            trial["directions"].as_u64().unwrap_or(1) as usize
+        );
+        if further == 1 {
+            let out = tmp.path().join("picked.gguf");
+            main_with(&fixture, &dir, &out, &["--pick", &n.to_string()]);
+            let edited = gguf_abliterate::gguf::GgufFile::open(&out).unwrap();
+            assert_eq!(edited.get_u64("abliterate.subspace_dim"), Some(2));
+        }
+    }
+}

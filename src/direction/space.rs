@@ -28,6 +28,35 @@ pub struct Trial {
     /// measurement on prompts the search had not used (`pick_confirmed`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confirmed: Option<Confirmed>,
+    /// Directions removed (more than 1: a subspace, the point's direction
+    /// and `further`).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub directions: usize,
+    /// Further directions removed with the point's own.
+    #[serde(skip)]
+    pub further: Vec<Vec<f32>>,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+
+impl Trial {
+    /// A trial of one direction.
+    pub fn new(point: EditPoint, refusal_rate: Option<f64>, kl: f64) -> Trial {
+        Trial {
+            point,
+            refusal_rate,
+            kl,
+            confirmed: None,
+            directions: 1,
+            further: Vec::new(),
+        }
+    }
 }
 
 /// A trial's refusal rate and KL over the search's prompts and fresh ones
@@ -464,19 +493,15 @@ mod tests {
     use super::*;
 
     fn trial(r: Option<f64>, kl: f64) -> Trial {
-        Trial {
-            point: EditPoint {
-                direction_index: 0.0,
-                position: 0,
-                biprojected: false,
-                per_layer: false,
-                scale: 1.0,
-                weights: EditWeights::default(),
-            },
-            refusal_rate: r,
-            kl,
-            confirmed: None,
-        }
+        let point = EditPoint {
+            direction_index: 0.0,
+            position: 0,
+            biprojected: false,
+            per_layer: false,
+            scale: 1.0,
+            weights: EditWeights::default(),
+        };
+        Trial::new(point, r, kl)
     }
 
     #[test]

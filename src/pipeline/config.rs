@@ -48,6 +48,11 @@ pub struct SearchConfig {
     /// Default: 20 for models up to 150 MB, fewer for larger ones (at least 6).
     #[arg(long, value_name = "N")]
     pub trials: Option<usize>,
+    /// Directions the edit may remove at most: after the refinement, the
+    /// refusals the pick leaves make further directions of a subspace,
+    /// measured on the front (1: the refusal direction alone).
+    #[arg(long, default_value_t = SearchOptions::default().max_directions, value_name = "K", value_parser = clap::value_parser!(u64).range(1..=8).map(|k| k as usize))]
+    pub directions: usize,
     /// Candidates fully evaluated after the cheap ranking.
     #[arg(long, default_value_t = SearchOptions::default().top_k, value_name = "K")]
     pub top_k: usize,

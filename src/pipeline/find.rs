@@ -122,6 +122,7 @@ pub fn find_direction(input: &Path, args: &SearchConfig, progress: bool) -> Resu
         seed: args.seed.unwrap_or(0),
         post_norms: facts.post_norms.clone(),
         per_layer: !facts.has_experts,
+        max_directions: args.directions,
     };
     let mut inputs = facts.imatrix_weights.clone().map(InputSums::new);
     let result = direction::search(
@@ -150,6 +151,7 @@ pub fn find_direction(input: &Path, args: &SearchConfig, progress: bool) -> Resu
     // means would otherwise become a corrupted model.
     let mut file = DirectionFile::new(result.direction.clone(), provenance)
         .and_then(|f| f.with_layer_directions(result.layer_directions.clone()))
+        .and_then(|f| f.with_further_directions(result.further_directions.clone()))
         .context("the search produced an unusable direction")?;
     file.edit = Some(EditRecord::of(&result.point));
     Ok(Found {
@@ -177,6 +179,9 @@ fn front_entries(result: &SearchResult) -> Result<Vec<Json>> {
             if !f.layer_directions.is_empty() {
                 entry["layer_directions"] = serde_json::to_value(&f.layer_directions)?;
             }
+            if !f.further_directions.is_empty() {
+                entry["further_directions"] = serde_json::to_value(&f.further_directions)?;
+            }
             Ok(entry)
         })
         .collect()
@@ -196,9 +201,21 @@ pub fn write_control_vector(
         &result.direction,
     )?;
     output::write_atomic(cv, &bytes, force)?;
+    // A control vector adds one vector at one layer: it can steer along the
+    // refusal direction, not remove a subspace.
+    let subspace = match result.directions() {
+        1 => String::new(),
+        k => format!(
+            "; the refusal direction only, not the other {} directions of the edit's subspace",
+            k - 1
+        ),
+    };
     reporter.wrote(
         cv,
-        &format!("llama-cli --control-vector-scaled {}:-1", cv.display()),
+        &format!(
+            "llama-cli --control-vector-scaled {}:-1{subspace}",
+            cv.display()
+        ),
     );
     Ok(())
 }

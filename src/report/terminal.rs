@@ -120,7 +120,6 @@ impl Reporter for Terminal {
     }
 }
 
-/// One tensor's line: what happened to it.
 /// ", a 2-dimensional subspace" where more than one direction was removed.
 fn subspace_note(applied: &ApplyReport) -> String {
     match applied.subspace_dim {
@@ -129,6 +128,7 @@ fn subspace_note(applied: &ApplyReport) -> String {
     }
 }
 
+/// One tensor's line: what happened to it.
 pub fn tensor_line(done: usize, total: usize, shape: &str, t: &TensorReport) -> String {
     format!(
         "[{:>4}/{total}] {:<32} {:>7} {:>18}  max|{}ᵀW| {:.4} -> {:.4}  kept {:.3} of {:.2}, error x{:.2} ({}){}{}",
@@ -215,10 +215,11 @@ fn print_front(result: &SearchResult) {
         result.trials.len() - 1
     );
     eprintln!(
-        "  {:>3} {:>8} {:>6}  {:>5} {:>6} {:>5} {:>5}  {:<28} {:<28}",
+        "  {:>3} {:>8} {:>6} {:>4}  {:>5} {:>6} {:>5} {:>5}  {:<28} {:<28}",
         "#",
         "refusals",
         "KL",
+        "dirs",
         "index",
         "scope",
         "biprj",
@@ -236,12 +237,14 @@ fn print_front(result: &SearchResult) {
     for (n, f) in result.front.iter().enumerate() {
         let t = &result.trials[f.trial];
         let p = &t.point;
+        let chosen = *p == result.point && t.directions == result.directions();
         eprintln!(
-            "{} {:>3} {:>7.0}% {:>6.3}  {:>5.2} {:>6} {:>5} {:>5.2}  {:<28} {:<28}{}",
-            if *p == result.point { "*" } else { " " },
+            "{} {:>3} {:>7.0}% {:>6.3} {:>4}  {:>5.2} {:>6} {:>5} {:>5.2}  {:<28} {:<28}{}",
+            if chosen { "*" } else { " " },
             n,
             100.0 * t.refusal_rate.unwrap_or(f64::NAN),
             t.kl,
+            t.directions,
             p.direction_index,
             if p.per_layer { "layer" } else { "global" },
             if p.biprojected { "yes" } else { "no" },

@@ -221,7 +221,6 @@ impl Job<'_> {
     /// rounds, as a move for one shifts the others a little.
     fn rows(&self, src: &[u8], dst: &mut [u8], imp: Option<&[f32]>) -> Result<Stats> {
         let basis = self.req.basis;
-        let k = basis.len();
         let s = self.req.scale as f64;
         let n = self.row_len;
         dst.par_chunks_mut(self.task)
@@ -273,97 +272,26 @@ impl Job<'_> {
                 let mut passes = 1;
                 let mut moves = 0;
                 if self.iterate && self.codes {
-                    let mut scratch = flips::RowScratch::default();
-                    for a in rounds(k) {
-                        let u = &basis[a];
-                        let miss2 = |after: &[f64]| -> f64 {
-                            after
-                                .iter()
-                                .zip(&target[a])
-                                .map(|(a, t)| (a - t).powi(2))
-                                .sum()
-                        };
-                        let bound2 = FLIP_TOLERANCE.powi(2) * before2[a];
-                        let mut order: Vec<usize> = (0..n_rows).collect();
-                        order.sort_by(|&x, &y| {
-                            (after[a][y] - target[a][y])
-                                .abs()
-                                .total_cmp(&(after[a][x] - target[a][x]).abs())
-                        });
-                        for r in order {
-                            if miss2(&after[a]) <= bound2 {
-                                break;
-                            }
-                            // Within its share of the bound: these squared
-                            // sum to FLIP_TOLERANCE² ‖Wu‖² over the chunk.
-                            let share = ((before[a][r].powi(2) + typical2[a]) / 2.0).sqrt();
-                            let span = r * n..(r + 1) * n;
-                            let row = &mut dst[r * self.row_bytes..(r + 1) * self.row_bytes];
-                            let cross: Vec<(&[f32], f64)> = (0..k)
-                                .filter(|&o| o != a)
-                                .map(|o| (basis[o].as_slice(), after[o][r] - target[o][r]))
-                                .collect();
-                            let moved = flips::settle_row(
-                                self.ty,
-                                row,
-                                &values[span.clone()],
-                                &ideal[span.clone()],
-                                u,
-                                (after[a][r], target[a][r]),
-                                FLIP_TOLERANCE * share,
-                                imp,
-                                &cross,
-                                &mut scratch,
-                            );
-                            if moved == 0 {
-                                // Unchanged bytes: values, after and errors hold.
-                                continue;
-                            }
-                            moves += moved;
-                            ffi::dequantize_rows(self.ty, row, &mut values[span.clone()])?;
-                            self.count_non_finite(&values[span.clone()]);
-                            for (after, u) in after.iter_mut().zip(basis) {
-                                after[r] = edit::dot(&values[span.clone()], u);
-                            }
-                            errors[r] = sq_dist(&values[span.clone()], &ideal[span]);
-                        }
-                    }
+                    moves = self.settle_rows(
+                        dst,
+                        &mut values,
+                        &ideal,
+                        (&before, &target, &mut after),
+                        &mut errors,
+                        (&before2, &typical2),
+                        imp,
+                    )?;
                 } else if self.iterate {
-                    // Requantize each row with what it kept pushed back in.
-                    let mut x = vec![0f32; n];
-                    for r in 0..n_rows {
-                        let span = r * n..(r + 1) * n;
-                        let row = &mut dst[r * self.row_bytes..(r + 1) * self.row_bytes];
-                        let tolerance: Vec<f64> = (0..k)
-                            .map(|a| GRID_TOLERANCE * before[a][r].abs().max(typical2[a].sqrt()))
-                            .collect();
-                        let misses = |after: &[Vec<f64>]| -> Vec<f64> {
-                            (0..k).map(|a| after[a][r] - target[a][r]).collect()
-                        };
-                        let outside =
-                            |miss: &[f64]| miss.iter().zip(&tolerance).any(|(m, t)| m.abs() > *t);
-                        x.copy_from_slice(&ideal[span.clone()]);
-                        let mut row_passes = 1;
-                        while row_passes < MAX_PASSES && outside(&misses(&after)) {
-                            let miss = misses(&after);
-                            for (u, &m) in basis.iter().zip(&miss) {
-                                for (xi, &ui) in x.iter_mut().zip(u) {
-                                    *xi -= (m * ui as f64) as f32;
-                                }
-                            }
-                            self.quantize(&x, row, &mut values[span.clone()], imp)?;
-                            row_passes += 1;
-                            for (after, u) in after.iter_mut().zip(basis) {
-                                after[r] = edit::dot(&values[span.clone()], u);
-                            }
-                            let stalled = magnitude(misses(&after).into_iter())
-                                > 0.9 * magnitude(miss.into_iter());
-                            if stalled {
-                                break;
-                            }
-                        }
-                        passes = passes.max(row_passes);
-                    }
+                    passes = self.requantize_rows(
+                        dst,
+                        &mut values,
+                        &ideal,
+                        &before,
+                        &target,
+                        &mut after,
+                        &typical2,
+                        imp,
+                    )?;
                 }
                 let plain_error2: f64 = plain.iter().sum();
                 let error2: f64 = if passes == 1 {
@@ -393,21 +321,150 @@ impl Job<'_> {
             .try_reduce(Stats::default, |a, b| Ok(a.merge(b)))
     }
 
-    /// Output-side edit of one `[u.len() rows × row_len]` slab.
-    fn output_slab(&self, src: &[u8], dst: &mut [u8], imp: Option<&[f32]>) -> Result<Stats> {
+    /// Settles a chunk of rows by code moves: for each basis direction in
+    /// turn, the rows that miss most first, until the chunk's miss along it
+    /// is within its share of the bound. Returns the codes moved.
+    #[allow(clippy::too_many_arguments)]
+    fn settle_rows(
+        &self,
+        dst: &mut [u8],
+        values: &mut [f32],
+        ideal: &[f32],
+        (before, target, after): Components,
+        errors: &mut [f64],
+        (before2, typical2): (&[f64], &[f64]),
+        imp: Option<&[f32]>,
+    ) -> Result<u64> {
+        let basis = self.req.basis;
+        let k = basis.len();
+        let n = self.row_len;
+        let n_rows = values.len() / n;
+        let mut moves = 0;
+        let mut scratch = flips::RowScratch::default();
+        for a in rounds(k) {
+            let u = &basis[a];
+            let miss2 = |after: &[f64]| -> f64 {
+                after
+                    .iter()
+                    .zip(&target[a])
+                    .map(|(a, t)| (a - t).powi(2))
+                    .sum()
+            };
+            let bound2 = FLIP_TOLERANCE.powi(2) * before2[a];
+            let mut order: Vec<usize> = (0..n_rows).collect();
+            order.sort_by(|&x, &y| {
+                (after[a][y] - target[a][y])
+                    .abs()
+                    .total_cmp(&(after[a][x] - target[a][x]).abs())
+            });
+            for r in order {
+                if miss2(&after[a]) <= bound2 {
+                    break;
+                }
+                // Within its share of the bound: these squared
+                // sum to FLIP_TOLERANCE² ‖Wu‖² over the chunk.
+                let share = ((before[a][r].powi(2) + typical2[a]) / 2.0).sqrt();
+                let span = r * n..(r + 1) * n;
+                let row = &mut dst[r * self.row_bytes..(r + 1) * self.row_bytes];
+                let cross: Vec<(&[f32], f64)> = (0..k)
+                    .filter(|&o| o != a)
+                    .map(|o| (basis[o].as_slice(), after[o][r] - target[o][r]))
+                    .collect();
+                let moved = flips::settle_row(
+                    self.ty,
+                    row,
+                    &values[span.clone()],
+                    &ideal[span.clone()],
+                    u,
+                    (after[a][r], target[a][r]),
+                    FLIP_TOLERANCE * share,
+                    imp,
+                    &cross,
+                    &mut scratch,
+                );
+                if moved == 0 {
+                    // Unchanged bytes: values, after and errors hold.
+                    continue;
+                }
+                moves += moved;
+                ffi::dequantize_rows(self.ty, row, &mut values[span.clone()])?;
+                self.count_non_finite(&values[span.clone()]);
+                for (after, u) in after.iter_mut().zip(basis) {
+                    after[r] = edit::dot(&values[span.clone()], u);
+                }
+                errors[r] = sq_dist(&values[span.clone()], &ideal[span]);
+            }
+        }
+        Ok(moves)
+    }
+
+    /// Requantizes each row of a chunk with what it kept along the basis
+    /// pushed back in, while that helps. Returns the most passes a row took.
+    #[allow(clippy::too_many_arguments)]
+    fn requantize_rows(
+        &self,
+        dst: &mut [u8],
+        values: &mut [f32],
+        ideal: &[f32],
+        before: &[Vec<f64>],
+        target: &[Vec<f64>],
+        after: &mut [Vec<f64>],
+        typical2: &[f64],
+        imp: Option<&[f32]>,
+    ) -> Result<u32> {
+        let basis = self.req.basis;
+        let k = basis.len();
+        let n = self.row_len;
+        let n_rows = values.len() / n;
+        let mut passes = 1;
+        // Requantize each row with what it kept pushed back in.
+        let mut x = vec![0f32; n];
+        for r in 0..n_rows {
+            let span = r * n..(r + 1) * n;
+            let row = &mut dst[r * self.row_bytes..(r + 1) * self.row_bytes];
+            let tolerance: Vec<f64> = (0..k)
+                .map(|a| GRID_TOLERANCE * before[a][r].abs().max(typical2[a].sqrt()))
+                .collect();
+            let misses = |after: &[Vec<f64>]| -> Vec<f64> {
+                (0..k).map(|a| after[a][r] - target[a][r]).collect()
+            };
+            let outside = |miss: &[f64]| miss.iter().zip(&tolerance).any(|(m, t)| m.abs() > *t);
+            x.copy_from_slice(&ideal[span.clone()]);
+            let mut row_passes = 1;
+            while row_passes < MAX_PASSES && outside(&misses(after)) {
+                let miss = misses(after);
+                for (u, &m) in basis.iter().zip(&miss) {
+                    for (xi, &ui) in x.iter_mut().zip(u) {
+                        *xi -= (m * ui as f64) as f32;
+                    }
+                }
+                self.quantize(&x, row, &mut values[span.clone()], imp)?;
+                row_passes += 1;
+                for (after, u) in after.iter_mut().zip(basis) {
+                    after[r] = edit::dot(&values[span.clone()], u);
+                }
+                let stalled =
+                    magnitude(misses(after).into_iter()) > 0.9 * magnitude(miss.into_iter());
+                if stalled {
+                    break;
+                }
+            }
+            passes = passes.max(row_passes);
+        }
+        Ok(passes)
+    }
+
+    /// Pass 1 of `output_slab`: the slab in f32, dequantized once for
+    /// every later pass (within the memory target: the largest edited
+    /// tensor in f32), and the sums `v_a = u_aᵀW` for each direction, then
+    /// each column's squared norm when norms are preserved (the last n).
+    fn slab_projections(&self, src: &[u8]) -> Result<(Vec<f32>, Vec<f64>)> {
         let rows = self.task / self.row_bytes;
         let n = self.row_len;
         let basis = self.req.basis;
         let k = basis.len();
-        let s = self.req.scale;
-        let max_abs = |v: &[Vec<f64>]| v.iter().flatten().fold(0f64, |m, x| m.max(x.abs()));
-        let norm2 = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>();
-        // Pass 1: v = uᵀW for each direction, and each column's squared
-        // norm when norms are preserved (the last n of the sums).
         let preserve = self.req.preserve_norms;
         let width = if preserve { (k + 1) * n } else { k * n };
-        // The slab in f32, dequantized once for every pass below (within
-        // the memory target: the largest edited tensor in f32).
         let mut weights_f32 = vec![0f32; src.len() / self.row_bytes * n];
         let sums = sum_vectors(
             width,
@@ -432,10 +489,22 @@ impl Job<'_> {
                 })
                 .collect::<Result<Vec<_>>>()?,
         );
+        Ok((weights_f32, sums))
+    }
+
+    /// Output-side edit of one `[u.len() rows × row_len]` slab.
+    fn output_slab(&self, src: &[u8], dst: &mut [u8], imp: Option<&[f32]>) -> Result<Stats> {
+        let n = self.row_len;
+        let basis = self.req.basis;
+        let k = basis.len();
+        let s = self.req.scale;
+        let max_abs = |v: &[Vec<f64>]| v.iter().flatten().fold(0f64, |m, x| m.max(x.abs()));
+        let norm2 = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>();
+        let (weights_f32, sums) = self.slab_projections(src)?;
         let v: Vec<Vec<f64>> = sums[..k * n].chunks_exact(n).map(<[f64]>::to_vec).collect();
         // `norm` gives each column its norm back.
         let norm: Vec<f32> = (0..n)
-            .map(|j| match preserve {
+            .map(|j| match self.req.preserve_norms {
                 true => {
                     let c = magnitude(v.iter().map(|v| v[j]));
                     edit::norm_restoring_factor(sums[k * n + j], c, s as f64) as f32
@@ -722,6 +791,10 @@ fn correction_weights(u: &[f32], mass: f64) -> Vec<f32> {
     }
     weights
 }
+
+/// A chunk's components per direction and row: before the edit, wanted,
+/// and as written.
+type Components<'a> = (&'a [Vec<f64>], &'a [Vec<f64>], &'a mut [Vec<f64>]);
 
 /// Rounds of settling a basis: the direction settled at each step. One
 /// direction needs one; with more, a move for one shifts the others a

@@ -17,6 +17,7 @@ mod measure;
 mod prompts;
 mod rank;
 mod refine;
+mod subspace;
 
 pub use rank::CandidateScores;
 
@@ -58,6 +59,8 @@ pub struct SearchOptions {
     /// The refinement may give each layer its own direction (not on models
     /// with expert tensors, whose writes the hook cannot ablate per layer).
     pub per_layer: bool,
+    /// Directions the edit may remove at most (1: no subspace stage).
+    pub max_directions: usize,
 }
 
 impl Default for SearchOptions {
@@ -77,6 +80,7 @@ impl Default for SearchOptions {
             seed: 0,
             post_norms: Default::default(),
             per_layer: true,
+            max_directions: 1,
         }
     }
 }
@@ -115,7 +119,14 @@ impl Setup<'_> {
     /// The run-time edit that removes `direction` from every writer, as
     /// `apply` would (None for a zero direction).
     fn ablation(&self, direction: &[f32]) -> Option<AblateHook> {
-        let mut hook = AblateHook::new(direction)?.with_post_norms(&self.opts.post_norms);
+        self.ablation_of_subspace(direction, &[])
+    }
+
+    /// `ablation` of the subspace `direction` spans with `further`.
+    fn ablation_of_subspace(&self, direction: &[f32], further: &[Vec<f32>]) -> Option<AblateHook> {
+        let mut hook = AblateHook::new(direction)?
+            .with_further(further)?
+            .with_post_norms(&self.opts.post_norms);
         hook.unembedding = self.opts.tied_embeddings;
         Some(hook)
     }
@@ -131,6 +142,9 @@ pub struct FrontPoint {
     /// Per-layer directions (empty: global scope).
     #[serde(skip)]
     pub layer_directions: Vec<Vec<f32>>,
+    /// Further directions of a subspace (empty: one direction).
+    #[serde(skip)]
+    pub further_directions: Vec<Vec<f32>>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -143,6 +157,9 @@ pub struct SearchResult {
     pub direction: Vec<f32>,
     #[serde(skip)]
     pub layer_directions: Vec<Vec<f32>>,
+    /// The chosen trial's further directions (empty: one direction).
+    #[serde(skip)]
+    pub further_directions: Vec<Vec<f32>>,
     /// Every refinement trial, the first stage's choice first.
     pub trials: Vec<Trial>,
     /// The refusals/KL Pareto front, by rising KL.
@@ -172,6 +189,11 @@ pub struct SearchResult {
 }
 
 impl SearchResult {
+    /// Directions the chosen edit removes.
+    pub fn directions(&self) -> usize {
+        1 + self.further_directions.len()
+    }
+
     /// The layer whose direction the chosen point's is nearest.
     pub fn layer(&self) -> usize {
         self.point.direction_index.round() as usize
@@ -225,6 +247,10 @@ pub fn search(
     let (trials, picked) = if opts.refining() {
         let mut trials = refine::run_trials(&s, &mut runner, &b, &measure, &chosen, max_layer)?;
         meter.done("refine");
+        if opts.max_directions > 1 {
+            subspace::extend(&s, &mut runner, &p, &b, &measure, &mut trials)?;
+            meter.done("subspace");
+        }
         let picked = refine::confirm(&s, &mut runner, &p, &b, &measure, &mut trials)?;
         meter.done("confirm");
         (trials, picked)
@@ -234,6 +260,7 @@ pub fn search(
     };
     let first = chosen.point();
     let point = picked.map_or_else(|| first.clone(), |i| trials[i].point.clone());
+    let further = picked.map_or_else(Vec::new, |i| trials[i].further.clone());
     // One function for the chosen point and the front, so that `--pick`
     // of the chosen point reproduces it exactly.
     let direction_for = |point: &EditPoint| -> Result<Vec<f32>> {
@@ -252,12 +279,14 @@ pub fn search(
                 trial: i,
                 direction: direction_for(&trials[i].point)?,
                 layer_directions: layers_for(&trials[i].point)?,
+                further_directions: trials[i].further.clone(),
             })
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(SearchResult {
         direction: direction_for(&point)?,
         layer_directions: layers_for(&point)?,
+        further_directions: further,
         point,
         trials,
         front,

@@ -19,11 +19,26 @@ const FINALISTS: usize = 2;
 
 /// The run-time edit of a point: what `apply` would write for it.
 pub fn hook_for(s: &Setup, b: &Baseline, point: &EditPoint) -> Result<AblateHook> {
+    hook_for_subspace(s, b, point, &[])
+}
+
+/// The run-time edit of a trial, subspace included.
+pub fn hook_for_trial(s: &Setup, b: &Baseline, t: &Trial) -> Result<AblateHook> {
+    hook_for_subspace(s, b, &t.point, &t.further)
+}
+
+/// `hook_for` with `further` directions removed too.
+pub fn hook_for_subspace(
+    s: &Setup,
+    b: &Baseline,
+    point: &EditPoint,
+    further: &[Vec<f32>],
+) -> Result<AblateHook> {
     let opts = s.opts;
     let r = space::point_direction(&b.harmful, &b.harmless, point)?;
     let layers = space::layer_directions(&b.harmful, &b.harmless, point, s.n_layer)?;
     let mut hook = s
-        .ablation(&r)
+        .ablation_of_subspace(&r, further)
         .context("zero refined direction")?
         .with_layer_directions(&layers, &opts.post_norms);
     hook.scale = point.scale;
@@ -57,15 +72,11 @@ impl Refiner<'_> {
             self.measure.trial(runner, &mut hook, target, best, start)?;
         self.powers.extend(power);
         self.pb.inc(1);
-        Ok(Trial {
-            point: EditPoint {
-                scale,
-                ..point.clone()
-            },
-            refusal_rate,
-            kl,
-            confirmed: None,
-        })
+        let point = EditPoint {
+            scale,
+            ..point.clone()
+        };
+        Ok(Trial::new(point, refusal_rate, kl))
     }
 }
 
@@ -102,12 +113,7 @@ pub fn run_trials(
     let t = match (best.refusal_rate, best.kl) {
         (Some(refusal_rate), Some(kl)) if best.scale > 0.0 && kl <= opts.kl_threshold => {
             refiner.pb.inc(1);
-            Trial {
-                point: first.clone(),
-                refusal_rate: Some(refusal_rate),
-                kl,
-                confirmed: None,
-            }
+            Trial::new(first.clone(), Some(refusal_rate), kl)
         }
         _ => refiner.trial(runner, &first, opts.kl_threshold, 1.0)?,
     };
@@ -184,7 +190,7 @@ pub fn confirm(
     let pool = |a: f64, n: usize, b: f64, m: usize| (a * n as f64 + b * m as f64) / (n + m) as f64;
     for i in space::finalists(trials, opts.kl_threshold, FINALISTS) {
         let t = &trials[i];
-        let mut hook = hook_for(s, b, &t.point)?;
+        let mut hook = hook_for_trial(s, b, t)?;
         let kl = fresh.kl(runner, &mut hook)?;
         let (refusal_rate, _) = fresh.refusals(runner, &mut hook)?;
         trials[i].confirmed = Some(Confirmed {
