@@ -133,21 +133,28 @@ fn a_search_with_two_directions_measures_subspace_trials() {
     let fixture = require_model!(fixture);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("dir.json");
-    run_ok(direction_command(&fixture, &dir).args([
-        "--position",
-        "5",
-        "--n-train",
-        "32",
-        "--n-val",
-        "16",
-        "--top-k",
-        "1",
-        "--trials",
-        "4",
-        "--directions",
-        "2",
-        "-q",
-    ]));
+    let run = direction_command(&fixture, &dir)
+        .args([
+            "--position",
+            "5",
+            "--n-train",
+            "32",
+            "--n-val",
+            "16",
+            "--top-k",
+            "1",
+            "--trials",
+            "4",
+            "--directions",
+            "2",
+            "-q",
+        ])
+        .output()
+        .unwrap();
+    assert_success(&run);
+    // What the further direction cost and bought is printed, front or not.
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("subspace trials: 2 directions"), "{stderr}");
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&dir).unwrap()).unwrap();
     let trials = json["search"]["trials"].as_array().unwrap();
     let subspace: Vec<&serde_json::Value> =

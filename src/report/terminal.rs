@@ -266,6 +266,28 @@ fn print_front(result: &SearchResult) {
             );
         }
     }
+    print_subspace_trials(result);
+}
+
+/// What each further direction cost and bought (`--directions`), front or
+/// not: a subspace trial is usually dominated, and would go unseen.
+fn print_subspace_trials(result: &SearchResult) {
+    let subspace: Vec<String> = result
+        .trials
+        .iter()
+        .filter(|t| t.directions > 1)
+        .map(|t| {
+            format!(
+                "{} directions {:.0}% at KL {:.3}",
+                t.directions,
+                100.0 * t.refusal_rate.unwrap_or(f64::NAN),
+                t.kl
+            )
+        })
+        .collect();
+    if !subspace.is_empty() {
+        eprintln!("subspace trials: {}", subspace.join("; "));
+    }
 }
 
 fn print_table(v: &Verification) {

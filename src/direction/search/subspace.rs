@@ -90,8 +90,9 @@ pub fn extend(
             break;
         }
         // Against harmless prompts, as the first direction is made: against
-        // the harmful prompts the edit lets through instead, the fixture's
-        // subspace trials refused more (docs/figures.md).
+        // the harmful prompts the edit lets through, or from the replies'
+        // own first tokens, the fixture's subspace trials refused more
+        // (docs/figures.md).
         let still = capture_edited(runner, &refused, layer + 1, s.n_post, &hidden, &mut hook)?;
         let answered = capture_edited(runner, harmless, layer + 1, s.n_post, &hidden, &mut hook)?;
         let d = still.minus(&answered, layer, position);
