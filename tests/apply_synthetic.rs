@@ -440,4 +440,23 @@ fn per_layer_directions_edit_each_layer_along_its_own() {
         assert!(format!("{err:#}").contains(needle), "{err:#}");
         assert!(!bad_out.exists());
     }
+    // Further directions of a subspace: n_embd long, finite, not zero.
+    for (bad, needle) in [
+        (vec![0.5; N_EMBD - 1], "further direction 1 has 255 values"),
+        (vec![0.0; N_EMBD], "further direction 1 is zero"),
+        (
+            [vec![f32::NAN], vec![0.5; N_EMBD - 1]].concat(),
+            "further direction 1 contains NaN",
+        ),
+    ] {
+        let opts = ApplyOptions {
+            progress: false,
+            further_directions: vec![bad],
+            ..Default::default()
+        };
+        let bad_out = dir.path().join("bad.gguf");
+        let err = apply(&inp, &bad_out, &r, &opts).unwrap_err();
+        assert!(format!("{err:#}").contains(needle), "{err:#}");
+        assert!(!bad_out.exists());
+    }
 }
