@@ -342,17 +342,7 @@ fn provenance_kvs(plan: &EditPlan, direction: &[f32], opts: &ApplyOptions) -> Ve
     ];
     if !opts.layer_directions.is_empty() {
         // Layer after layer, n_embd values each: what `apply` used.
-        kvs.push((
-            key("layer_directions"),
-            Value::Array(
-                gguf::value_type::F32,
-                opts.layer_directions
-                    .iter()
-                    .flatten()
-                    .map(|&x| Value::F32(x))
-                    .collect(),
-            ),
-        ));
+        kvs.push((key("layer_directions"), f32_array(&opts.layer_directions)));
     }
     if !opts.further_directions.is_empty() {
         // One after the other, n_embd values each; with `direction` they
@@ -363,14 +353,7 @@ fn provenance_kvs(plan: &EditPlan, direction: &[f32], opts: &ApplyOptions) -> Ve
         ));
         kvs.push((
             key("further_directions"),
-            Value::Array(
-                gguf::value_type::F32,
-                opts.further_directions
-                    .iter()
-                    .flatten()
-                    .map(|&x| Value::F32(x))
-                    .collect(),
-            ),
+            f32_array(&opts.further_directions),
         ));
     }
     for (k, v) in &opts.provenance {
@@ -380,6 +363,14 @@ fn provenance_kvs(plan: &EditPlan, direction: &[f32], opts: &ApplyOptions) -> Ve
         }
     }
     kvs
+}
+
+/// Vectors one after the other, as one GGUF array of f32.
+fn f32_array(vectors: &[Vec<f32>]) -> Value {
+    Value::Array(
+        gguf::value_type::F32,
+        vectors.iter().flatten().map(|&x| Value::F32(x)).collect(),
+    )
 }
 
 fn progress_bar(total: u64, show: bool) -> ProgressBar {

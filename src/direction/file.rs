@@ -69,17 +69,7 @@ impl DirectionFile {
     /// Further directions, provided each has the global one's length and
     /// can be normalised.
     pub fn with_further_directions(mut self, further: Vec<Vec<f32>>) -> Result<DirectionFile> {
-        for (k, d) in further.iter().enumerate() {
-            if d.len() != self.direction.len() {
-                bail!(
-                    "further direction {} has {} values, \"direction\" {}",
-                    k + 1,
-                    d.len(),
-                    self.direction.len()
-                );
-            }
-            check_usable(d).with_context(|| format!("further direction {}", k + 1))?;
-        }
+        self.check_like_direction(&further, |k| format!("further direction {}", k + 1))?;
         self.further_directions = further;
         Ok(self)
     }
@@ -92,18 +82,30 @@ impl DirectionFile {
     /// Per-layer scope, provided every layer's vector has the global one's
     /// length and can be normalised.
     pub fn with_layer_directions(mut self, layers: Vec<Vec<f32>>) -> Result<DirectionFile> {
-        for (l, d) in layers.iter().enumerate() {
+        self.check_like_direction(&layers, |l| format!("the direction of layer {l}"))?;
+        self.layer_directions = layers;
+        Ok(self)
+    }
+
+    /// Each vector has `direction`'s length and can be normalised; errors
+    /// name vector `i` as `name(i)`.
+    fn check_like_direction(
+        &self,
+        vectors: &[Vec<f32>],
+        name: impl Fn(usize) -> String,
+    ) -> Result<()> {
+        for (i, d) in vectors.iter().enumerate() {
             if d.len() != self.direction.len() {
                 bail!(
-                    "the direction of layer {l} has {} values, \"direction\" {}",
+                    "{} has {} values, \"direction\" {}",
+                    name(i),
                     d.len(),
                     self.direction.len()
                 );
             }
-            check_usable(d).with_context(|| format!("the direction of layer {l}"))?;
+            check_usable(d).with_context(|| name(i))?;
         }
-        self.layer_directions = layers;
-        Ok(self)
+        Ok(())
     }
 
     /// A direction file, provided the vector can be projected out
