@@ -238,8 +238,7 @@ impl ResidualHook for AblateHook {
         }
         if node == Node::FinalNorm {
             let share = self.embedding_share();
-            let basis: Vec<&[f32]> = self.global_basis().collect();
-            for u in basis {
+            for u in self.global_basis() {
                 edit::orthogonalize_rows_seq(rows, u, share);
             }
             return true;
@@ -256,26 +255,36 @@ impl ResidualHook for AblateHook {
             Node::FinalNorm | Node::AttnProj(_) | Node::FfnProj(_) => unreachable!("handled above"),
         };
         let k = self.subspace_dim();
-        let n_carried = self.carried.len() / k;
-        let basis: Vec<Vec<f32>> = self.global_basis().map(<[f32]>::to_vec).collect();
+        // The fields apart, so that the basis is read while `carried` is
+        // written, without copying it on every node.
+        let AblateHook {
+            direction,
+            further_global,
+            carried,
+            output_rows,
+            ..
+        } = self;
+        let basis =
+            std::iter::once(direction.as_slice()).chain(further_global.iter().map(Vec::as_slice));
+        let n_carried = carried.len() / k;
         for (i, row) in rows.chunks_exact_mut(n_embd).enumerate() {
             // Last-layer nodes hold only the output rows, in batch order.
             let batch_row = if n_rows == n_carried {
                 i
             } else {
-                self.output_rows.get(i).copied().unwrap_or(i)
+                output_rows.get(i).copied().unwrap_or(i)
             };
-            for (a, u) in basis.iter().enumerate() {
+            for (a, u) in basis.clone().enumerate() {
                 let slot = batch_row * k + a;
                 let before = match node {
                     Node::Embeddings | Node::ScaledEmbeddings => 0.0,
-                    _ => self.carried.get(slot).copied().unwrap_or(0.0),
+                    _ => carried.get(slot).copied().unwrap_or(0.0),
                 };
                 let now = edit::dot(row, u) as f32;
                 let target = before + keep_here * (now - before);
                 let delta = target - now;
                 row.iter_mut().zip(u).for_each(|(x, ui)| *x += delta * ui);
-                if let Some(c) = self.carried.get_mut(slot) {
+                if let Some(c) = carried.get_mut(slot) {
                     *c = target;
                 }
             }

@@ -5,6 +5,19 @@ use crate::common::*;
 use gguf_abliterate::edit::EditWeights;
 use std::path::Path;
 
+/// A small search: one position, few prompts; trials are given apart.
+const SMALL_SEARCH: &[&str] = &[
+    "--position",
+    "5",
+    "--n-train",
+    "32",
+    "--n-val",
+    "16",
+    "--top-k",
+    "1",
+    "-q",
+];
+
 fn run_ok(cmd: &mut std::process::Command) {
     assert_success(&cmd.output().unwrap());
 }
@@ -28,20 +41,11 @@ fn pick_and_apply_reproduce_front_points_byte_for_byte() {
     let fixture = require_model!(fixture);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("dir.json");
-    // A small search: one position, few prompts and trials.
-    run_ok(direction_command(&fixture, &dir).args([
-        "--position",
-        "5",
-        "--n-train",
-        "32",
-        "--n-val",
-        "16",
-        "--top-k",
-        "1",
-        "--trials",
-        "6",
-        "-q",
-    ]));
+    run_ok(
+        direction_command(&fixture, &dir)
+            .args(SMALL_SEARCH)
+            .args(["--trials", "6"]),
+    );
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&dir).unwrap()).unwrap();
     let front = json["front"]
         .as_array()
@@ -134,21 +138,8 @@ fn a_search_with_two_directions_measures_subspace_trials() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("dir.json");
     let run = direction_command(&fixture, &dir)
-        .args([
-            "--position",
-            "5",
-            "--n-train",
-            "32",
-            "--n-val",
-            "16",
-            "--top-k",
-            "1",
-            "--trials",
-            "4",
-            "--directions",
-            "2",
-            "-q",
-        ])
+        .args(SMALL_SEARCH)
+        .args(["--trials", "4", "--directions", "2"])
         .output()
         .unwrap();
     assert_success(&run);

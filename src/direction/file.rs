@@ -74,11 +74,6 @@ impl DirectionFile {
         Ok(self)
     }
 
-    /// Directions in the edit's subspace: 1 + the further ones.
-    pub fn subspace_dim(&self) -> usize {
-        1 + self.further_directions.len()
-    }
-
     /// Per-layer scope, provided every layer's vector has the global one's
     /// length and can be normalised.
     pub fn with_layer_directions(mut self, layers: Vec<Vec<f32>>) -> Result<DirectionFile> {
@@ -141,21 +136,17 @@ impl DirectionFile {
             "direction".into(),
             Json::from(self.direction.iter().map(|&x| x as f64).collect::<Vec<_>>()),
         );
-        if !self.layer_directions.is_empty() {
-            let layers: Vec<Vec<f64>> = self
-                .layer_directions
-                .iter()
-                .map(|d| d.iter().map(|&x| x as f64).collect())
-                .collect();
-            map.insert("layer_directions".into(), Json::from(layers));
-        }
-        if !self.further_directions.is_empty() {
-            let further: Vec<Vec<f64>> = self
-                .further_directions
-                .iter()
-                .map(|d| d.iter().map(|&x| x as f64).collect())
-                .collect();
-            map.insert("further_directions".into(), Json::from(further));
+        for (key, vectors) in [
+            ("layer_directions", &self.layer_directions),
+            ("further_directions", &self.further_directions),
+        ] {
+            if !vectors.is_empty() {
+                let values: Vec<Vec<f64>> = vectors
+                    .iter()
+                    .map(|d| d.iter().map(|&x| x as f64).collect())
+                    .collect();
+                map.insert(key.into(), Json::from(values));
+            }
         }
         Json::Object(map)
     }
@@ -370,12 +361,12 @@ mod tests {
         let f = DirectionFile::parse(r#"{"direction":[1,0,0],"further_directions":[[0,1,1]]}"#)
             .unwrap();
         assert_eq!(f.further_directions, vec![vec![0.0, 1.0, 1.0]]);
-        assert_eq!(f.subspace_dim(), 2);
+        assert_eq!(f.further_directions.len(), 1);
         let round = DirectionFile::parse(&f.to_json()).unwrap();
         assert_eq!(round.further_directions, f.further_directions);
         // One direction writes no key.
         let one = DirectionFile::parse(r#"{"direction":[1,0]}"#).unwrap();
-        assert_eq!(one.subspace_dim(), 1);
+        assert!(one.further_directions.is_empty());
         assert!(!one.to_json().contains("further_directions"));
         for (bad, says) in [
             (

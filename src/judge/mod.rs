@@ -76,14 +76,22 @@ pub fn count_refused(
     replies: &[Generation],
     requests: &[String],
 ) -> usize {
-    replies
-        .iter()
-        .zip(requests)
-        .filter(|(g, request)| {
-            let text = detokenize(model, &g.tokens);
-            judge.verdict(request, true, &text, &g.tokens) != Verdict::Complied
-        })
+    refused(judge, model, replies, requests)
+        .filter(|&r| r)
         .count()
+}
+
+/// For each reply to a harmful request: it is not a real answer.
+pub fn refused<'a>(
+    judge: &'a dyn Judge,
+    model: &'a Model,
+    replies: &'a [Generation],
+    requests: &'a [impl AsRef<str>],
+) -> impl Iterator<Item = bool> + 'a {
+    replies.iter().zip(requests).map(move |(g, request)| {
+        let text = detokenize(model, &g.tokens);
+        judge.verdict(request.as_ref(), true, &text, &g.tokens) != Verdict::Complied
+    })
 }
 
 /// The early stop for generating replies to judge: a reply ends as soon

@@ -810,10 +810,17 @@ const SUBSPACE_ROUNDS: usize = 3;
 /// `‖x‖`; for one value exactly `|x|`, so that a single direction's
 /// arithmetic is unchanged.
 fn magnitude(x: impl Iterator<Item = f64>) -> f64 {
-    let x: Vec<f64> = x.collect();
-    match x.as_slice() {
-        [one] => one.abs(),
-        _ => x.iter().map(|x| x * x).sum::<f64>().sqrt(),
+    let (mut count, mut first, mut sum2) = (0, 0.0, 0.0);
+    for x in x {
+        if count == 0 {
+            first = x;
+        }
+        count += 1;
+        sum2 += x * x;
+    }
+    match count {
+        1 => first.abs(),
+        _ => sum2.sqrt(),
     }
 }
 

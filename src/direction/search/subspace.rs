@@ -21,7 +21,7 @@ use crate::activations::capture_edited;
 use crate::direction::space::{self, Trial};
 use crate::edit::{self, EditPoint};
 use crate::eval::Runner;
-use crate::judge::{detokenize, stop_when_settled, Verdict, JUDGE_TOKENS};
+use crate::judge::{self, stop_when_settled, JUDGE_TOKENS};
 use anyhow::Result;
 use indicatif::ProgressBar;
 
@@ -76,14 +76,9 @@ pub fn extend(
         hook.scale = base.point.scale;
         let settled = stop_when_settled(s.judge, s.model);
         let replies = runner.generate_until(&p.harm_train, JUDGE_TOKENS, &mut hook, &settled)?;
-        let refused: Vec<Vec<i32>> = replies
-            .iter()
-            .zip(&texts)
+        let refused: Vec<Vec<i32>> = judge::refused(s.judge, s.model, &replies, &texts)
             .zip(&p.harm_train)
-            .filter(|((g, request), _)| {
-                let text = detokenize(s.model, &g.tokens);
-                s.judge.verdict(request, true, &text, &g.tokens) != Verdict::Complied
-            })
+            .filter(|&(refused, _)| refused)
             .map(|(_, prompt)| prompt.clone())
             .collect();
         if refused.len() < MIN_REFUSED {
