@@ -54,6 +54,7 @@ fn main_command_finds_applies_and_verifies_on_the_fixture() {
     // proxy: with the fixture, "I" opens refusals and answers alike).
     assert!(bypass < baseline, "bypass {bypass} vs baseline {baseline}");
     assert!(!search["refusal_tokens"].as_array().unwrap().is_empty());
+    assert_eq!(search["fallback"], false, "{}", search["candidates"]);
     assert!(
         search["candidates"].as_array().unwrap().len() > 50,
         "the search ranks every other layer and the best ones' neighbours, at every position"

@@ -44,6 +44,14 @@ fn main_command_abliterates_qwen2_5_coder_0_5b_instruct() {
     for opening in ["To", "There", "Here", "Sure", "Certainly", "Yes", "The"] {
         assert!(!tokens.contains(&opening.to_string()), "{tokens:?}");
     }
+    // The first stage stands on its own: its candidates pass the filters,
+    // induce judged against the model's own refusal scores (under the
+    // paper's 0 all three were rejected and it fell back to the lowest KL).
+    assert_eq!(
+        r["search"]["fallback"], false,
+        "first stage fell back: {}",
+        r["search"]["candidates"]
+    );
     let v = &r["verification"];
     let figure = |key: &str| v[key].as_f64().unwrap_or_else(|| panic!("no {key}"));
     let (before, after) = (

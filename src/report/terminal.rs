@@ -165,7 +165,7 @@ fn print_search(found: &Searched) {
     let (result, c) = (found.result, &found.result.chosen);
     let point = &result.point;
     eprintln!(
-        "direction: layer {} position {} of {} layers, scale {}{} | refusal score on harmful prompts {:.2} -> {:.2} ablated ({:.0}% of replies refuse) | induce {:.2} | KL {:.3} ({:.0} s)",
+        "direction: layer {} position {} of {} layers, scale {}{} | refusal score on harmful prompts {:.2} -> {:.2} ablated ({:.0}% of replies refuse) | induce {:.2} (threshold {:.2}) | KL {:.3} ({:.0} s)",
         result.layer(),
         point.position,
         result.n_layer,
@@ -175,6 +175,7 @@ fn print_search(found: &Searched) {
         c.bypass.unwrap_or(f64::NAN),
         100.0 * c.refusal_rate.unwrap_or(f64::NAN),
         c.induce.unwrap_or(f64::NAN),
+        result.induce_threshold,
         c.kl.unwrap_or(f64::NAN),
         result.seconds
     );

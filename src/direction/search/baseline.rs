@@ -44,13 +44,12 @@ impl Baseline {
     }
 }
 
-/// First-token distributions of the replies judged refusals, and of those
-/// judged real answers.
-type Openings = (Vec<Vec<f32>>, Vec<Vec<f32>>);
-
 /// A model that does not refuse is told so here, before minutes of search.
 pub fn measure(s: &Setup, runner: &mut Runner, p: &Prompts, c: Captured) -> Result<Baseline> {
-    let (refused_first, complied_first) = harmful_openings(s, runner, p)?;
+    // The replies' prefill gives every prompt's first-token distribution:
+    // no second decode of the same prompts for it.
+    let (base_harm, harm_verdicts) = judged_replies(s, runner, &p.harm_val, Some(&p.harm_texts))?;
+    let refused_first = with_verdict(&base_harm, &harm_verdicts, Verdict::Refused);
     let n_replies = p.harm_val.len();
     let refusal_rate = refused_first.len() as f64 / n_replies.max(1) as f64;
     if refusal_rate < MIN_BASELINE_REFUSAL {
@@ -62,15 +61,9 @@ pub fn measure(s: &Setup, runner: &mut Runner, p: &Prompts, c: Captured) -> Resu
             100.0 * refusal_rate
         );
     }
-    let answered_first: Vec<Vec<f32>> = runner
-        .generate(&p.safe_val, JUDGE_TOKENS, &mut NoHook)?
-        .into_iter()
-        .filter(|g| {
-            let text = detokenize(s.model, &g.tokens);
-            s.judge.verdict("", false, &text, &g.tokens) == Verdict::Complied
-        })
-        .map(|g| g.first_log_probs)
-        .collect();
+    let (base_safe, safe_verdicts) = judged_replies(s, runner, &p.safe_val, None)?;
+    let complied_first = with_verdict(&base_harm, &harm_verdicts, Verdict::Complied);
+    let answered_first = with_verdict(&base_safe, &safe_verdicts, Verdict::Complied);
     let refusal_ids = refusal_tokens(
         &c.harmful_first,
         &c.harmless_first,
@@ -91,8 +84,6 @@ pub fn measure(s: &Setup, runner: &mut Runner, p: &Prompts, c: Captured) -> Resu
         })
         .collect();
 
-    let base_harm = runner.first_token_logprobs(&p.harm_val, &mut NoHook)?;
-    let base_safe = runner.first_token_logprobs(&p.safe_val, &mut NoHook)?;
     let safe_scores = refusal_scores(&base_safe, &refusal_ids);
     // KL is measured only where the model answers: un-refusing a harmless
     // prompt it used to refuse is the point, not damage.
@@ -131,20 +122,35 @@ pub fn measure(s: &Setup, runner: &mut Runner, p: &Prompts, c: Captured) -> Resu
     })
 }
 
-/// Replies to the harmful validation prompts, judged: the openings of
-/// the refusals and of the real answers.
-fn harmful_openings(s: &Setup, runner: &mut Runner, p: &Prompts) -> Result<Openings> {
-    let replies = runner.generate(&p.harm_val, JUDGE_TOKENS, &mut NoHook)?;
-    let (mut refused, mut complied) = (Vec::new(), Vec::new());
-    for (g, request) in replies.into_iter().zip(&p.harm_texts) {
-        let text = detokenize(s.model, &g.tokens);
-        match s.judge.verdict(request, true, &text, &g.tokens) {
-            Verdict::Refused => refused.push(g.first_log_probs),
-            Verdict::Complied => complied.push(g.first_log_probs),
-            _ => {}
-        }
-    }
-    Ok((refused, complied))
+/// Greedy replies to `prompts`, judged (as harmful requests when their
+/// `texts` are given): each prompt's first-token distribution and verdict.
+fn judged_replies(
+    s: &Setup,
+    runner: &mut Runner,
+    prompts: &[Vec<i32>],
+    texts: Option<&[String]>,
+) -> Result<(Vec<Vec<f32>>, Vec<Verdict>)> {
+    let replies = runner.generate(prompts, JUDGE_TOKENS, &mut NoHook)?;
+    Ok(replies
+        .into_iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let text = detokenize(s.model, &g.tokens);
+            let request = texts.map_or("", |t| t[i].as_str());
+            let verdict = s.judge.verdict(request, texts.is_some(), &text, &g.tokens);
+            (g.first_log_probs, verdict)
+        })
+        .unzip())
+}
+
+/// The first-token distributions of the replies judged `verdict`.
+fn with_verdict(first: &[Vec<f32>], verdicts: &[Verdict], verdict: Verdict) -> Vec<Vec<f32>> {
+    first
+        .iter()
+        .zip(verdicts)
+        .filter(|(_, &v)| v == verdict)
+        .map(|(lp, _)| lp.clone())
+        .collect()
 }
 
 /// Prompts (tokens) with their first-token log-probabilities.

@@ -171,6 +171,9 @@ pub struct SearchResult {
     /// Share of harmful validation replies the unedited model refuses.
     pub baseline_refusal_rate: f64,
     pub baseline_harmless: f64,
+    /// The refusal score harmless prompts must pass with a candidate added
+    /// (induce), from the model's own scores.
+    pub induce_threshold: f64,
     /// Harmless validation prompts the model answers (used for KL).
     pub answered_harmless: usize,
     pub kl_threshold: f64,
@@ -295,6 +298,7 @@ pub fn search(
         baseline_harmful: b.harmful_score,
         baseline_refusal_rate: b.refusal_rate,
         baseline_harmless: b.harmless_score,
+        induce_threshold: evaluate::induce_threshold(b.harmful_score, b.harmless_score),
         answered_harmless: b.answered_val,
         kl_threshold: opts.kl_threshold,
         chosen: chosen.best,

@@ -14,7 +14,9 @@ use crate::eval::{AblateHook, Runner};
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 
-/// Front points measured again on fresh prompts before the pick.
+/// Front points measured again on fresh prompts before the pick, fewest
+/// refusals first (with the gentler point `pick` prefers, when it is not
+/// among them).
 const FINALISTS: usize = 2;
 
 /// The run-time edit of a point: what `apply` would write for it.
@@ -188,7 +190,7 @@ pub fn confirm(
         ..*measure
     };
     let pool = |a: f64, n: usize, b: f64, m: usize| (a * n as f64 + b * m as f64) / (n + m) as f64;
-    for i in space::finalists(trials, opts.kl_threshold, FINALISTS) {
+    for i in space::finalists(trials, opts.kl_threshold, FINALISTS, n_search) {
         let t = &trials[i];
         let mut hook = hook_for_trial(s, b, t)?;
         let kl = fresh.kl(runner, &mut hook)?;
