@@ -93,11 +93,11 @@ pub fn evaluate(
 
 /// The mean refusal score that harmless prompts must pass with a candidate
 /// added (induce): the paper's 0, likelier to refuse than not, where the
-/// model's own harmful prompts pass it. Where they do not (Qwen2.5-Coder-0.5B's
-/// score −1.75: "I" opens few of its replies), no direction can push
-/// harmless prompts past 0 and the paper's test would reject every
-/// candidate; there a candidate must move them halfway from the model's
-/// harmless score to its harmful one.
+/// model's own harmful prompts pass it. Where they do not (a model that
+/// opens few replies with its refusal token, as Qwen2.5-Coder-0.5B with
+/// "I"), no direction can push harmless prompts past 0 and the paper's
+/// test would reject every candidate; there a candidate must move them
+/// halfway from the model's harmless score to its harmful one.
 pub fn induce_threshold(harmful_score: f64, harmless_score: f64) -> f64 {
     if harmful_score > 0.0 {
         0.0
