@@ -658,7 +658,8 @@ pub fn shared_prefix(group: &[Vec<i32>]) -> usize {
     common.min(shortest.saturating_sub(1))
 }
 
-fn argmax(xs: &[f32]) -> i32 {
+/// The likeliest token of a logit or log-probability vector.
+pub fn argmax(xs: &[f32]) -> i32 {
     xs.iter()
         .enumerate()
         .fold((0, f32::NEG_INFINITY), |best, (i, &x)| {

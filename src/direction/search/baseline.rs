@@ -6,7 +6,7 @@ use super::capture::Captured;
 use super::prompts::{tokenize_all, train_after, Prompts};
 use super::{mean, Setup};
 use crate::activations::Means;
-use crate::eval::{NoHook, Runner};
+use crate::eval::{argmax, NoHook, Runner};
 use crate::judge::{
     detokenize, refusal_score, refusal_scores, refusal_tokens, Answers, RefusalToken, Verdict,
     JUDGE_TOKENS,
@@ -74,7 +74,23 @@ pub fn measure(s: &Setup, runner: &mut Runner, p: &Prompts, c: Captured) -> Resu
         },
     );
     if refusal_ids.is_empty() {
-        bail!("the model's refusals begin with no token: there is nothing to score refusals by");
+        // The refusals' commonest opening, which then opens other replies too.
+        let openings: Vec<i32> = refused_first.iter().map(|lp| argmax(lp)).collect();
+        let opening = openings
+            .iter()
+            .max_by_key(|&&t| openings.iter().filter(|&&o| o == t).count())
+            .map(|&t| {
+                let text = s.model.token_to_piece(t);
+                format!(" (they open with {text:?}, as its other replies do)")
+            })
+            .unwrap_or_default();
+        bail!(
+            "the model refuses {} of {} harmful validation prompts ({:.0}%), but no first token \
+             tells its refusals from its answers{opening}: too little refusal to find a direction for",
+            refused_first.len(),
+            n_replies,
+            100.0 * refusal_rate
+        );
     }
     let refusal_tokens = refusal_ids
         .iter()
