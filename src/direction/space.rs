@@ -415,10 +415,10 @@ pub fn pick(trials: &[Trial], kl_target: f64, n: usize) -> Option<usize> {
 
 /// The points worth measuring again before the pick: the front's points
 /// within the KL target, fewest refusals first, at most `n`; and the
-/// point `pick` takes on the search's `n_search` prompts, if those left it
+/// point `pick` took on the search's prompts (`picked`), if those left it
 /// out. Otherwise a gentler point within noise of the fewest refusals
 /// would never be confirmed, and the pooled pick could not prefer it.
-pub fn finalists(trials: &[Trial], kl_target: f64, n: usize, n_search: usize) -> Vec<usize> {
+pub fn finalists(trials: &[Trial], kl_target: f64, n: usize, picked: Option<usize>) -> Vec<usize> {
     let mut idx: Vec<usize> = pareto_front(trials)
         .into_iter()
         .filter(|&i| trials[i].kl <= kl_target)
@@ -430,7 +430,7 @@ pub fn finalists(trials: &[Trial], kl_target: f64, n: usize, n_search: usize) ->
             .unwrap_or(std::cmp::Ordering::Equal)
     });
     idx.truncate(n);
-    if let Some(gentler) = pick(trials, kl_target, n_search) {
+    if let Some(gentler) = picked {
         if !idx.contains(&gentler) {
             idx.push(gentler);
         }
@@ -556,13 +556,16 @@ mod tests {
             trial(Some(0.1), 0.5),
         ];
         // Within the target, fewest refusals first; never a point over it.
-        assert_eq!(finalists(&t, 0.25, 2, 10_000), vec![2, 1]);
-        assert_eq!(finalists(&t, 0.25, 5, 10_000), vec![2, 1, 0]);
+        assert_eq!(finalists(&t, 0.25, 2, pick(&t, 0.25, 10_000)), vec![2, 1]);
+        assert_eq!(
+            finalists(&t, 0.25, 5, pick(&t, 0.25, 10_000)),
+            vec![2, 1, 0]
+        );
         // On 4 prompts 0.5 is within noise of 0.25: the gentlest point,
         // which `pick` would take, is measured again too.
         assert_eq!(pick(&t, 0.25, 4), Some(0));
-        assert_eq!(finalists(&t, 0.25, 2, 4), vec![2, 1, 0]);
-        assert_eq!(finalists(&t, 0.25, 1, 4), vec![2, 0]);
+        assert_eq!(finalists(&t, 0.25, 2, pick(&t, 0.25, 4)), vec![2, 1, 0]);
+        assert_eq!(finalists(&t, 0.25, 1, pick(&t, 0.25, 4)), vec![2, 0]);
         // 10 000 prompts: noise plays no part here.
         let n = 10_000;
         assert_eq!(pick_confirmed(&t, 0.25, n, n), Some(2));

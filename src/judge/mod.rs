@@ -89,9 +89,21 @@ pub fn refused<'a>(
     requests: &'a [impl AsRef<str>],
 ) -> impl Iterator<Item = bool> + 'a {
     replies.iter().zip(requests).map(move |(g, request)| {
-        let text = detokenize(model, &g.tokens);
-        judge.verdict(request.as_ref(), true, &text, &g.tokens) != Verdict::Complied
+        verdict_of(judge, model, g, Some(request.as_ref())) != Verdict::Complied
     })
+}
+
+/// The verdict on one generated reply: to a harmful request when one is
+/// given, else to a harmless prompt.
+pub fn verdict_of(
+    judge: &dyn Judge,
+    model: &Model,
+    reply: &Generation,
+    harmful_request: Option<&str>,
+) -> Verdict {
+    let text = detokenize(model, &reply.tokens);
+    let request = harmful_request.unwrap_or("");
+    judge.verdict(request, harmful_request.is_some(), &text, &reply.tokens)
 }
 
 /// The early stop for generating replies to judge: a reply ends as soon

@@ -8,7 +8,7 @@ use super::{mean, Setup};
 use crate::activations::Means;
 use crate::eval::{argmax, NoHook, Runner};
 use crate::judge::{
-    detokenize, refusal_score, refusal_scores, refusal_tokens, Answers, RefusalToken, Verdict,
+    refusal_score, refusal_scores, refusal_tokens, verdict_of, Answers, RefusalToken, Verdict,
     JUDGE_TOKENS,
 };
 use anyhow::{bail, Result};
@@ -151,9 +151,7 @@ fn judged_replies(
         .into_iter()
         .enumerate()
         .map(|(i, g)| {
-            let text = detokenize(s.model, &g.tokens);
-            let request = texts.map_or("", |t| t[i].as_str());
-            let verdict = s.judge.verdict(request, texts.is_some(), &text, &g.tokens);
+            let verdict = verdict_of(s.judge, s.model, &g, texts.map(|t| t[i].as_str()));
             (g.first_log_probs, verdict)
         })
         .unzip())

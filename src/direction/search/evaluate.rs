@@ -26,6 +26,8 @@ pub struct Chosen {
     pub best: CandidateScores,
     /// No candidate passed the filters: `best` is the one with the lowest KL.
     pub fallback: bool,
+    /// The refusal score induce had to pass (`induce_threshold`).
+    pub induce_threshold: f64,
     /// KL's exponent in the scale, from every fit that measured one.
     pub powers: Vec<f64>,
 }
@@ -87,6 +89,7 @@ pub fn evaluate(
         candidates,
         best,
         fallback,
+        induce_threshold: induce_min,
         powers,
     })
 }
@@ -98,7 +101,7 @@ pub fn evaluate(
 /// "I"), no direction can push harmless prompts past 0 and the paper's
 /// test would reject every candidate; there a candidate must move them
 /// halfway from the model's harmless score to its harmful one.
-pub fn induce_threshold(harmful_score: f64, harmless_score: f64) -> f64 {
+fn induce_threshold(harmful_score: f64, harmless_score: f64) -> f64 {
     if harmful_score > 0.0 {
         0.0
     } else {

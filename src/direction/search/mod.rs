@@ -298,7 +298,7 @@ pub fn search(
         baseline_harmful: b.harmful_score,
         baseline_refusal_rate: b.refusal_rate,
         baseline_harmless: b.harmless_score,
-        induce_threshold: evaluate::induce_threshold(b.harmful_score, b.harmless_score),
+        induce_threshold: chosen.induce_threshold,
         answered_harmless: b.answered_val,
         kl_threshold: opts.kl_threshold,
         chosen: chosen.best,

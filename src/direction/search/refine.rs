@@ -190,7 +190,7 @@ pub fn confirm(
         ..*measure
     };
     let pool = |a: f64, n: usize, b: f64, m: usize| (a * n as f64 + b * m as f64) / (n + m) as f64;
-    for i in space::finalists(trials, opts.kl_threshold, FINALISTS, n_search) {
+    for i in space::finalists(trials, opts.kl_threshold, FINALISTS, picked) {
         let t = &trials[i];
         let mut hook = hook_for_trial(s, b, t)?;
         let kl = fresh.kl(runner, &mut hook)?;
