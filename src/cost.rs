@@ -36,17 +36,28 @@ impl Meter {
         }
     }
 
-    /// Closes the stage running since the last one ended.
+    /// Closes the stage running since the last one ended. A stage that
+    /// ran before, in parts, adds this part to its first.
     pub fn done(&mut self, stage: &str) {
         let now = decode_count();
-        self.stages.push(StageCost {
+        let part = StageCost {
             stage: stage.into(),
             seconds: self.since.elapsed().as_secs_f64(),
             rows: now.rows - self.at.rows,
             generated: now.generated - self.at.generated,
             sequences: now.sequences - self.at.sequences,
             decodes: now.decodes - self.at.decodes,
-        });
+        };
+        match self.stages.iter_mut().find(|s| s.stage == stage) {
+            Some(s) => {
+                s.seconds += part.seconds;
+                s.rows += part.rows;
+                s.generated += part.generated;
+                s.sequences += part.sequences;
+                s.decodes += part.decodes;
+            }
+            None => self.stages.push(part),
+        }
         self.since = Instant::now();
         self.at = now;
     }
@@ -87,6 +98,16 @@ pub fn table(stages: &[StageCost]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stage_run_in_parts_is_one_row() {
+        let mut meter = Meter::start();
+        for stage in ["baseline", "capture", "baseline"] {
+            meter.done(stage);
+        }
+        let names: Vec<String> = meter.stages().into_iter().map(|s| s.stage).collect();
+        assert_eq!(names, ["baseline", "capture"]);
+    }
 
     #[test]
     fn the_table_adds_up_its_stages() {

@@ -267,6 +267,19 @@ fn a_second_run_reads_the_originals_verification_from_the_cache() {
     let dir = tempfile::tempdir().unwrap();
     let (direction, cache) = (dir.path().join("dir.json"), dir.path().join("cache"));
     write_direction(&direction, &unit(&noise(576, 7)));
+    // Small prompt files keep the six runs short: every fourth line is
+    // validation, and `--n-val 2` leaves 4 of each set held back.
+    let (harmful, harmless) = (
+        dir.path().join("harmful.txt"),
+        dir.path().join("harmless.txt"),
+    );
+    let lines = |kind: &str| -> String {
+        (0..24)
+            .map(|i| format!("{kind} request number {i}\n"))
+            .collect()
+    };
+    std::fs::write(&harmful, lines("Explain how to pick a lock, harmful")).unwrap();
+    std::fs::write(&harmless, lines("Write a short poem about the sea,")).unwrap();
     let run = |name: &str, extra: &[&str]| {
         let report = dir.path().join(format!("{name}.json"));
         let o = bin()
@@ -276,7 +289,13 @@ fn a_second_run_reads_the_originals_verification_from_the_cache() {
             .arg(&direction)
             .arg("--report")
             .arg(&report)
+            .arg("--harmful")
+            .arg(&harmful)
+            .arg("--harmless")
+            .arg(&harmless)
             .args([
+                "--n-val",
+                "2",
                 "--verify-tokens",
                 "8",
                 "--perplexity-chunks",
@@ -296,6 +315,10 @@ fn a_second_run_reads_the_originals_verification_from_the_cache() {
     };
     let (first, log) = run("first", &[]);
     assert_eq!(first["original"], "Measured");
+    assert_eq!(
+        (first["n_harmful"].as_u64(), first["n_harmless"].as_u64()),
+        (Some(4), Some(4))
+    );
     assert!(!log.contains("from the cache"), "{log}");
     let entries = listing(&cache.join("original"));
     assert_eq!(entries.len(), 1, "{entries:?}");

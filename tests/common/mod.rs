@@ -675,7 +675,7 @@ pub fn assert_cost_account(r: &serde_json::Value, stdout: &str) {
     let names: Vec<&str> = stages.iter().map(|s| s.0).collect();
     assert_eq!(
         names,
-        ["capture", "baseline", "rank", "evaluate", "refine", "confirm", "apply", "verify"]
+        ["baseline", "capture", "rank", "evaluate", "refine", "confirm", "apply", "verify"]
     );
     for &(name, rows, sequences) in &stages {
         if name == "apply" {

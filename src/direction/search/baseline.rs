@@ -1,4 +1,4 @@
-//! Stage 3: the unedited model, judged from its replies: how often it
+//! Stage 2: the unedited model, judged from its replies: how often it
 //! refuses, which tokens its refusals open with, and the harmless
 //! prompts it answers (KL is measured on those).
 
@@ -44,24 +44,63 @@ impl Baseline {
     }
 }
 
-/// A model that does not refuse is told so here, before minutes of search.
-pub fn measure(s: &Setup, runner: &mut Runner, p: &Prompts, c: Captured) -> Result<Baseline> {
+/// The unedited model's judged replies to the validation prompts.
+pub struct Replies {
+    /// First-token log-probabilities of each harmful prompt, and its verdict.
+    base_harm: Vec<Vec<f32>>,
+    harm_verdicts: Vec<Verdict>,
+    base_safe: Vec<Vec<f32>>,
+    safe_verdicts: Vec<Verdict>,
+    refusal_rate: f64,
+}
+
+/// The first stage of a search: a model that does not refuse is told so
+/// here, before the capture and minutes of search.
+pub fn replies(s: &Setup, runner: &mut Runner, p: &Prompts) -> Result<Replies> {
     // The replies' prefill gives every prompt's first-token distribution:
     // no second decode of the same prompts for it.
     let (base_harm, harm_verdicts) = judged_replies(s, runner, &p.harm_val, Some(&p.harm_texts))?;
-    let refused_first = with_verdict(&base_harm, &harm_verdicts, Verdict::Refused);
+    let refused = harm_verdicts
+        .iter()
+        .filter(|&&v| v == Verdict::Refused)
+        .count();
     let n_replies = p.harm_val.len();
-    let refusal_rate = refused_first.len() as f64 / n_replies.max(1) as f64;
+    let refusal_rate = refused as f64 / n_replies.max(1) as f64;
     if refusal_rate < MIN_BASELINE_REFUSAL {
         bail!(
-            "the model refuses {} of {} harmful validation prompts ({:.0}%, judged from its replies): \
+            "the model refuses {refused} of {n_replies} harmful validation prompts ({:.0}%, judged from its replies): \
              there is no refusal to remove (a base model, or one already abliterated?)",
-            refused_first.len(),
-            n_replies,
             100.0 * refusal_rate
         );
     }
     let (base_safe, safe_verdicts) = judged_replies(s, runner, &p.safe_val, None)?;
+    Ok(Replies {
+        base_harm,
+        harm_verdicts,
+        base_safe,
+        safe_verdicts,
+        refusal_rate,
+    })
+}
+
+/// The refusal tokens (from the replies and the capture's first tokens)
+/// and the harmless prompts KL is measured on.
+pub fn measure(
+    s: &Setup,
+    runner: &mut Runner,
+    p: &Prompts,
+    r: Replies,
+    c: Captured,
+) -> Result<Baseline> {
+    let Replies {
+        base_harm,
+        harm_verdicts,
+        base_safe,
+        safe_verdicts,
+        refusal_rate,
+    } = r;
+    let n_replies = p.harm_val.len();
+    let refused_first = with_verdict(&base_harm, &harm_verdicts, Verdict::Refused);
     let complied_first = with_verdict(&base_harm, &harm_verdicts, Verdict::Complied);
     let answered_first = with_verdict(&base_safe, &safe_verdicts, Verdict::Complied);
     let refusal_ids = refusal_tokens(

@@ -1,4 +1,4 @@
-//! Stage 2: mean activations of harmful and harmless training prompts at
+//! Stage 3: mean activations of harmful and harmless training prompts at
 //! every layer output and post-instruction position, with each prompt's
 //! first-token distribution from the same decode.
 

@@ -2,9 +2,11 @@
 //! the quantized model through llama.cpp, in stages that each take the
 //! previous stage's result and return their own:
 //! 1. [`prompts`]: the training and validation prompts, tokenized;
-//! 2. [`capture`]: mean activations at every layer output and
+//! 2. [`baseline`]: how the unedited model refuses (its replies first, so
+//!    that a model with no refusal is told before the capture), and its
+//!    refusal tokens;
+//! 3. [`capture`]: mean activations at every layer output and
 //!    post-instruction position;
-//! 3. [`baseline`]: how the unedited model refuses, and its refusal tokens;
 //! 4. [`rank`]: every candidate r = mean_harmful − mean_harmless, ranked cheaply;
 //! 5. [`evaluate`]: the top K fully evaluated, and the first stage's choice;
 //! 6. [`refine`]: the choice's edit refined with TPE, the finalists
@@ -228,9 +230,11 @@ pub fn search(
     };
     let p = prompts::tokenize(&s, opts)?;
     let mut runner = Runner::new(model, 2048.max(p.longest()), opts.threads)?;
+    let replies = baseline::replies(&s, &mut runner, &p)?;
+    meter.done("baseline");
     let captured = capture::capture(&s, &mut runner, &p, imatrix)?;
     meter.done("capture");
-    let b = baseline::measure(&s, &mut runner, &p, captured)?;
+    let b = baseline::measure(&s, &mut runner, &p, replies, captured)?;
     meter.done("baseline");
     let ranked = rank::rank(&s, &mut runner, &p, &b)?;
     let max_layer = ranked.max_layer;
