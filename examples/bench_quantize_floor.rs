@@ -14,7 +14,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("usage: bench_quantize_floor MODEL.gguf DIRECTION.json");
     };
     let shards = gguf::open_model(model.as_ref())?;
-    let r = DirectionFile::read(direction.as_ref())?.direction;
+    let r = DirectionFile::read(direction.as_ref())?.vectors.direction;
     let plan = edit::plan_edits(&shards, &r, &[], &EditWeights::default())?;
     let mut spent = Duration::ZERO;
     for e in &plan.edits {

@@ -1,20 +1,15 @@
 //! The direction file: `{"direction": [n_embd floats], …the edit record,
 //! …provenance}`.
 
-use crate::edit::{EditPoint, EditRecord, RECORD_KEYS};
+use crate::edit::{EditPoint, EditRecord, EditVectors, RECORD_KEYS};
 use crate::gguf::Value;
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value as Json};
 use std::path::Path;
 
 pub struct DirectionFile {
-    pub direction: Vec<f32>,
-    /// Per-layer scope: one direction per layer for its writers (empty:
-    /// global scope, `direction` for every tensor).
-    pub layer_directions: Vec<Vec<f32>>,
-    /// Further directions removed with it from every writer: the edit
-    /// removes the subspace they span with `direction` (or each layer's).
-    pub further_directions: Vec<Vec<f32>>,
+    /// Under `direction`, `layer_directions` and `further_directions`.
+    pub vectors: EditVectors,
     /// The edit it records (None: it records none, and applies the plain
     /// edit). A file that records part of one gets the rest at their defaults.
     pub edit: Option<EditRecord>,
@@ -41,12 +36,7 @@ impl DirectionFile {
                 map = inner.clone();
             }
         }
-        let Some(Json::Array(values)) = map.remove("direction") else {
-            bail!("missing \"direction\": [numbers]");
-        };
-        let direction = numbers(&values).context("\"direction\" must contain only numbers")?;
-        let layers = vectors(&mut map, "layer_directions")?;
-        let further = vectors(&mut map, "further_directions")?;
+        let vectors = take_vectors(&mut map)?;
         let recorded: Map<String, Json> = RECORD_KEYS
             .iter()
             .filter_map(|&k| map.remove(k).map(|v| (k.to_string(), v)))
@@ -59,58 +49,17 @@ impl DirectionFile {
             record.validate()?;
             Some(record)
         };
-        let mut file = Self::new(direction, map)?
-            .with_layer_directions(layers)?
-            .with_further_directions(further)?;
+        let mut file = Self::new(vectors, map)?;
         file.edit = edit;
         Ok(file)
     }
 
-    /// Further directions, provided each has the global one's length and
-    /// can be normalised.
-    pub fn with_further_directions(mut self, further: Vec<Vec<f32>>) -> Result<DirectionFile> {
-        self.check_like_direction(&further, |k| format!("further direction {}", k + 1))?;
-        self.further_directions = further;
-        Ok(self)
-    }
-
-    /// Per-layer scope, provided every layer's vector has the global one's
-    /// length and can be normalised.
-    pub fn with_layer_directions(mut self, layers: Vec<Vec<f32>>) -> Result<DirectionFile> {
-        self.check_like_direction(&layers, |l| format!("the direction of layer {l}"))?;
-        self.layer_directions = layers;
-        Ok(self)
-    }
-
-    /// Each vector has `direction`'s length and can be normalised; errors
-    /// name vector `i` as `name(i)`.
-    fn check_like_direction(
-        &self,
-        vectors: &[Vec<f32>],
-        name: impl Fn(usize) -> String,
-    ) -> Result<()> {
-        for (i, d) in vectors.iter().enumerate() {
-            if d.len() != self.direction.len() {
-                bail!(
-                    "{} has {} values, \"direction\" {}",
-                    name(i),
-                    d.len(),
-                    self.direction.len()
-                );
-            }
-            check_usable(d).with_context(|| name(i))?;
-        }
-        Ok(())
-    }
-
-    /// A direction file, provided the vector can be projected out
-    /// ([`check_usable`]).
-    pub fn new(direction: Vec<f32>, provenance: Map<String, Json>) -> Result<DirectionFile> {
-        check_usable(&direction)?;
+    /// A direction file, provided every vector can be projected out
+    /// ([`check_usable`]) and has the direction's length.
+    pub fn new(vectors: EditVectors, provenance: Map<String, Json>) -> Result<DirectionFile> {
+        check_vectors(&vectors)?;
         Ok(DirectionFile {
-            direction,
-            layer_directions: Vec::new(),
-            further_directions: Vec::new(),
+            vectors,
             edit: None,
             provenance,
         })
@@ -132,22 +81,7 @@ impl DirectionFile {
     /// The file as a JSON object: direction, edit record and provenance.
     pub fn to_value(&self) -> Json {
         let mut map = self.keys();
-        map.insert(
-            "direction".into(),
-            Json::from(self.direction.iter().map(|&x| x as f64).collect::<Vec<_>>()),
-        );
-        for (key, vectors) in [
-            ("layer_directions", &self.layer_directions),
-            ("further_directions", &self.further_directions),
-        ] {
-            if !vectors.is_empty() {
-                let values: Vec<Vec<f64>> = vectors
-                    .iter()
-                    .map(|d| d.iter().map(|&x| x as f64).collect())
-                    .collect();
-                map.insert(key.into(), Json::from(values));
-            }
-        }
+        put_vectors(&self.vectors, &mut map);
         Json::Object(map)
     }
 
@@ -173,21 +107,16 @@ impl DirectionFile {
         })?;
         let point: EditPoint = serde_json::from_value(entry["point"].clone())
             .with_context(|| format!("front point {n} is not a valid edit point"))?;
-        let picked = DirectionFile::parse(
-            &serde_json::json!({
-                "direction": entry["direction"],
-                "layer_directions": entry.get("layer_directions"),
-                "further_directions": entry.get("further_directions"),
-            })
-            .to_string(),
-        )
-        .with_context(|| format!("front point {n} has no valid direction"))?;
+        let Json::Object(mut keys) = entry.clone() else {
+            bail!("front point {n} is not an object");
+        };
+        let vectors = take_vectors(&mut keys)
+            .and_then(|v| check_vectors(&v).map(|()| v))
+            .with_context(|| format!("front point {n} has no valid direction"))?;
         let edit = EditRecord::of(&point);
         edit.validate()?;
         Ok(DirectionFile {
-            direction: picked.direction,
-            layer_directions: picked.layer_directions,
-            further_directions: picked.further_directions,
+            vectors,
             edit: Some(edit),
             provenance: self.provenance.clone(),
         })
@@ -238,8 +167,43 @@ fn check_usable(direction: &[f32]) -> Result<()> {
     Ok(())
 }
 
+/// The edit's vectors under their keys, as a direction file and each
+/// front point hold them (the lists only where not empty). Each value is
+/// written as the shortest decimal that reads back as the same f32.
+pub fn put_vectors(vectors: &EditVectors, map: &mut Map<String, Json>) {
+    // Through serde, an f32 keeps its own shortest spelling; `Json::from`
+    // would widen it to f64 first, and spell it in 17 digits.
+    map.insert("direction".into(), json_of(&vectors.direction));
+    for (key, list) in [
+        ("layer_directions", &vectors.layer_directions),
+        ("further_directions", &vectors.further_directions),
+    ] {
+        if !list.is_empty() {
+            map.insert(key.into(), json_of(list));
+        }
+    }
+}
+
+/// Checked vectors are finite, so serde has no value it cannot write.
+fn json_of<T: serde::Serialize>(x: &T) -> Json {
+    serde_json::to_value(x).unwrap_or(Json::Null)
+}
+
+/// The edit's vectors, taken out of `map` (the lists absent or null: none).
+fn take_vectors(map: &mut Map<String, Json>) -> Result<EditVectors> {
+    let Some(Json::Array(values)) = map.remove("direction") else {
+        bail!("missing \"direction\": [numbers]");
+    };
+    let direction = numbers(&values).context("\"direction\" must contain only numbers")?;
+    Ok(EditVectors {
+        direction,
+        layer_directions: vector_list(map, "layer_directions")?,
+        further_directions: vector_list(map, "further_directions")?,
+    })
+}
+
 /// A list of vectors under `key` (absent or null: none).
-fn vectors(map: &mut Map<String, Json>, key: &str) -> Result<Vec<Vec<f32>>> {
+fn vector_list(map: &mut Map<String, Json>, key: &str) -> Result<Vec<Vec<f32>>> {
     match map.remove(key) {
         None | Some(Json::Null) => Ok(Vec::new()),
         Some(Json::Array(vectors)) => vectors
@@ -249,6 +213,26 @@ fn vectors(map: &mut Map<String, Json>, key: &str) -> Result<Vec<Vec<f32>>> {
             .with_context(|| format!("\"{key}\" must be a list of lists of numbers")),
         Some(_) => bail!("\"{key}\" must be a list of lists of numbers"),
     }
+}
+
+/// Every vector usable, and each list's vectors as long as `direction`.
+fn check_vectors(v: &EditVectors) -> Result<()> {
+    check_usable(&v.direction)?;
+    let layers = (v.layer_directions.iter().enumerate())
+        .map(|(l, d)| (format!("the direction of layer {l}"), d));
+    let further = (v.further_directions.iter().enumerate())
+        .map(|(k, d)| (format!("further direction {}", k + 1), d));
+    for (name, d) in layers.chain(further) {
+        if d.len() != v.direction.len() {
+            bail!(
+                "{name} has {} values, \"direction\" {}",
+                d.len(),
+                v.direction.len()
+            );
+        }
+        check_usable(d).with_context(|| name)?;
+    }
+    Ok(())
 }
 
 fn numbers(values: &[Json]) -> Option<Vec<f32>> {
@@ -265,12 +249,12 @@ mod tests {
     #[test]
     fn keeps_provenance_and_rejects_bad_vectors() {
         let f = DirectionFile::parse(r#"{"direction":[1,0.5],"layer":12,"model":"x"}"#).unwrap();
-        assert_eq!(f.direction, vec![1.0, 0.5]);
+        assert_eq!(f.vectors.direction, vec![1.0, 0.5]);
         let kvs = f.provenance_kvs();
         assert!(kvs.contains(&("layer".into(), Value::I64(12))));
         assert!(kvs.contains(&("model".into(), Value::String("x".into()))));
         let round = DirectionFile::parse(&f.to_json()).unwrap();
-        assert_eq!(round.direction, f.direction);
+        assert_eq!(round.vectors.direction, f.vectors.direction);
         for bad in [
             r#"[1,2]"#,
             r#"{"direction":[]}"#,
@@ -284,6 +268,42 @@ mod tests {
         ] {
             assert!(DirectionFile::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    /// Values are written in f32's shortest spelling, which must read back
+    /// as the very same bits, in the direction and in every list.
+    #[test]
+    fn vectors_round_trip_bit_for_bit() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            // Finite values of every exponent and sign.
+            let x = f32::from_bits((state >> 32) as u32);
+            if x.is_finite() && x != 0.0 {
+                x
+            } else {
+                1.0
+            }
+        };
+        let mut vector = |n: usize| (0..n).map(|_| next()).collect::<Vec<f32>>();
+        let vectors = EditVectors {
+            direction: vector(4096),
+            layer_directions: vec![vector(4096), vector(4096)],
+            further_directions: vec![vector(4096)],
+        };
+        let f = DirectionFile::new(vectors.clone(), Map::new()).unwrap();
+        let round = DirectionFile::parse(&f.to_json()).unwrap();
+        let bits = |v: &EditVectors| -> Vec<u32> {
+            std::iter::once(&v.direction)
+                .chain(&v.layer_directions)
+                .chain(&v.further_directions)
+                .flatten()
+                .map(|x| x.to_bits())
+                .collect()
+        };
+        assert_eq!(bits(&round.vectors), bits(&vectors));
     }
 
     #[test]
@@ -324,12 +344,15 @@ mod tests {
             r#"{"direction":[1,0],"layer_directions":[[0,1],[1,1]],"per_layer":true}"#,
         )
         .unwrap();
-        assert_eq!(f.layer_directions, vec![vec![0.0, 1.0], vec![1.0, 1.0]]);
+        assert_eq!(
+            f.vectors.layer_directions,
+            vec![vec![0.0, 1.0], vec![1.0, 1.0]]
+        );
         let round = DirectionFile::parse(&f.to_json()).unwrap();
-        assert_eq!(round.layer_directions, f.layer_directions);
+        assert_eq!(round.vectors.layer_directions, f.vectors.layer_directions);
         // Global scope writes no key.
         let global = DirectionFile::parse(r#"{"direction":[1,0]}"#).unwrap();
-        assert!(global.layer_directions.is_empty());
+        assert!(global.vectors.layer_directions.is_empty());
         assert!(!global.to_json().contains("layer_directions"));
         for bad in [
             r#"{"direction":[1,0],"layer_directions":[[1]]}"#,
@@ -348,9 +371,9 @@ mod tests {
         ))
         .unwrap();
         let picked = f.pick(0).unwrap();
-        assert_eq!(picked.direction, vec![0.0, 1.0]);
+        assert_eq!(picked.vectors.direction, vec![0.0, 1.0]);
         assert_eq!(
-            picked.layer_directions,
+            picked.vectors.layer_directions,
             vec![vec![1.0, 1.0], vec![1.0, -1.0]]
         );
         assert!(picked.edit.as_ref().unwrap().per_layer);
@@ -360,13 +383,16 @@ mod tests {
     fn further_directions_round_trip_are_checked_and_follow_a_pick() {
         let f = DirectionFile::parse(r#"{"direction":[1,0,0],"further_directions":[[0,1,1]]}"#)
             .unwrap();
-        assert_eq!(f.further_directions, vec![vec![0.0, 1.0, 1.0]]);
-        assert_eq!(f.further_directions.len(), 1);
+        assert_eq!(f.vectors.further_directions, vec![vec![0.0, 1.0, 1.0]]);
+        assert_eq!(f.vectors.further_directions.len(), 1);
         let round = DirectionFile::parse(&f.to_json()).unwrap();
-        assert_eq!(round.further_directions, f.further_directions);
+        assert_eq!(
+            round.vectors.further_directions,
+            f.vectors.further_directions
+        );
         // One direction writes no key.
         let one = DirectionFile::parse(r#"{"direction":[1,0]}"#).unwrap();
-        assert!(one.further_directions.is_empty());
+        assert!(one.vectors.further_directions.is_empty());
         assert!(!one.to_json().contains("further_directions"));
         for (bad, says) in [
             (
@@ -395,7 +421,10 @@ mod tests {
             r#"{{"direction":[1,0],"front":[{{"point":{point},"direction":[0,1]}},{{"point":{point},"direction":[0,1],"further_directions":[[1,1]]}}]}}"#
         ))
         .unwrap();
-        assert!(f.pick(0).unwrap().further_directions.is_empty());
-        assert_eq!(f.pick(1).unwrap().further_directions, vec![vec![1.0, 1.0]]);
+        assert!(f.pick(0).unwrap().vectors.further_directions.is_empty());
+        assert_eq!(
+            f.pick(1).unwrap().vectors.further_directions,
+            vec![vec![1.0, 1.0]]
+        );
     }
 }

@@ -6,7 +6,7 @@ mod file;
 mod search;
 pub mod space;
 
-pub use file::DirectionFile;
+pub use file::{put_vectors, DirectionFile};
 pub use search::{
     default_threads, search, CandidateScores, FrontPoint, SearchOptions, SearchResult,
 };

@@ -20,6 +20,31 @@ pub use plan::{
 
 use rayon::prelude::*;
 
+/// The vectors an edit removes: the refusal direction, per-layer
+/// directions (empty: global scope, `direction` for every writer) and
+/// further directions of a subspace (empty: the direction alone).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EditVectors {
+    pub direction: Vec<f32>,
+    pub layer_directions: Vec<Vec<f32>>,
+    pub further_directions: Vec<Vec<f32>>,
+}
+
+impl EditVectors {
+    /// One global direction.
+    pub fn global(direction: Vec<f32>) -> EditVectors {
+        EditVectors {
+            direction,
+            ..Default::default()
+        }
+    }
+
+    /// Directions the edit removes from each writer.
+    pub fn directions(&self) -> usize {
+        1 + self.further_directions.len()
+    }
+}
+
 /// Rows handled per rayon task.
 const TASK_ROWS: usize = 64;
 

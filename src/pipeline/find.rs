@@ -149,9 +149,7 @@ pub fn find_direction(input: &Path, args: &SearchConfig, progress: bool) -> Resu
     provenance.insert("search".into(), serde_json::to_value(&result)?);
     // Checked before anything is written: NaN/Inf or a zero difference of
     // means would otherwise become a corrupted model.
-    let mut file = DirectionFile::new(result.direction.clone(), provenance)
-        .and_then(|f| f.with_layer_directions(result.layer_directions.clone()))
-        .and_then(|f| f.with_further_directions(result.further_directions.clone()))
+    let mut file = DirectionFile::new(result.vectors.clone(), provenance)
         .context("the search produced an unusable direction")?;
     file.edit = Some(EditRecord::of(&result.point));
     Ok(Found {
@@ -170,19 +168,12 @@ fn front_entries(result: &SearchResult) -> Result<Vec<Json>> {
         .iter()
         .map(|f| {
             let t = &result.trials[f.trial];
-            let mut entry = serde_json::json!({
-                "refusal_rate": t.refusal_rate,
-                "kl": t.kl,
-                "point": t.point,
-                "direction": f.direction,
-            });
-            if !f.layer_directions.is_empty() {
-                entry["layer_directions"] = serde_json::to_value(&f.layer_directions)?;
-            }
-            if !f.further_directions.is_empty() {
-                entry["further_directions"] = serde_json::to_value(&f.further_directions)?;
-            }
-            Ok(entry)
+            let mut entry = serde_json::Map::new();
+            entry.insert("refusal_rate".into(), serde_json::to_value(t.refusal_rate)?);
+            entry.insert("kl".into(), serde_json::to_value(t.kl)?);
+            entry.insert("point".into(), serde_json::to_value(&t.point)?);
+            direction::put_vectors(&f.vectors, &mut entry);
+            Ok(Json::Object(entry))
         })
         .collect()
 }
@@ -198,7 +189,7 @@ pub fn write_control_vector(
         &found.arch,
         result.n_layer,
         result.layer(),
-        &result.direction,
+        &result.vectors.direction,
     )?;
     output::write_atomic(cv, &bytes, force)?;
     // A control vector adds one vector at one layer: it can steer along the

@@ -54,8 +54,8 @@ pub fn apply_options(
         exact_grid: edit.exact_grid,
         preserve_norms: edit.preserve_norms,
         imatrix,
-        layer_directions: file.layer_directions.clone(),
-        further_directions: file.further_directions.clone(),
+        layer_directions: file.vectors.layer_directions.clone(),
+        further_directions: file.vectors.further_directions.clone(),
     }
 }
 
@@ -70,7 +70,13 @@ pub fn run_apply(cfg: &ApplyConfig, reporter: &mut dyn Reporter) -> Result<()> {
     .with_context(|| format!("picking from {}", cfg.direction.display()))?;
     let imatrix = cfg.edit.imatrix.as_deref().map(Imatrix::read).transpose()?;
     let opts = apply_options(&file, &cfg.edit, imatrix.map(Arc::new));
-    let applied = apply::apply_with(&cfg.input, &cfg.output, &file.direction, &opts, reporter)?;
+    let applied = apply::apply_with(
+        &cfg.input,
+        &cfg.output,
+        &file.vectors.direction,
+        &opts,
+        reporter,
+    )?;
     reporter.applied_direction(&applied);
     Ok(())
 }
@@ -128,7 +134,7 @@ pub fn run_all(
     let imatrix = given_imatrix.map(Arc::new).or(collected);
     let opts = apply_options(&file, &cfg.edit, imatrix);
     let mut meter = Meter::start();
-    let applied = apply::apply_with(input, output, &file.direction, &opts, reporter)?;
+    let applied = apply::apply_with(input, output, &file.vectors.direction, &opts, reporter)?;
     meter.done("apply");
     reporter.applied(&applied, opts.scale, opts.skip_embeddings);
     let verification = match &held_back {

@@ -26,7 +26,7 @@ pub use rank::CandidateScores;
 use super::space::{self, Trial};
 use crate::chat::ChatFormat;
 use crate::cost::{Meter, StageCost};
-use crate::edit::EditPoint;
+use crate::edit::{EditPoint, EditVectors};
 use crate::eval::{kl_divergence, AblateHook, Runner};
 use crate::ffi::Model;
 use crate::imatrix::InputSums;
@@ -140,28 +140,17 @@ pub struct FrontPoint {
     /// Index into `SearchResult::trials`.
     pub trial: usize,
     #[serde(skip)]
-    pub direction: Vec<f32>,
-    /// Per-layer directions (empty: global scope).
-    #[serde(skip)]
-    pub layer_directions: Vec<Vec<f32>>,
-    /// Further directions of a subspace (empty: one direction).
-    #[serde(skip)]
-    pub further_directions: Vec<Vec<f32>>,
+    pub vectors: EditVectors,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct SearchResult {
     /// The chosen point of the edit space.
     pub point: EditPoint,
-    /// The chosen point's direction (the raw difference of means for the
-    /// first stage's choice) and per-layer directions (empty: global scope).
+    /// The chosen point's vectors (its direction is the raw difference of
+    /// means for the first stage's choice).
     #[serde(skip)]
-    pub direction: Vec<f32>,
-    #[serde(skip)]
-    pub layer_directions: Vec<Vec<f32>>,
-    /// The chosen trial's further directions (empty: one direction).
-    #[serde(skip)]
-    pub further_directions: Vec<Vec<f32>>,
+    pub vectors: EditVectors,
     /// Every refinement trial, the first stage's choice first.
     pub trials: Vec<Trial>,
     /// The refusals/KL Pareto front, by rising KL.
@@ -196,7 +185,7 @@ pub struct SearchResult {
 impl SearchResult {
     /// Directions the chosen edit removes.
     pub fn directions(&self) -> usize {
-        1 + self.further_directions.len()
+        self.vectors.directions()
     }
 
     /// The layer whose direction the chosen point's is nearest.
@@ -270,30 +259,29 @@ pub fn search(
     let further = picked.map_or_else(Vec::new, |i| trials[i].further.clone());
     // One function for the chosen point and the front, so that `--pick`
     // of the chosen point reproduces it exactly.
-    let direction_for = |point: &EditPoint| -> Result<Vec<f32>> {
-        if *point == first {
-            Ok(b.direction(chosen.best.layer, chosen.best.position))
+    let vectors_for = |point: &EditPoint, further: &[Vec<f32>]| -> Result<EditVectors> {
+        let direction = if *point == first {
+            b.direction(chosen.best.layer, chosen.best.position)
         } else {
-            space::point_direction(&b.harmful, &b.harmless, point)
-        }
+            space::point_direction(&b.harmful, &b.harmless, point)?
+        };
+        Ok(EditVectors {
+            direction,
+            layer_directions: space::layer_directions(&b.harmful, &b.harmless, point, s.n_layer)?,
+            further_directions: further.to_vec(),
+        })
     };
-    let layers_for =
-        |point: &EditPoint| space::layer_directions(&b.harmful, &b.harmless, point, s.n_layer);
     let front = space::pareto_front(&trials)
         .into_iter()
         .map(|i| {
             Ok(FrontPoint {
                 trial: i,
-                direction: direction_for(&trials[i].point)?,
-                layer_directions: layers_for(&trials[i].point)?,
-                further_directions: trials[i].further.clone(),
+                vectors: vectors_for(&trials[i].point, &trials[i].further)?,
             })
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(SearchResult {
-        direction: direction_for(&point)?,
-        layer_directions: layers_for(&point)?,
-        further_directions: further,
+        vectors: vectors_for(&point, &further)?,
         point,
         trials,
         front,
