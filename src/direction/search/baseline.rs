@@ -66,12 +66,12 @@ pub fn replies(s: &Setup, runner: &mut Runner, p: &Prompts) -> Result<Replies> {
         .count();
     let n_replies = p.harm_val.len();
     let refusal_rate = refused as f64 / n_replies.max(1) as f64;
-    if refusal_rate < MIN_BASELINE_REFUSAL {
-        bail!(
-            "the model refuses {refused} of {n_replies} harmful validation prompts ({:.0}%, judged from its replies): \
-             there is no refusal to remove (a base model, or one already abliterated?)",
-            100.0 * refusal_rate
-        );
+    // A corrupted model's replies are noise: the capture, next, names the
+    // layer where its activations turn NaN/Inf, which says more than
+    // "no refusal".
+    let poisoned = base_harm.iter().flatten().any(|x| x.is_nan());
+    if !poisoned {
+        check_refuses(refused, n_replies)?;
     }
     let (base_safe, safe_verdicts) = judged_replies(s, runner, &p.safe_val, None)?;
     Ok(Replies {
@@ -81,6 +81,19 @@ pub fn replies(s: &Setup, runner: &mut Runner, p: &Prompts) -> Result<Replies> {
         safe_verdicts,
         refusal_rate,
     })
+}
+
+/// Enough refused replies to find a direction for.
+fn check_refuses(refused: usize, n_replies: usize) -> Result<()> {
+    let refusal_rate = refused as f64 / n_replies.max(1) as f64;
+    if refusal_rate < MIN_BASELINE_REFUSAL {
+        bail!(
+            "the model refuses {refused} of {n_replies} harmful validation prompts ({:.0}%, judged from its replies): \
+             there is no refusal to remove (a base model, or one already abliterated?)",
+            100.0 * refusal_rate
+        );
+    }
+    Ok(())
 }
 
 /// The refusal tokens (from the replies and the capture's first tokens)
@@ -101,6 +114,7 @@ pub fn measure(
     } = r;
     let n_replies = p.harm_val.len();
     let refused_first = with_verdict(&base_harm, &harm_verdicts, Verdict::Refused);
+    check_refuses(refused_first.len(), n_replies)?;
     let complied_first = with_verdict(&base_harm, &harm_verdicts, Verdict::Complied);
     let answered_first = with_verdict(&base_safe, &safe_verdicts, Verdict::Complied);
     let refusal_ids = refusal_tokens(
