@@ -46,7 +46,7 @@ impl Baseline {
 
 /// The unedited model's judged replies to the validation prompts.
 pub struct Replies {
-    /// First-token log-probabilities of each harmful prompt, and its verdict.
+    /// Each harmful prompt's first-token log-probabilities, and its verdict.
     base_harm: Vec<Vec<f32>>,
     harm_verdicts: Vec<Verdict>,
     base_safe: Vec<Vec<f32>>,
@@ -54,7 +54,7 @@ pub struct Replies {
     refusal_rate: f64,
 }
 
-/// The first stage of a search: a model that does not refuse is told so
+/// The search's first decode: a model that does not refuse is told so
 /// here, before the capture and minutes of search.
 pub fn replies(s: &Setup, runner: &mut Runner, p: &Prompts) -> Result<Replies> {
     // The replies' prefill gives every prompt's first-token distribution:

@@ -224,6 +224,7 @@ pub fn search(
     let captured = capture::capture(&s, &mut runner, &p, imatrix)?;
     meter.done("capture");
     let b = baseline::measure(&s, &mut runner, &p, replies, captured)?;
+    // The baseline's second part: the account adds it to the first.
     meter.done("baseline");
     let ranked = rank::rank(&s, &mut runner, &p, &b)?;
     let max_layer = ranked.max_layer;
