@@ -110,16 +110,13 @@ impl DirectionFile {
         let Json::Object(mut keys) = entry.clone() else {
             bail!("front point {n} is not an object");
         };
-        let vectors = take_vectors(&mut keys)
-            .and_then(|v| check_vectors(&v).map(|()| v))
+        let mut picked = take_vectors(&mut keys)
+            .and_then(|v| DirectionFile::new(v, self.provenance.clone()))
             .with_context(|| format!("front point {n} has no valid direction"))?;
         let edit = EditRecord::of(&point);
         edit.validate()?;
-        Ok(DirectionFile {
-            vectors,
-            edit: Some(edit),
-            provenance: self.provenance.clone(),
-        })
+        picked.edit = Some(edit);
+        Ok(picked)
     }
 
     /// Scalar provenance as GGUF metadata (`abliterate.<key>`); nested

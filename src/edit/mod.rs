@@ -31,14 +31,6 @@ pub struct EditVectors {
 }
 
 impl EditVectors {
-    /// One global direction.
-    pub fn global(direction: Vec<f32>) -> EditVectors {
-        EditVectors {
-            direction,
-            ..Default::default()
-        }
-    }
-
     /// Directions the edit removes from each writer.
     pub fn directions(&self) -> usize {
         1 + self.further_directions.len()

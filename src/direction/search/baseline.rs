@@ -51,7 +51,6 @@ pub struct Replies {
     harm_verdicts: Vec<Verdict>,
     base_safe: Vec<Vec<f32>>,
     safe_verdicts: Vec<Verdict>,
-    refusal_rate: f64,
 }
 
 /// The search's first decode: a model that does not refuse is told so
@@ -65,7 +64,6 @@ pub fn replies(s: &Setup, runner: &mut Runner, p: &Prompts) -> Result<Replies> {
         .filter(|&&v| v == Verdict::Refused)
         .count();
     let n_replies = p.harm_val.len();
-    let refusal_rate = refused as f64 / n_replies.max(1) as f64;
     // A corrupted model's replies are noise: the capture, next, names the
     // layer where its activations turn NaN/Inf, which says more than
     // "no refusal".
@@ -79,7 +77,6 @@ pub fn replies(s: &Setup, runner: &mut Runner, p: &Prompts) -> Result<Replies> {
         harm_verdicts,
         base_safe,
         safe_verdicts,
-        refusal_rate,
     })
 }
 
@@ -110,11 +107,12 @@ pub fn measure(
         harm_verdicts,
         base_safe,
         safe_verdicts,
-        refusal_rate,
     } = r;
     let n_replies = p.harm_val.len();
     let refused_first = with_verdict(&base_harm, &harm_verdicts, Verdict::Refused);
+    // Made already, unless the replies were NaN and the capture came first.
     check_refuses(refused_first.len(), n_replies)?;
+    let refusal_rate = refused_first.len() as f64 / n_replies.max(1) as f64;
     let complied_first = with_verdict(&base_harm, &harm_verdicts, Verdict::Complied);
     let answered_first = with_verdict(&base_safe, &safe_verdicts, Verdict::Complied);
     let refusal_ids = refusal_tokens(
